@@ -1,0 +1,57 @@
+"""Process-group and rank helpers: the one place that knows about torch.distributed.
+
+SwissArmyTransformer's layers ask its model-parallel group for their world size, so a group must
+exist before a model is built, even in a single process. Under ``torchrun`` the environment names
+the rank and world size and the real group is created; otherwise a single-process group on an
+in-memory store is made (no port is opened). Model-parallel size is always 1.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from sat import mpu
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process_group(backend: str | None = None) -> None:
+    """Create the default process group if none exists: from the torchrun environment, or alone."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if launched_by_torchrun():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    else:
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def ensure_model_parallel() -> None:
+    """Make sure SAT's model-parallel group (size 1) exists."""
+    init_process_group()
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(1)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0

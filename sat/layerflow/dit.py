@@ -1,0 +1,372 @@
+"""The LayerFlow diffusion transformer: CogVideoX-2B's DiT on SwissArmyTransformer, layer-aware.
+
+The network is a SAT :class:`~sat.model.base_model.BaseModel` whose behaviour comes from mixins
+hooked into SAT's transformer (same parameter names as the released checkpoints):
+
+* ``pos_embed``   3D sin-cos position table (text rows first) plus, with ``learnable_txt_embed``,
+                  a learned embedding of the layer index added to each prompt's 226 text rows;
+* ``patch_embed`` 2x2 patchify of every latent frame and a projection of the T5 text states;
+* ``adaln_layer`` per-layer adaLN modulation with separate text / video shift, scale and gate,
+                  and LayerNorm on queries and keys;
+* ``final_layer`` final adaLN and unpatchify;
+* ``lora``        dual LoRA on the attention projections (:mod:`layerflow.lora`).
+
+Layers are sub-clips stacked along the latent time axis. The clean latents of a given layer are
+inserted at the place the task layout names (:mod:`layerflow.layouts`) and removed again from
+the output, so the network returns predictions for the generated frames only.
+
+Dimension letters: b batch, T latent frames, c latent channels, H/W latent height/width,
+n tokens (L text + N video), d hidden size, e T5 width, p patch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from einops import rearrange
+from sat.model.base_model import BaseMixin, BaseModel, non_conflict
+from sat.model.transformer import BaseTransformer
+from torch import nn
+
+from .distributed import ensure_model_parallel
+from .geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
+from .lora import DualLoraMixin, LoraConfig
+
+# The released configs hand SAT a LayerNorm with eps 1e-6, but SAT's transformer passes its own
+# ``layernorm_epsilon`` (1e-5) when it builds the per-layer and final norms; the checkpoints
+# were trained with that 1e-5. The per-head q/k norms and the final adaLN norm use 1e-6.
+TRANSFORMER_LAYERNORM_EPS = 1e-5
+MODULATION_LAYERNORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Sizes and switches of the diffusion transformer (``network_config`` of the original YAML)."""
+
+    num_frames: int
+    text_length: int
+    hidden_size: int = 1920
+    num_layers: int = 30
+    num_attention_heads: int = 30
+    time_embed_dim: int = 512
+    text_hidden_size: int = 4096
+    in_channels: int = LATENT_CHANNELS
+    out_channels: int = LATENT_CHANNELS
+    patch_size: int = PATCH_SIZE
+    latent_height: int = 60
+    latent_width: int = 90
+    time_compressed_rate: int = 4
+    learnable_txt_embed: bool = False
+    learnable_pos_embed: bool = False
+    height_interpolation: float = 1.875
+    width_interpolation: float = 1.875
+    time_interpolation: float = 1.0
+    qk_ln: bool = True
+    elementwise_affine: bool = True
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the 3D sin-cos table")
+        if self.latent_height % self.patch_size or self.latent_width % self.patch_size:
+            raise ValueError(
+                f"latent size {self.latent_height}x{self.latent_width} is not divisible by patch {self.patch_size}"
+            )
+        if self.text_length % TOKENS_PER_PROMPT:
+            raise ValueError(f"text_length {self.text_length} is not a multiple of {TOKENS_PER_PROMPT} tokens")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def pos_embed_frames(self) -> int:
+        return pos_embed_frames(self.num_frames)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return self.latent_height // self.patch_size, self.latent_width // self.patch_size
+
+    @property
+    def num_prompts(self) -> int:
+        return self.text_length // TOKENS_PER_PROMPT
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[sin(p w_k)]_k ++ [cos(p w_k)]_k with w_k = 10000^(-k/(dim/2)), in float64. (M,) -> (M, dim)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_3d_table(dim: int, frames: int, rows: int, cols: int, row_interp: float, col_interp: float,
+                    time_interp: float = 1.0) -> torch.Tensor:
+    """CogVideoX's 3D sin-cos table (frames*rows*cols, dim): [time (dim/4), column (3dim/8), row (3dim/8)].
+
+    Positions are computed in float32 as the original does, the sines in float64.
+    """
+    spatial, temporal = dim // 4 * 3, dim // 4
+    row_pos = np.arange(rows, dtype=np.float32) / np.float32(row_interp)
+    col_pos = np.arange(cols, dtype=np.float32) / np.float32(col_interp)
+    cols_grid, rows_grid = np.meshgrid(col_pos, row_pos)  # (rows, cols) each
+    spatial_emb = np.concatenate(
+        [sincos_1d(spatial // 2, cols_grid), sincos_1d(spatial // 2, rows_grid)], axis=1
+    )  # (rows*cols, 3dim/4)
+    time_emb = sincos_1d(temporal, np.arange(frames, dtype=np.float32) / np.float32(time_interp))  # (frames, dim/4)
+    table = np.concatenate(
+        [np.repeat(time_emb[:, None], rows * cols, axis=1), np.repeat(spatial_emb[None], frames, axis=0)], axis=-1
+    )  # (frames, rows*cols, dim)
+    return torch.from_numpy(table.reshape(frames * rows * cols, dim)).float()
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first: (b,) -> (b, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift with per-sample (b, d) modulation over (b, n, d)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class LayerPositionEmbedding(BaseMixin):
+    """Position table (1, L + T*N, d) with text rows first; layer embedding on the text rows."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        rows, cols = config.patch_grid
+        self.config = config
+        self.num_patches = config.pos_embed_frames * rows * cols
+        self.text_length = config.text_length
+        self.pos_embedding = nn.Parameter(
+            torch.zeros(1, config.text_length + self.num_patches, config.hidden_size),
+            requires_grad=config.learnable_pos_embed,
+        )
+        if config.learnable_txt_embed:
+            self.txt_embedder = nn.Sequential(nn.Linear(1, config.hidden_size), nn.LayerNorm(config.hidden_size))
+        else:
+            self.txt_embedder = None
+
+    def reinit(self, parent_model=None) -> None:
+        if self.pos_embedding.device.type == "meta":
+            return
+        config = self.config
+        rows, cols = config.patch_grid
+        table = sincos_3d_table(
+            config.hidden_size, config.pos_embed_frames, rows, cols,
+            config.height_interpolation, config.width_interpolation, config.time_interpolation,
+        )
+        with torch.no_grad():
+            self.pos_embedding[0, self.text_length:].copy_(table)
+
+    def layer_embedding(self) -> torch.Tensor:
+        """(L, d): txt_embedder(k) repeated over the 226 rows of prompt k."""
+        prompts = self.text_length // TOKENS_PER_PROMPT
+        index = torch.arange(prompts, device=self.pos_embedding.device, dtype=self.pos_embedding.dtype)
+        per_prompt = self.txt_embedder(index[:, None])  # (prompts, d)
+        return per_prompt.repeat_interleave(TOKENS_PER_PROMPT, dim=0)
+
+    def position_embedding_forward(self, position_ids, **kw_args) -> torch.Tensor:
+        table = self.pos_embedding[:, : self.text_length + kw_args["seq_length"]]  # (1, L + N, d)
+        if self.txt_embedder is None:
+            return table
+        text = table[:, : self.text_length] + self.layer_embedding()[None]
+        return torch.cat([text, table[:, self.text_length:]], dim=1)
+
+
+class PatchEmbedding(BaseMixin):
+    """Patchify latent frames and project text states: tokens (b, L + T*N, d), text first."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(config.in_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+        self.text_proj = nn.Linear(config.text_hidden_size, config.hidden_size)
+
+    def word_embedding_forward(self, input_ids, **kw_args) -> torch.Tensor:
+        images = kw_args["images"]  # (b, T, c, H, W)
+        b = images.shape[0]
+        video = self.proj(images.flatten(0, 1))  # (b*T, d, H/p, W/p)
+        video = rearrange(video, "(b t) d h w -> b (t h w) d", b=b)
+        text = self.text_proj(kw_args["encoder_outputs"])  # (b, L, d)
+        return torch.cat([text, video], dim=1).contiguous()
+
+
+class AdaLNLayers(BaseMixin):
+    """Per-layer adaLN with separate text/video modulation, and q/k LayerNorm per head."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.qk_ln = config.qk_ln
+        hidden = config.hidden_size
+        self.adaLN_modulations = nn.ModuleList(
+            [nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 12 * hidden)) for _ in range(config.num_layers)]
+        )
+        if config.qk_ln:
+            norm = partial(nn.LayerNorm, config.head_dim, eps=MODULATION_LAYERNORM_EPS,
+                           elementwise_affine=config.elementwise_affine)
+            self.query_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
+            self.key_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
+
+    def layer_forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, *args, **kw_args) -> torch.Tensor:
+        """One block on (b, L + N, d): modulated attention then modulated MLP, text and video apart."""
+        text_length = kw_args["text_length"]
+        layer = self.transformer.layers[kw_args["layer_id"]]
+        modulation = self.adaLN_modulations[kw_args["layer_id"]](kw_args["emb"]).chunk(12, dim=1)  # 12 x (b, d)
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp, text_gate_mlp) = modulation
+        text, video = hidden_states[:, :text_length], hidden_states[:, text_length:]  # (b, L, d), (b, N, d)
+
+        attention_input = torch.cat(
+            [
+                modulate(layer.input_layernorm(text), text_shift_msa, text_scale_msa),
+                modulate(layer.input_layernorm(video), shift_msa, scale_msa),
+            ],
+            dim=1,
+        )
+        attention_output = layer.attention(attention_input, mask, **kw_args)  # (b, L + N, d)
+        text = text + text_gate_msa.unsqueeze(1) * attention_output[:, :text_length]
+        video = video + gate_msa.unsqueeze(1) * attention_output[:, text_length:]
+
+        mlp_input = torch.cat(
+            [
+                modulate(layer.post_attention_layernorm(text), text_shift_mlp, text_scale_mlp),
+                modulate(layer.post_attention_layernorm(video), shift_mlp, scale_mlp),
+            ],
+            dim=1,
+        )
+        mlp_output = layer.mlp(mlp_input, **kw_args)  # (b, L + N, d)
+        text = text + text_gate_mlp.unsqueeze(1) * mlp_output[:, :text_length]
+        video = video + gate_mlp.unsqueeze(1) * mlp_output[:, text_length:]
+        return torch.cat([text, video], dim=1)
+
+    @non_conflict
+    def attention_fn(self, query_layer, key_layer, value_layer, attention_mask, attention_dropout=None,
+                     log_attention_weights=None, scaling_attention_score=True, old_impl=None, **kw_args):
+        """LayerNorm over each head's queries and keys (b, h, n, e), then SAT's attention."""
+        if self.qk_ln:
+            query_layer = self.query_layernorm_list[kw_args["layer_id"]](query_layer)
+            key_layer = self.key_layernorm_list[kw_args["layer_id"]](key_layer)
+        return old_impl(query_layer, key_layer, value_layer, attention_mask, attention_dropout=attention_dropout,
+                        log_attention_weights=log_attention_weights,
+                        scaling_attention_score=scaling_attention_score, **kw_args)
+
+
+class FinalLayer(BaseMixin):
+    """Final adaLN, projection to patches and unpatchify: (b, L + N, d) -> (b, T, c, H, W)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        hidden, p = config.hidden_size, config.patch_size
+        self.patch_size = p
+        self.out_channels = config.out_channels
+        self.grid = config.patch_grid
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=config.elementwise_affine, eps=MODULATION_LAYERNORM_EPS)
+        self.linear = nn.Linear(hidden, p * p * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 2 * hidden))
+
+    def final_forward(self, logits: torch.Tensor, **kw_args) -> torch.Tensor:
+        video = logits[:, kw_args["text_length"]:]  # (b, N, d)
+        shift, scale = self.adaLN_modulation(kw_args["emb"]).chunk(2, dim=1)
+        video = self.linear(modulate(self.norm_final(video), shift, scale))  # (b, N, c*p*p)
+        rows, cols = self.grid
+        return rearrange(video, "b (t h w) (c p q) -> b t c (h p) (w q)",
+                         h=rows, w=cols, c=self.out_channels, p=self.patch_size, q=self.patch_size)
+
+
+class LayerFlowDiT(BaseModel):
+    """The LayerFlow network; see the module docstring. Build on ``device='meta'`` to inspect shapes."""
+
+    def __init__(self, config: DiTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        ensure_model_parallel()
+        device = torch.device(device)
+        with torch.device(device):
+            transformer = self._build_transformer(config, device, dtype)
+        super().__init__(args=None, transformer=transformer)
+        del self.transformer.word_embeddings
+        del self.transformer.position_embeddings
+        self.config = config
+        with torch.device(device):
+            self.time_embed = nn.Sequential(
+                nn.Linear(config.hidden_size, config.time_embed_dim),
+                nn.SiLU(),
+                nn.Linear(config.time_embed_dim, config.time_embed_dim),
+            )
+            self.add_mixin("pos_embed", LayerPositionEmbedding(config), reinit=True)
+            self.add_mixin("patch_embed", PatchEmbedding(config))
+            self.add_mixin("adaln_layer", AdaLNLayers(config))
+            self.add_mixin("final_layer", FinalLayer(config))
+            if config.lora is not None:
+                self.add_mixin("lora", DualLoraMixin(config.num_layers, config.lora), reinit=True)
+        self.to(dtype)
+
+    @staticmethod
+    def _build_transformer(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> BaseTransformer:
+        """SAT's transformer stack; embeddings and outputs come from the mixins."""
+        return BaseTransformer(
+            num_layers=config.num_layers,
+            vocab_size=1,
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            max_sequence_length=1,
+            layernorm_epsilon=TRANSFORMER_LAYERNORM_EPS,
+            layernorm=partial(nn.LayerNorm, elementwise_affine=config.elementwise_affine),
+            activation_func=nn.GELU(approximate="tanh"),
+            use_final_layernorm=True,
+            params_dtype=dtype,
+            skip_init=True,
+            device=device,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mixins.patch_embed.proj.weight.dtype
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
+                condition: torch.Tensor | None = None, condition_start: int = 0,
+                lora_scale: torch.Tensor | float = 0) -> torch.Tensor:
+        """Predict v for the generated frames.
+
+        x: (b, T_gen, c, H, W) noisy latents; timesteps: (b,) DDPM indices; context: (b, L, e) with
+        prompt k in text rows [226k, 226k + 226); condition: (b, T_cond, c, H, W) clean latents that
+        go in at latent frame ``condition_start``. Returns (b, T_gen, c, H, W).
+        """
+        x = x.to(self.dtype)
+        if condition is not None:
+            condition = condition.to(self.dtype)
+            x = torch.cat([x[:, :condition_start], condition, x[:, condition_start:]], dim=1)  # (b, T, c, H, W)
+        b, frames, _, height, width = x.shape
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.hidden_size).to(self.dtype))  # (b, ted)
+        ones = torch.ones((1, 1), device=x.device, dtype=self.dtype)
+        output = super().forward(
+            input_ids=ones,
+            position_ids=ones,
+            attention_mask=ones,
+            images=x,
+            emb=emb,
+            encoder_outputs=context.to(self.dtype),
+            text_length=context.shape[1],
+            seq_length=frames * height * width // self.config.patch_size**2,
+            scale=lora_scale,
+        )[0]  # (b, T, c, H, W)
+        if condition is not None:
+            stop = condition_start + condition.shape[1]
+            output = torch.cat([output[:, :condition_start], output[:, stop:]], dim=1)
+        return output
+
+    def merge_lora_content(self) -> None:
+        """Fold the always-on content LoRA into the projections for faster inference."""
+        for layer in self.transformer.layers:
+            for module in (layer.attention.query_key_value, layer.attention.dense):
+                module.merge_content_branch()

@@ -1,0 +1,31 @@
+"""Shared test fixtures: where the reference fixtures live and the repository paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_fixture_dir() -> Path:
+    """The reference fixture directory: $LAYERFLOW_REFERENCE_FIXTURES or ../shared/fixtures/reference."""
+    default = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
+    return Path(os.environ.get("LAYERFLOW_REFERENCE_FIXTURES", default))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The fixture directory; tests that need it skip only when the whole directory is absent."""
+    path = reference_fixture_dir()
+    if not path.is_dir():
+        pytest.skip(f"reference fixtures not found at {path} (set LAYERFLOW_REFERENCE_FIXTURES)")
+    return path
+
+
+def reference_cases() -> list[str]:
+    """Names of the per-case folders (those holding a config.json) in the fixture directory."""
+    path = reference_fixture_dir()
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if (p / "config.json").is_file())
