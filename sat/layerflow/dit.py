@@ -272,7 +272,9 @@ class FinalLayer(BaseMixin):
         self.patch_size = p
         self.out_channels = config.out_channels
         self.grid = config.patch_grid
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=config.elementwise_affine, eps=MODULATION_LAYERNORM_EPS)
+        self.norm_final = nn.LayerNorm(
+            hidden, elementwise_affine=config.elementwise_affine, eps=MODULATION_LAYERNORM_EPS
+        )
         self.linear = nn.Linear(hidden, p * p * config.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 2 * hidden))
 

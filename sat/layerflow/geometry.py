@@ -46,7 +46,9 @@ class LatentGrid:
     def __post_init__(self) -> None:
         for name, value in (("height", self.height), ("width", self.width)):
             if value <= 0 or value % PATCH_SIZE:
-                raise ValueError(f"latent {name} must be a positive multiple of the patch size {PATCH_SIZE}, got {value}")
+                raise ValueError(
+                    f"latent {name} must be a positive multiple of the patch size {PATCH_SIZE}, got {value}"
+                )
 
     @classmethod
     def from_pixels(cls, height: int, width: int) -> LatentGrid:

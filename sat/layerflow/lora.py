@@ -59,7 +59,7 @@ class DualLoraLinear(nn.Module):
 
     @staticmethod
     def _branch(x: torch.Tensor, down: nn.ParameterList, up: nn.ParameterList, scaling: float) -> torch.Tensor:
-        return torch.cat([(x @ a.T) @ b.T for a, b in zip(down, up)], dim=-1) * scaling
+        return torch.cat([(x @ a.T) @ b.T for a, b in zip(down, up, strict=True)], dim=-1) * scaling
 
     def _motion_on(self, scale: torch.Tensor | float) -> bool:
         return not (isinstance(scale, (int, float)) and scale == 0)
@@ -86,7 +86,7 @@ class DualLoraLinear(nn.Module):
         """Fold the always-on content branch into ``original.weight`` (faster inference, not bit-exact)."""
         if self.merged:
             return
-        delta = torch.cat([b.float() @ a.float() for a, b in zip(self.matrix_C, self.matrix_D)], dim=0)
+        delta = torch.cat([b.float() @ a.float() for a, b in zip(self.matrix_C, self.matrix_D, strict=True)], dim=0)
         weight = self.original.weight
         weight.copy_((weight.float() + delta * self.content_scaling).to(weight.dtype))
         self.merged = True
