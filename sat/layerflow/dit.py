@@ -27,8 +27,9 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
-from sat.model.base_model import BaseMixin, BaseModel, non_conflict
+from sat.model.base_model import BaseMixin, BaseModel
 from sat.model.transformer import BaseTransformer
 from torch import nn
 
@@ -251,16 +252,18 @@ class AdaLNLayers(BaseMixin):
         video = video + gate_mlp.unsqueeze(1) * mlp_output[:, text_length:]
         return torch.cat([text, video], dim=1)
 
-    @non_conflict
     def attention_fn(self, query_layer, key_layer, value_layer, attention_mask, attention_dropout=None,
-                     log_attention_weights=None, scaling_attention_score=True, old_impl=None, **kw_args):
-        """LayerNorm over each head's queries and keys (b, h, n, e), then SAT's attention."""
+                     **kw_args) -> torch.Tensor:
+        """LayerNorm over each head's queries and keys, then full attention: (b, h, n, e) -> (b, h, n, e).
+
+        The DiT attends over all tokens without a mask, so this calls PyTorch's fused attention
+        directly (flash / memory-efficient kernels on GPU) instead of SAT's default, which inspects
+        the mask with host-device syncs on every layer.
+        """
         if self.qk_ln:
             query_layer = self.query_layernorm_list[kw_args["layer_id"]](query_layer)
             key_layer = self.key_layernorm_list[kw_args["layer_id"]](key_layer)
-        return old_impl(query_layer, key_layer, value_layer, attention_mask, attention_dropout=attention_dropout,
-                        log_attention_weights=log_attention_weights,
-                        scaling_attention_score=scaling_attention_score, **kw_args)
+        return F.scaled_dot_product_attention(query_layer, key_layer, value_layer)
 
 
 class FinalLayer(BaseMixin):

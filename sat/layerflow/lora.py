@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from sat.model.base_model import BaseMixin
 from sat.mpu.utils import split_tensor_along_last_dim
+from sat.transformer_defaults import attention_fn_default
 from torch import nn
 
 
@@ -134,7 +135,7 @@ class DualLoraMixin(BaseMixin):
         query = attention._transpose_for_scores(query)  # (b, h, n, e)
         key = attention._transpose_for_scores(key)
         value = attention._transpose_for_scores(value)
-        attention_fn = attention.hooks["attention_fn"]
+        attention_fn = attention.hooks.get("attention_fn", attention_fn_default)
         context = attention_fn(query, key, value, mask, None, **kw_args)  # (b, h, n, e)
         context = context.permute(0, 2, 1, 3).reshape(*hidden_states.shape[:2], -1)  # (b, n, d)
         return attention.dense(context, scale)

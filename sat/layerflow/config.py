@@ -1,0 +1,302 @@
+"""Typed configuration: YAML files merged in order, validated once into frozen dataclasses.
+
+A run is described by ``--base a.yaml b.yaml ...`` (later files win, key by key) plus
+``--set section.key=value`` overrides. After :func:`load_config` no code reads raw keys: an
+unknown key or a value of the wrong type fails with the key, the file it came from and the
+nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .dit import DiTConfig
+from .layouts import Task, TaskLayout, Variant, get_layout
+from .lora import LoraConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file it came from."""
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: Task
+    variant: Variant
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    """The diffusion transformer; ``text_length`` follows from the task's prompts."""
+
+    num_frames: int
+    hidden_size: int = 1920
+    num_layers: int = 30
+    num_attention_heads: int = 30
+    time_embed_dim: int = 512
+    text_hidden_size: int = 4096
+    latent_height: int = 60
+    latent_width: int = 90
+    learnable_txt_embed: bool = False
+    learnable_pos_embed: bool = False
+    height_interpolation: float = 1.875
+    width_interpolation: float = 1.875
+    qk_ln: bool = True
+    elementwise_affine: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class VAESection:
+    path: str = "CogVideoX-2b-sat/vae/3d-vae.pt"
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 3
+    z_channels: int = 16
+    scale_factor: float = 1.15258426
+
+
+@dataclass(frozen=True)
+class TextEncoderSection:
+    path: str = "CogVideoX-2b-sat/t5-v1_1-xxl"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``weights: checkpoint`` loads the files named here; ``random`` builds seeded random weights
+    (the tiny built-in model, and full-size speed benchmarks)."""
+
+    network: NetworkSection
+    checkpoint: str = ""
+    weights: str = "checkpoint"
+    vae: VAESection = field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("checkpoint", "random"):
+            raise ConfigError(f"model.weights must be 'checkpoint' or 'random', got {self.weights!r}")
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    """VP-SDE DPM-Solver++(2M) with dynamic CFG, as the released checkpoints were sampled."""
+
+    num_steps: int = 50
+    guidance_scale: float = 6.0
+    guidance_exponent: float = 5.0
+    seed: int = 42
+    lora_scale: float = 0.0
+    faithful_rng: bool = True
+    guidance_batched: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            raise ConfigError(f"sampling.num_steps must be at least 2, got {self.num_steps}")
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    device: str = "auto"
+    dtype: str = "auto"
+    keep_text_encoder: bool = False
+    vae_temporal_chunk: int = 0
+    vae_spatial_tile: int = 0
+    model_cpu_offload: bool = False
+    merge_lora: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"runtime.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    fps: int = 8
+    alpha_video: str = "prores"
+    png_sequence: bool = True
+    preview: bool = True
+
+    def __post_init__(self) -> None:
+        if self.alpha_video not in ("prores", "vp9", "none"):
+            raise ConfigError(f"output.alpha_video must be prores, vp9 or none, got {self.alpha_video!r}")
+
+
+@dataclass(frozen=True)
+class LayerFlowConfig:
+    task: TaskSection
+    model: ModelSection
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    sources: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> TaskLayout:
+        return get_layout(self.task.name, self.task.variant)
+
+    @property
+    def network(self) -> DiTConfig:
+        net = dataclasses.asdict(self.model.network)
+        net["lora"] = self.model.network.lora
+        return DiTConfig(text_length=self.layout.text_length, **net)
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        from .geometry import VAE_SPATIAL_COMPRESSION
+
+        net = self.model.network
+        return net.latent_height * VAE_SPATIAL_COMPRESSION, net.latent_width * VAE_SPATIAL_COMPRESSION
+
+    def to_dict(self) -> dict:
+        def plain(value):
+            if isinstance(value, (Task, Variant)):
+                return value.value
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        data = plain(dataclasses.asdict(self))
+        data.pop("sources")
+        return data
+
+
+def _merge(base: dict, update: Mapping, origins: dict, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origins, source, path + ".")
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+            origins[path] = source
+            if isinstance(value, Mapping):
+                _mark(value, origins, source, path + ".")
+
+
+def _mark(mapping: Mapping, origins: dict, source: str, prefix: str) -> None:
+    for key, value in mapping.items():
+        origins[f"{prefix}{key}"] = source
+        if isinstance(value, Mapping):
+            _mark(value, origins, source, f"{prefix}{key}.")
+
+
+def _origin(origins: dict, path: str) -> str:
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path.rpartition(".")[0]
+    return "the defaults"
+
+
+def _convert(value, hint, path: str, origins: dict):
+    where = f"{path} (from {_origin(origins, path)})"
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {type(value).__name__}")
+        return _build(hint, value, path + ".", origins)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, options[0], path, origins)
+    if isinstance(hint, type) and issubclass(hint, (Task, Variant)):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(member.value for member in hint)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_convert(v, item, f"{path}[{i}]", origins) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _build(cls, data: Mapping, prefix: str, origins: dict):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "sources"]
+    for key in data:
+        if key not in names:
+            path = f"{prefix}{key}"
+            nearest = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{nearest[0]}?" if nearest else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {path} in {_origin(origins, path)}{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], f"{prefix}{f.name}", origins)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "sources":
+            raise ConfigError(f"missing key {prefix}{f.name} (none of the config files sets it)")
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in {_origin(origins, prefix.rstrip('.'))})") from None
+    except ValueError as error:
+        raise ConfigError(f"{prefix.rstrip('.')} (from {_origin(origins, prefix.rstrip('.'))}): {error}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``section.key=value`` with a YAML value -> (['section', 'key'], value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> LayerFlowConfig:
+    """Merge YAML files in order (later wins), apply overrides, validate into :class:`LayerFlowConfig`."""
+    merged: dict = {}
+    origins: dict = {}
+    for file in files:
+        file = Path(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{file}: cannot read config ({error})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{file}: invalid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{file}: expected a mapping at the top level")
+        _merge(merged, data, origins, str(file))
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: dict = {}
+        nested = update
+        for key in keys[:-1]:
+            nested = nested.setdefault(key, {})
+        nested[keys[-1]] = value
+        _merge(merged, update, origins, f"--set {text}")
+    config = _build(LayerFlowConfig, merged, "", origins)
+    return dataclasses.replace(config, sources=tuple(str(f) for f in files))
