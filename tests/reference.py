@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from layerflow.dit import DiTConfig
 from layerflow.layouts import TaskLayout, get_layout
 from layerflow.lora import LoraConfig

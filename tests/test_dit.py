@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reference_cases
+from reference import batch_major_context, case_dit_config, case_layout, load_pt
+
 from layerflow.checkpoint import CheckpointError, load_network, read_checkpoint, save_safetensors
 from layerflow.dit import LayerFlowDiT
-from reference import batch_major_context, case_dit_config, case_layout, load_pt
 
 CASES = reference_cases()
 

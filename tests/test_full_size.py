@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import REPO_ROOT
+
 from layerflow.checkpoint import NETWORK_PREFIX
 from layerflow.config import load_config
 from layerflow.dit import LayerFlowDiT
