@@ -1,32 +1,109 @@
-"""Write files and folders under a temporary name, renamed into place only when complete."""
+"""All-or-nothing writes of files and folders.
+
+Every output is first written under a hidden temporary name in its final folder and renamed
+into place only when the writer finished without error, so a reader never sees a half-written
+video, PNG sequence, checkpoint or ``meta.json``. On error the temporary file or folder is
+removed and any earlier output at the target path is left untouched.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; rename it to ``final`` on success, delete it on error.
+class NotWritableError(OSError):
+    """The folder that should receive an output cannot be created or written to."""
 
-    Works for a file or a folder written at the temporary path. The temporary name keeps the
-    suffix so writers that choose a format from the extension still work.
-    """
-    final = Path(final)
-    tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
+
+def _temporary_sibling(target: Path, tag: str) -> Path:
+    """A hidden, unique name next to ``target`` that keeps its suffix (ffmpeg picks the container by it)."""
+    return target.parent / f".{target.stem}.{tag}-{uuid.uuid4().hex[:8]}{target.suffix}"
+
+
+def _check_folder_writable(target: Path) -> None:
+    """Create the parent folder if needed and prove it writable by creating and deleting a probe file."""
+    folder = target.parent
     try:
-        yield tmp
-        if final.is_dir() and tmp.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NotWritableError(f"cannot write {target}: folder {folder} cannot be created ({err.strerror})") from err
+    probe = _temporary_sibling(target, "probe")
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as err:
+        raise NotWritableError(f"cannot write {target}: folder {folder} is not writable ({err.strerror})") from err
+    probe.unlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _move_into_place(temporary: Path, target: Path) -> None:
+    """Rename a finished file or folder onto ``target``; a folder replaces the old one only once complete."""
+    if temporary.is_file():
+        _fsync_file(temporary)
+        os.replace(temporary, target)
+        return
+    if not temporary.is_dir():
+        raise FileNotFoundError(f"the writer for {target} left nothing at {temporary}")
+    if not target.exists():
+        os.replace(temporary, target)
+        return
+    previous = _temporary_sibling(target, "old")
+    os.replace(target, previous)
+    try:
+        os.replace(temporary, target)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        os.replace(previous, target)
         raise
+    _remove(previous)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a free temporary path beside ``path``; move what was written there onto ``path`` on success.
+
+    The writer may create a file or a folder at the yielded path. The parent folder is created
+    if missing and checked first, so an unwritable destination fails at once with
+    :class:`NotWritableError`. If the block raises, whatever it wrote is deleted and the
+    exception propagates.
+    """
+    target = Path(path)
+    _check_folder_writable(target)
+    temporary = _temporary_sibling(target, "tmp")
+    try:
+        yield temporary
+        _move_into_place(temporary, target)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a folder: yields the temporary folder already created, empty."""
+    with atomic_path(path) as temporary:
+        temporary.mkdir()
+        yield temporary
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` all at once; returns the path."""
+    target = Path(path)
+    with atomic_path(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return target
