@@ -1,0 +1,472 @@
+"""The CogVideoX 3D causal VAE (arXiv 2408.06072) as LayerFlow runs it: encode, decode, load.
+
+This is the original SAT ``VideoAutoencoderInferenceWrapper`` with ``ContextParallelEncoder3D`` /
+``ContextParallelDecoder3D`` at context-parallel size 1 and the DiagonalGaussian regularizer, written
+again in plain torch (layers in ``vae_blocks``). We keep our own implementation rather than diffusers'
+``AutoencoderKLCogVideoX``: its parameter names equal the original's, so ``CogVideoX-2b-sat/vae/3d-vae.pt``
+loads strictly with no key conversion, and it needs no extra dependency (diffusers is not installed).
+
+Posterior sampling. The original ``encode()`` returns mean + exp(0.5 * logvar) * eps with
+eps = randn_like(mean) from the global generator. ``encode(video)`` does exactly that (same draw, same
+order); pass ``generator=`` to draw eps from a generator of your own instead.
+
+Scale factor. The engine works in scaled latents: ``encode_to_latent`` returns scale_factor * sample and
+``decode_from_latent`` decodes latent * (1 / scale_factor), as the original engine computes them.
+
+Decoding. The original LayerFlow inference (test_video.py -> log_video -> decode_first_stage) decodes
+all latent frames in one call, and ``decode(latent)`` reproduces that call. (CogVideoX's sample_video.py
+instead decodes latent frames [0,3), [3,5), ... with a cache of the previous frames for the causal
+convolutions; since every GroupNorm then sees one chunk only, and an even frame count loses its last
+latent frame, that scheme does not equal the one-call decode, and we do not reproduce it.)
+
+Memory-bounded decoding. ``decode(latent, temporal_chunk=..., spatial_tile=...)`` runs the decoder
+layer by layer, each layer over (t, h, w) regions of its output: a causal conv reads its region plus a
+halo (the previous k-1 frames, one pixel around), the nearest upsamplers read the source positions
+of the region, and every GroupNorm uses statistics gathered over the whole activation in a first pass
+(float64 sums). Only the activations between layers are held whole (optionally on ``buffer_device``,
+e.g. the CPU); the per-layer temporaries shrink to one region. Nothing is blended: the result is the
+one-call decode up to rounding. In float64 the two agree to 1e-13; in float32 they differ by float32
+rounding of the GroupNorm statistics, no more than the one-call decode's own distance from a float64
+run (on the tiny fixture model <= 1e-5 for 17 frames, <= 2e-5 for 65 frames, |x| <= 9; the tests
+assert atol = rtol = 1e-5 on the 17-frame clip and 1e-10 in float64).
+
+Legend: b batch, c pixel channels, z latent channels, t/h/w frames/height/width (pixels),
+t'/h'/w' the same in latents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from layerflow.geometry import VAE_SCALE_FACTOR
+from layerflow.vae_blocks import (
+    NORM_EPS,
+    CausalConv3d,
+    Decoder3D,
+    Encoder3D,
+    SpatialNorm3D,
+    conv3d_in_time_pieces,
+    resize_latent_to,
+    swish,
+    upsample_nearest,
+)
+
+LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped to this range
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+class VAECheckpointError(ValueError):
+    """A VAE checkpoint that cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of the causal VAE; encoder and decoder share them (as every CogVideoX config does)."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 3
+    z_channels: int = 16
+    in_channels: int = 3
+    out_channels: int = 3
+    temporal_compress_times: int = 4
+    norm_groups: int = 32
+    # The original's context-parallel GroupNorm flags; at context-parallel size 1 both are plain GroupNorm.
+    encoder_gather_norm: bool = True
+    decoder_gather_norm: bool = False
+    scale_factor: float = VAE_SCALE_FACTOR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        for width in (self.ch * m for m in self.ch_mult):
+            if width % self.norm_groups:
+                raise ValueError(f"VAE width {width} is not divisible by {self.norm_groups} norm groups")
+        k = self.temporal_compress_times
+        if k < 1 or k & (k - 1) or self.time_levels > len(self.ch_mult) - 1:
+            raise ValueError(
+                f"temporal_compress_times must be 2^k with k <= {len(self.ch_mult) - 1} "
+                f"(one per downsampling level), got {self.temporal_compress_times}"
+            )
+
+    @property
+    def time_levels(self) -> int:
+        """Number of levels that halve (encoder) or double (decoder) the frame count."""
+        return self.temporal_compress_times.bit_length() - 1
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def cogvideox_2b(cls) -> VAEConfig:
+        """The released CogVideoX-2B VAE (``vae/3d-vae.pt``)."""
+        return cls()
+
+    @classmethod
+    def from_params(cls, encoder: Mapping, decoder: Mapping, scale_factor: float = VAE_SCALE_FACTOR) -> VAEConfig:
+        """From the ``params`` of the original encoder_config and decoder_config."""
+        shared = ("ch", "ch_mult", "num_res_blocks", "z_channels")
+        differ = [k for k in shared if _as_tuple(encoder.get(k)) != _as_tuple(decoder.get(k))]
+        if differ:
+            raise ValueError(f"encoder and decoder configs differ in {differ}; this VAE needs them equal")
+        if not encoder.get("double_z", True) or encoder.get("attn_resolutions") or decoder.get("attn_resolutions"):
+            raise ValueError("only double_z=True and empty attn_resolutions are supported (as in CogVideoX)")
+        return cls(
+            ch=encoder["ch"],
+            ch_mult=tuple(encoder["ch_mult"]),
+            num_res_blocks=encoder["num_res_blocks"],
+            z_channels=encoder["z_channels"],
+            in_channels=encoder["in_channels"],
+            out_channels=decoder["out_ch"],
+            temporal_compress_times=encoder.get("temporal_compress_times", 4),
+            encoder_gather_norm=bool(encoder.get("gather_norm", False)),
+            decoder_gather_norm=bool(decoder.get("gather_norm", False)),
+            scale_factor=scale_factor,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> VAEConfig:
+        """From a JSON file with ``encoder.params`` and ``decoder.params`` (e.g. the fixture's vae.json)."""
+        data = json.loads(Path(path).read_text())
+        try:
+            encoder, decoder = data["encoder"]["params"], data["decoder"]["params"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: expected 'encoder.params' and 'decoder.params', missing {err}") from None
+        return cls.from_params(encoder, decoder, data.get("scale_factor_used_by_engine", VAE_SCALE_FACTOR))
+
+
+@dataclass
+class DiagonalGaussian:
+    """The posterior N(mean, exp(logvar)) per latent element; logvar already clamped to LOGVAR_RANGE."""
+
+    mean: torch.Tensor  # b z t' h' w'
+    logvar: torch.Tensor  # b z t' h' w'
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = moments.chunk(2, dim=1)  # mean first, as the original splits them
+        return cls(mean, logvar.clamp(*LOGVAR_RANGE))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * eps; eps from ``generator``, or from the global generator like randn_like(mean)."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=device)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+
+class CausalVideoVAE(nn.Module):
+    """CogVideoX 3D causal VAE: (b, c, t, h, w) in [-1, 1] <-> (b, z, t', h', w'), t' = t/4 or 1 + (t-1)/4.
+
+    Inputs are moved to the device and dtype of the parameters (fp32 on CPU, bf16 on CUDA, ...).
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        sizes = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
+                     z_channels=config.z_channels, groups=config.norm_groups, time_levels=config.time_levels)
+        self.encoder = Encoder3D(in_channels=config.in_channels, **sizes)
+        self.decoder = Decoder3D(out_channels=config.out_channels, **sizes)
+
+    def _like_parameters(self, x: torch.Tensor) -> torch.Tensor:
+        p = next(self.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def posterior(self, video: torch.Tensor) -> DiagonalGaussian:
+        """The encoder's posterior for ``video`` (b, c, t, h, w)."""
+        cfg = self.config
+        if video.dim() != 5 or video.shape[1] != cfg.in_channels:
+            raise ValueError(f"video must be (b, {cfg.in_channels}, t, h, w), got {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        k, s = cfg.temporal_compress_times, cfg.spatial_compression
+        if (t - t % 2) % k or h % s or w % s:
+            raise ValueError(
+                f"video of {t} frames at {h}x{w}: needs {k}n or 1+{k}n frames and sides divisible by {s}"
+            )
+        return DiagonalGaussian.from_moments(self.encoder(self._like_parameters(video)))
+
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample (what the original ``encode()`` returns): (b, c, t, h, w) -> (b, z, t', h', w')."""
+        return self.posterior(video).sample(generator)
+
+    def decode(
+        self,
+        latent: torch.Tensor,
+        temporal_chunk: int | None = None,
+        spatial_tile: tuple[int, int] | None = None,
+        buffer_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """(b, z, t', h', w') -> (b, c, t, h, w). Chunk sizes are in latent frames / latent pixels.
+
+        With no chunking this is the original one-call decode. Otherwise the decoder runs region by region
+        (see the module docstring) and the result, placed on ``buffer_device`` (default: the module's
+        device), equals the one-call decode up to float reassociation.
+        """
+        if latent.dim() != 5 or latent.shape[1] != self.config.z_channels:
+            raise ValueError(f"latent must be (b, {self.config.z_channels}, t', h', w'), got {tuple(latent.shape)}")
+        z = self._like_parameters(latent)
+        if temporal_chunk is None and spatial_tile is None:
+            return self.decoder(z)
+        t, h, w = z.shape[2:]
+        th, tw = spatial_tile if spatial_tile is not None else (h, w)
+        steps = (temporal_chunk if temporal_chunk is not None else t, th, tw)
+        if min(steps) < 1:
+            raise ValueError(f"temporal_chunk and spatial_tile must be positive, got {steps}")
+        store = torch.device(buffer_device) if buffer_device is not None else z.device
+        return _StreamedDecoder(self.decoder, z, _Regions((t, h, w), steps), store).run()
+
+    def encode_to_latent(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The engine's latent: scale_factor * posterior sample."""
+        return self.config.scale_factor * self.encode(video, generator)
+
+    def decode_from_latent(self, latent: torch.Tensor, **chunking) -> torch.Tensor:
+        """Decode an engine latent: decode(latent * (1 / scale_factor)); ``chunking`` goes to ``decode``."""
+        return self.decode(1.0 / self.config.scale_factor * latent, **chunking)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Region-by-region decoding
+
+
+@dataclass(frozen=True)
+class _Regions:
+    """Region sizes given in latent units, scaled to each activation's (t, h, w)."""
+
+    latent_thw: tuple[int, int, int]
+    latent_steps: tuple[int, int, int]
+
+    def __call__(self, thw: tuple[int, ...]) -> Iterator[tuple[slice, slice, slice]]:
+        spans = []
+        for n, step, n_latent in zip(thw, self.latent_steps, self.latent_thw, strict=True):
+            size = -(-n * step // n_latent)
+            spans.append([slice(s, min(s + size, n)) for s in range(0, n, size)])
+        return itertools.product(*spans)
+
+
+def _index_map(resize: Callable[[torch.Tensor], torch.Tensor], n: int, dim: int) -> torch.Tensor:
+    """For a nearest-neighbour ``resize``, the source position of every output position along ``dim``."""
+    shape = [1, 1, 1, 1, 1]
+    shape[dim] = n
+    out = resize(torch.arange(n, dtype=torch.float64).view(shape))
+    return out[tuple(slice(None) if d == dim else 0 for d in range(5))].long()
+
+
+def _lookup(index_map: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """index_map[positions], with -1 (zero padding) for positions outside the map."""
+    inside = (positions >= 0) & (positions < len(index_map))
+    return torch.where(inside, index_map[positions.clamp(0, len(index_map) - 1)], -1)
+
+
+def _window(x: torch.Tensor, index: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+    """x[:, :, ti][:, :, :, hi][..., wi] on ``device``; out-of-range positions read the nearest edge."""
+    view, local = x, []
+    for dim, positions in zip((2, 3, 4), index, strict=True):
+        clamped = positions.clamp(0, x.shape[dim] - 1)
+        lo, hi = int(clamped.min()), int(clamped.max())
+        view = view.narrow(dim, lo, hi - lo + 1)
+        local.append(clamped - lo)
+    win = view.to(device)
+    for dim, positions in zip((2, 3, 4), local, strict=True):
+        win = win.index_select(dim, positions.to(device))
+    return win
+
+
+def _zero_outside(win: torch.Tensor, index: tuple[torch.Tensor, ...], thw: tuple[int, ...]) -> torch.Tensor:
+    """Zero the positions of a fresh ``_window`` result whose index lies outside 0..n-1 (zero padding)."""
+    for dim, positions, n in zip((2, 3, 4), index, thw, strict=True):
+        outside = ((positions < 0) | (positions >= n)).nonzero().flatten()
+        if len(outside):
+            win.index_fill_(dim, outside.to(win.device), 0)
+    return win
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """GroupNorm arithmetic runs in float32 at least (as torch's GroupNorm does for half types)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of a region with whole-activation statistics mean, rstd (b, g)."""
+    b, c = x.shape[:2]
+    dtype = _norm_dtype(x.dtype)
+    y = (x.to(dtype).reshape(b, norm.num_groups, -1) - mean[..., None]) * rstd[..., None]
+    y = y.reshape(x.shape) * norm.weight.to(dtype).view(1, c, 1, 1, 1) + norm.bias.to(dtype).view(1, c, 1, 1, 1)
+    return y.to(x.dtype)
+
+
+class _StreamedDecoder:
+    """Decoder3D.forward, one layer at a time, each layer region by region (see the module docstring)."""
+
+    def __init__(self, decoder: Decoder3D, z: torch.Tensor, regions: _Regions, store: torch.device):
+        self.decoder, self.z, self.regions, self.store = decoder, z, regions, store
+        self.device = z.device
+
+    def run(self) -> torch.Tensor:
+        dec = self.decoder
+        h = self.conv(dec.conv_in, self.z)
+        h = self.resnet_block(dec.mid.block_2, self.resnet_block(dec.mid.block_1, h))
+        for level in reversed(dec.up):
+            for block in level.block:
+                h = self.resnet_block(block, h)
+            if hasattr(level, "upsample"):
+                h = self.upsample(level.upsample, h)
+        return self.conv(dec.conv_out, h, dec.norm_out)
+
+    def resnet_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(block.conv1, x, block.norm1)
+        return self.conv(block.conv2, h, block.norm2, shortcut=(x, block.nin_shortcut))
+
+    def conv(self, layer: CausalConv3d, x: torch.Tensor, norm: SpatialNorm3D | None = None,
+             shortcut: tuple[torch.Tensor, nn.Module | None] | None = None) -> torch.Tensor:
+        """layer(swish(norm(x, z))) (or layer(x) without a norm), plus the block's shortcut when given."""
+        b, _, t, h, w = x.shape
+        kt, p = layer.time_pad, layer.space_pad
+        prologue = self.spatial_norm_swish(norm, x) if norm is not None else None
+        out = torch.empty(b, layer.conv.out_channels, t, h, w, dtype=x.dtype, device=self.store)
+        for rt, rh, rw in self.regions((t, h, w)):
+            index = (
+                torch.arange(rt.start - kt, rt.stop).clamp(min=0),  # causal: frame 0 repeats in front
+                torch.arange(rh.start - p, rh.stop + p),
+                torch.arange(rw.start - p, rw.stop + p),
+            )
+            win = _window(x, index, self.device)  # b c (t_r+kt) (h_r+2p) (w_r+2p)
+            if prologue is not None:
+                win = prologue(win, index)
+            y = conv3d_in_time_pieces(layer.conv, _zero_outside(win, index, (t, h, w)))  # b c_out t_r h_r w_r
+            if shortcut is not None:
+                x_in, nin = shortcut
+                r = x_in[:, :, rt, rh, rw].to(self.device)
+                y = (r if nin is None else nin(r)) + y
+            out[:, :, rt, rh, rw] = y.to(self.store)
+        return out
+
+    def spatial_norm_swish(self, norm: SpatialNorm3D, x: torch.Tensor):
+        """The function win -> swish(norm(win, z)) for windows of x, with x's own GroupNorm statistics."""
+        thw = tuple(x.shape[2:])
+        mean, rstd = self.group_statistics(x, norm.norm_layer.num_groups)
+        z_maps = []
+        for d in range(3):
+            size = [1, 1, 1]
+            size[d] = thw[d]
+            z_maps.append(_index_map(partial(resize_latent_to, size=tuple(size)), self.z.shape[2 + d], 2 + d))
+
+        def apply(win: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            z_index = tuple(m[i.clamp(0, n - 1)] for m, i, n in zip(z_maps, index, thw, strict=True))
+            zq = _window(self.z, z_index, self.device)  # b z (window's t h w)
+            normed = _group_norm_with(win, mean, rstd, norm.norm_layer)
+            return swish(normed * norm.conv_y(zq) + norm.conv_b(zq))
+
+        return apply
+
+    def group_statistics(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (sample, group) mean and 1/sqrt(var + eps) over all of x, accumulated region by region."""
+        b = x.shape[0]
+        total = torch.zeros(b, groups, dtype=torch.float64, device=self.device)
+        total_sq = torch.zeros_like(total)
+        for rt, rh, rw in self.regions(tuple(x.shape[2:])):
+            v = x[:, :, rt, rh, rw].to(self.device, torch.float64).reshape(b, groups, -1)
+            total += v.sum(-1)
+            total_sq += (v * v).sum(-1)
+        n = x[0].numel() // groups
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp(min=0)
+        dtype = _norm_dtype(x.dtype)
+        return mean.to(dtype), torch.rsqrt(var + NORM_EPS).to(dtype)
+
+    def upsample(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Upsample3D region by region: nearest source positions, then the 3x3 conv (its 1-pixel halo)."""
+        b, c, t, h, w = x.shape
+        resize = partial(upsample_nearest, compress_time=layer.compress_time)
+        maps = [_index_map(resize, n, d) for n, d in ((t, 2), (h, 3), (w, 4))]
+        out_thw = tuple(len(m) for m in maps)
+        out = torch.empty(b, c, *out_thw, dtype=x.dtype, device=self.store)
+        for rt, rh, rw in self.regions(out_thw):
+            index = (
+                maps[0][rt],
+                _lookup(maps[1], torch.arange(rh.start - 1, rh.stop + 1)),
+                _lookup(maps[2], torch.arange(rw.start - 1, rw.stop + 1)),
+            )
+            win = _zero_outside(_window(x, index, self.device), index, (t, h, w))  # b c t_r (h_r+2) (w_r+2)
+            frames = win.shape[2]
+            y = torch.nn.functional.conv2d(rearrange(win, "b c t h w -> (b t) c h w"), layer.conv.weight,
+                                           layer.conv.bias)  # (b t_r) c h_r w_r
+            out[:, :, rt, rh, rw] = rearrange(y, "(b t) c h w -> b c t h w", t=frames).to(self.store)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_vae(
+    path: str | Path,
+    config: VAEConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CausalVideoVAE:
+    """Load ``{'state_dict': {...}}`` (e.g. CogVideoX-2b-sat/vae/3d-vae.pt) strictly into a CausalVideoVAE.
+
+    Keys starting with ``loss`` (the training discriminator) are dropped, as the original drops them; any
+    other unknown key, a missing key or a wrong shape raises VAECheckpointError naming them. The file is
+    read with ``weights_only=True``, so a pickle that would run code is refused. Stored tensors may share
+    storage; each is cloned. The model comes back in eval mode with gradients off.
+    """
+    path = Path(path)
+    config = config or VAEConfig.cogvideox_2b()
+    if not path.is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), "")
+        raise VAECheckpointError(
+            f"{path}: refused, it holds objects a weights-only load may not build ({detail or 'unpickling error'})"
+        ) from None
+    except Exception as err:  # truncated or corrupt archive, not a torch file at all
+        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
+        raise VAECheckpointError(f"{path}: unreadable torch checkpoint ({type(err).__name__}: {detail})") from None
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise VAECheckpointError(f"{path}: expected a dict {{'state_dict': {{...}}}} as in CogVideoX vae/3d-vae.pt")
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("loss")}
+
+    with torch.device("meta"):
+        model = CausalVideoVAE(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise VAECheckpointError(
+            f"{path}: does not fit the config ({config.ch=}, {config.num_res_blocks=}): "
+            f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}"
+        )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise VAECheckpointError(f"{path}: {key} is not a floating-point tensor")
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {shape})" for k, shape in expected.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise VAECheckpointError(f"{path}: wrong shapes: {_listing(wrong)}")
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
