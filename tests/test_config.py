@@ -1,0 +1,79 @@
+"""Config merging, overrides and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO_ROOT
+
+from layerflow.config import ConfigError, load_config
+from layerflow.layouts import Task, Variant
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+def base(task: str = "gen", variant: str = "rgba") -> list:
+    return [CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
+
+
+def test_later_files_and_overrides_win(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("sampling:\n  num_steps: 20\n  seed: 3\n")
+    config = load_config([*base(), extra], ["sampling.seed=11", "runtime.merge_lora=true"])
+    assert config.task.name is Task.GENERATION and config.task.variant is Variant.RGBA
+    assert config.sampling.num_steps == 20
+    assert config.sampling.seed == 11
+    assert config.runtime.merge_lora is True
+    assert config.sampling.guidance_scale == 6.0  # untouched keys keep the earlier file's value
+    assert config.network.text_length == 678
+
+
+def test_task_file_overrides_model_num_frames():
+    assert load_config(base("fg2bg", "rgba")).network.num_frames == 65
+    assert load_config(base("gen", "rgba")).network.num_frames == 64
+
+
+def test_tiny_config_is_small_and_random():
+    config = load_config([*base("seg", "rgb"), CONFIGS / "tiny.yaml"])
+    assert config.model.weights == "random"
+    assert config.network.hidden_size == 64 and config.network.text_length == 452
+    assert config.video_size == (64, 96)
+
+
+def test_unknown_key_names_file_and_nearest_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling:\n  num_step: 20\n")
+    with pytest.raises(ConfigError) as error:
+        load_config([*base(), bad])
+    message = str(error.value)
+    assert "sampling.num_step" in message and str(bad) in message and "sampling.num_steps" in message
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  network:\n    hidden_size: large\n")
+    with pytest.raises(ConfigError, match=r"model\.network\.hidden_size .*bad\.yaml.*expected an integer"):
+        load_config([*base(), bad])
+
+
+def test_override_of_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown key runtime\.devcie in --set runtime\.devcie=cpu.*runtime\.device"):
+        load_config(base(), ["runtime.devcie=cpu"])
+
+
+def test_bad_enum_value_lists_choices():
+    with pytest.raises(ConfigError, match="'segment' is not one of gen, seg, fg2bg, bg2fg"):
+        load_config(base(), ["task.name=segment"])
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "nope.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sampling: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config([*base(), broken])
+
+
+def test_value_check_in_a_section(tmp_path):
+    with pytest.raises(ConfigError, match="num_steps must be at least 2"):
+        load_config(base(), ["sampling.num_steps=1"])

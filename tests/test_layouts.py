@@ -1,0 +1,54 @@
+"""The task layout table: round trips and agreement with what the reference recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reference_cases
+from reference import case_config, case_layout
+
+from layerflow.geometry import latent_frames_for
+from layerflow.layouts import LAYOUTS, insert_condition, remove_condition, split_condition
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=lambda layout: layout.name)
+def test_insert_then_remove_gives_back_the_generated_frames(layout):
+    if layout.condition is None:
+        pytest.skip("nothing is given")
+    generated = torch.randn(2, layout.generated_frames, 3, 2, 2)
+    condition = torch.randn(2, layout.condition_frames, 3, 2, 2)
+    full = insert_condition(generated, condition, layout)
+    assert full.shape[1] == layout.latent_frames
+    assert torch.equal(split_condition(full, layout), condition)
+    assert torch.equal(remove_condition(full, layout), generated)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=lambda layout: layout.name)
+def test_spans_tile_the_clip_and_match_the_vae_frame_rule(layout):
+    spans = layout.spans
+    assert spans[0].latent_start == 0 and spans[0].pixel_start == 0
+    for left, right in zip(spans, spans[1:], strict=False):
+        assert left.latent_stop == right.latent_start and left.pixel_stop == right.pixel_start
+    assert latent_frames_for(layout.pixel_frames) == layout.latent_frames
+
+
+@pytest.mark.parametrize("case", reference_cases())
+def test_layout_matches_the_recorded_reference_layout(reference_dir, case):
+    """Layer ranges, condition range, generated ranges and prompts as the reference recorded them."""
+    frames = case_config(reference_dir / case)["frames"]
+    layout = case_layout(reference_dir / case)
+    recorded = {name: tuple(r) for name, r in frames["latent_frame_ranges_per_layer"].items()}
+    ours = {("first_frame_copy" if s.name == "first_frame_copy" else s.name): (s.latent_start, s.latent_stop)
+            for s in layout.spans}
+    assert ours == recorded
+    assert layout.latent_frames == frames["latent_frames_total"]
+    assert layout.pixel_frames == frames["pixel_frames_into_vae"]
+    assert layout.repeats_first_frame == frames["first_pixel_frame_duplicated_before_vae"]
+    recorded_cond = frames.get("cond_latent_range")
+    assert layout.condition == (tuple(recorded_cond) if recorded_cond else None)
+    assert layout.generated_frames == frames.get("n_generated_latent_frames", frames["latent_frames_total"])
+    prefixes = [p.split("+")[0].strip().strip("'\"") for p in frames["prompts_in_order"]]
+    assert len(prefixes) == len(layout.prompt_layers)
+    for k, name in enumerate(layout.prompt_layers):
+        assert f"{name}_prompt" in frames["prompts_in_order"][k]
+        assert prefixes[k] == f"{k}, "
