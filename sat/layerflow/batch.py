@@ -1,0 +1,146 @@
+"""Samples to run: from per-layer prompt files or a JSONL manifest, with stable ids and seeds.
+
+Every sample gets an id (given in the manifest, else derived from its content) and a seed derived
+from the run seed and that id, so a sample's result does not depend on how many processes run or
+in which order. Rank r of N takes samples r, r+N, r+2N, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layouts import TaskLayout
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ManifestError(ValueError):
+    """A prompt file or manifest line that cannot be used; names the file and line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generation: prompts and given-layer sources by layer name, its id, seed and overrides."""
+
+    id: str
+    prompts: Mapping[str, str]
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    seed: int | None = None
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+    def resolved_seed(self, run_seed: int) -> int:
+        if self.seed is not None:
+            return self.seed
+        digest = hashlib.sha256(f"{run_seed}:{self.id}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def content_id(prompts: Mapping[str, str], inputs: Mapping[str, str]) -> str:
+    blob = json.dumps({"prompts": dict(prompts), "inputs": dict(inputs)}, sort_keys=True, ensure_ascii=False)
+    return "s" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: prompt file not found") from None
+    except OSError as error:
+        raise ManifestError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def check_prompts(prompts: Mapping[str, str], layout: TaskLayout, where: str) -> None:
+    missing = [name for name in layout.prompt_layers if name not in prompts]
+    extra = [name for name in prompts if name not in layout.prompt_layers]
+    if missing or extra:
+        raise ManifestError(f"{where}: {layout.name} takes prompts for {list(layout.prompt_layers)}; "
+                            f"missing {missing}, not used {extra}")
+    empty = [name for name in layout.prompt_layers if not prompts[name].strip()]
+    if empty:
+        raise ManifestError(f"{where}: empty prompt for {empty}")
+
+
+def check_inputs(inputs: Mapping[str, str], layout: TaskLayout, where: str) -> None:
+    allowed = set(layout.given_layers) | ({"mask"} if "alpha" in layout.given_layers else set())
+    required = [name for name in layout.given_layers if name != "alpha"]
+    missing = [name for name in required if name not in inputs]
+    extra = sorted(set(inputs) - allowed)
+    if missing or extra:
+        raise ManifestError(f"{where}: {layout.name} takes input videos for {required}"
+                            f"{' (+ optional alpha or mask)' if 'alpha' in layout.given_layers else ''}; "
+                            f"missing {missing}, not used {extra}")
+
+
+def samples_from_prompt_files(files: Mapping[str, Path], inputs: Mapping[str, str], layout: TaskLayout,
+                              ids: Sequence[str] | None = None) -> list[Sample]:
+    """Per-layer prompt files: line i of every file makes sample i (blank lines are skipped)."""
+    lines: dict[str, list[str]] = {}
+    for layer, path in files.items():
+        lines[layer] = [line.strip() for line in _read_text(Path(path)).splitlines() if line.strip()]
+        if not lines[layer]:
+            raise ManifestError(f"{path}: empty prompt file (expected one prompt per line)")
+    check_prompts({layer: "x" for layer in files}, layout, "prompt files")
+    counts = {layer: len(values) for layer, values in lines.items()}
+    if len(set(counts.values())) != 1:
+        raise ManifestError(f"prompt files have different numbers of prompts: {counts}")
+    check_inputs(inputs, layout, "inputs")
+    samples = []
+    for i in range(next(iter(counts.values()))):
+        prompts = {layer: lines[layer][i] for layer in layout.prompt_layers}
+        sample_id = ids[i] if ids else f"{i:04d}-{content_id(prompts, inputs)}"
+        samples.append(Sample(id=sample_id, prompts=prompts, inputs=dict(inputs)))
+    return samples
+
+
+def samples_from_manifest(path: Path, layout: TaskLayout) -> list[Sample]:
+    """JSONL: one object per line with ``prompts`` {layer: text}, optional ``inputs`` {layer: path}
+    (relative to the manifest), ``id``, ``seed`` and ``overrides`` {section.key: value}."""
+    path = Path(path)
+    samples, seen = [], set()
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ManifestError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompts"), dict):
+            raise ManifestError(f"{where}: expected an object with a 'prompts' mapping")
+        unknown = sorted(set(entry) - {"id", "prompts", "inputs", "seed", "overrides"})
+        if unknown:
+            raise ManifestError(f"{where}: unknown fields {unknown}")
+        prompts = {str(k): str(v) for k, v in entry["prompts"].items()}
+        check_prompts(prompts, layout, where)
+        inputs = {str(k): str((path.parent / v) if not Path(v).is_absolute() else v)
+                  for k, v in (entry.get("inputs") or {}).items()}
+        check_inputs(inputs, layout, where)
+        sample_id = str(entry.get("id") or content_id(prompts, entry.get("inputs") or {}))
+        if not SAFE_ID.match(sample_id):
+            raise ManifestError(f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-'")
+        if sample_id in seen:
+            raise ManifestError(f"{where}: duplicate id {sample_id!r}")
+        seen.add(sample_id)
+        seed = entry.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ManifestError(f"{where}: seed must be an integer")
+        overrides = entry.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ManifestError(f"{where}: overrides must be an object of section.key: value")
+        samples.append(Sample(sample_id, prompts, inputs, seed, overrides))
+    if not samples:
+        raise ManifestError(f"{path}: no samples")
+    return samples
+
+
+def shard(samples: Sequence[Sample], rank: int, world_size: int) -> list[Sample]:
+    return list(samples[rank::world_size])

@@ -1,0 +1,67 @@
+"""Device, dtype and offload decisions, made in one place from the runtime config."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .distributed import local_rank
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where models run and live, and in which precision.
+
+    With ``offload`` the models stay on the CPU (``storage_device``) and each one is moved to the
+    accelerator only while it runs (:meth:`on_compute`), so the peak holds one model at a time.
+    """
+
+    compute_device: torch.device
+    dtype: torch.dtype
+    offload: bool = False
+
+    @property
+    def storage_device(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.compute_device
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    @contextlib.contextmanager
+    def on_compute(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Hold ``module`` on the compute device for the duration of the block."""
+        if not self.offload or self.compute_device.type == "cpu":
+            yield module
+            return
+        module.to(self.compute_device)
+        try:
+            yield module
+        finally:
+            module.to(self.storage_device)
+            torch.cuda.empty_cache()
+
+
+def resolve_placement(runtime) -> Placement:
+    """``runtime.device``/``dtype`` 'auto': this rank's GPU in bfloat16 if there is one, else CPU float32."""
+    if runtime.device == "auto":
+        device = torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(runtime.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"runtime.device is {runtime.device!r} but no CUDA device is available")
+    if runtime.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[runtime.dtype]
+    return Placement(compute_device=device, dtype=dtype, offload=runtime.model_cpu_offload)

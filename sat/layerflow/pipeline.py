@@ -1,0 +1,241 @@
+"""LayerFlow inference: prompts (and given layer videos) in, one video per layer out.
+
+``LayerFlowPipeline.generate`` is a chain of small steps:
+
+1. encode the per-layer prompts with T5 (226 tokens each, concatenated in layout order);
+2. stack the given layer videos into one clip, encode it with the VAE and keep the latent frames
+   the layout marks as given (they enter the network clean);
+3. sample the other latent frames with the VP-SDE DPM-Solver++(2M) sampler and dynamic CFG;
+4. put the given latents back, decode the whole stack and split it into layers.
+
+The sampler knows nothing about layers: step 3 closes the text, the given latents and the task's
+insertion point into the model function it hands over.
+
+Legend: b batch, T latent frames, c latent channels (16), h/w latent size, F pixel frames,
+H/W pixel size, L text tokens, e T5 width.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_network
+from .config import LayerFlowConfig, SamplingSection
+from .devices import Placement, resolve_placement
+from .dit import LayerFlowDiT
+from .layouts import TaskLayout, insert_condition, split_condition
+from .random_weights import randomize_
+from .sampling import DynamicCFG, VPSDEDPMPP2MSampler, ZeroSNRSchedule
+from .text_encoder import T5TextEncoder, layer_prompts
+from .vae import CausalVideoVAE, VAEConfig, load_vae
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+class InputError(ValueError):
+    """A user input that does not fit the task (one line naming what was expected)."""
+
+
+@dataclass
+class LayerVideos:
+    """Decoded layers, each (F, 3, H, W) in [-1, 1], plus what produced them."""
+
+    layers: dict[str, torch.Tensor]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class LayerFlowPipeline:
+    """Owns the network, text encoder and VAE of one task and runs :meth:`generate`."""
+
+    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None):
+        self.config = config
+        self.layout: TaskLayout = config.layout
+        self.placement = placement or resolve_placement(config.runtime)
+        self.network = self._load_network()
+        self.vae = self._load_vae()
+        self.text_encoder: T5TextEncoder | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load_network(self) -> LayerFlowDiT:
+        config, placement = self.config, self.placement
+        network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
+        if config.model.weights == "random":
+            randomize_(network, config.sampling.seed)
+        else:
+            load_network(network, config.model.checkpoint, self.layout)
+        if config.runtime.merge_lora:
+            network.merge_lora_content()
+        network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
+        return network.to(placement.compute_device) if not placement.offload else network
+
+    def _vae_config(self) -> VAEConfig:
+        section = self.config.model.vae
+        return VAEConfig(
+            ch=section.ch, ch_mult=tuple(section.ch_mult), num_res_blocks=section.num_res_blocks,
+            z_channels=section.z_channels, scale_factor=section.scale_factor,
+        )
+
+    def _load_vae(self) -> CausalVideoVAE:
+        section, placement = self.config.model.vae, self.placement
+        vae_config = self._vae_config()
+        if self.config.model.weights == "random":
+            vae = CausalVideoVAE(vae_config)
+            randomize_(vae, self.config.sampling.seed + 1)
+            vae = vae.eval().requires_grad_(False)
+        else:
+            vae = load_vae(section.path, vae_config)
+        return vae.to(dtype=placement.vae_dtype, device=placement.storage_device)
+
+    def _text_encoder(self) -> T5TextEncoder:
+        if self.text_encoder is None:
+            self.text_encoder = T5TextEncoder.from_folder(
+                self.config.model.text_encoder.path, device=self.placement.compute_device,
+                dtype=self.placement.text_dtype,
+            )
+        return self.text_encoder
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Mapping[str, str]) -> torch.Tensor:
+        """Prompts by layer name -> text states (1, L, e) in the layout's prompt order."""
+        missing = [name for name in self.layout.prompt_layers if not prompts.get(name, "").strip()]
+        if missing:
+            raise InputError(f"{self.layout.name} needs a prompt for each of {list(self.layout.prompt_layers)}; "
+                             f"missing or empty: {missing}")
+        texts = layer_prompts([prompts[name] for name in self.layout.prompt_layers])
+        encoder = self._text_encoder()
+        states = encoder.encode(texts)  # (n, 226, e)
+        if not self.config.runtime.keep_text_encoder:
+            encoder.release()
+            self.text_encoder = None
+        return states.reshape(1, -1, states.shape[-1]).to(self.placement.compute_device, self.placement.dtype)
+
+    def stack_given_layers(self, given: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Given layer videos (F_layer, 3, H, W) -> the stacked clip (1, 3, F, H, W) the VAE encodes.
+
+        Layers the user does not give are filled with a copy of the first given layer; with the
+        causal VAE only frames before the given latents can influence them.
+        """
+        layout = self.layout
+        unknown = sorted(set(given) - set(layout.given_layers))
+        absent = [name for name in layout.given_layers if name not in given]
+        if unknown or absent:
+            raise InputError(f"{layout.name} takes the layers {list(layout.given_layers)}; "
+                             f"missing {absent}, not used {unknown}")
+        height, width = self.config.video_size
+        filler = given[layout.given_layers[0]]
+        frames = []
+        for span in layout.spans:
+            if span.name == "first_frame_copy":
+                continue
+            video = given.get(span.name, filler)
+            if tuple(video.shape) != (span.pixel_frames, 3, height, width):
+                raise InputError(f"layer {span.name}: expected frames of shape "
+                                 f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}")
+            frames.append(video)
+        clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
+        if layout.repeats_first_frame:
+            clip = torch.cat([clip[:1], clip], dim=0)
+        return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+
+    def encode_given_layers(self, given: Mapping[str, torch.Tensor], seed: int) -> torch.Tensor:
+        """Clean latents of the given frames (1, T_cond, c, h, w), scaled like the engine's."""
+        clip = self.stack_given_layers(given)
+        generator = torch.Generator().manual_seed(seed)
+        vae = self.vae
+        with self.placement.on_compute(vae):
+            clip = clip.to(self.placement.compute_device, self.placement.vae_dtype)
+            posterior = vae.posterior(clip)
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            latent = vae.config.scale_factor * (posterior.mean + posterior.std * eps)  # (1, c, T, h, w)
+        latent = latent.permute(0, 2, 1, 3, 4)  # (1, T, c, h, w)
+        if latent.shape[1] != self.layout.latent_frames:
+            raise InputError(f"{self.layout.name}: the stacked clip gave {latent.shape[1]} latent frames, "
+                             f"expected {self.layout.latent_frames}")
+        return split_condition(latent, self.layout).to(self.placement.compute_device, self.placement.dtype)
+
+    def sample_latents(self, context: torch.Tensor, condition: torch.Tensor | None, seed: int,
+                       on_step: StepCallback | None = None, sampling: SamplingSection | None = None) -> torch.Tensor:
+        """Denoise the generated frames: (1, T_gen, c, h, w). Seeds the global generator like the original."""
+        sampling = sampling or self.config.sampling
+        layout, net = self.layout, self.config.network
+        device, dtype = self.placement.compute_device, self.placement.dtype
+        shape = (1, layout.generated_frames, net.in_channels, net.latent_height, net.latent_width)
+        torch.manual_seed(seed)
+        noise = torch.randn(shape).to(device)
+        uncond = torch.zeros_like(context)
+        condition_start = layout.condition[0] if layout.condition is not None else 0
+        network = self.network
+
+        def model_fn(x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            given = None if condition is None else condition.expand(x.shape[0], *condition.shape[1:])
+            return network(x.to(dtype), timesteps, text, condition=given, condition_start=condition_start,
+                           lora_scale=sampling.lora_scale).float()
+
+        sampler = VPSDEDPMPP2MSampler(
+            ZeroSNRSchedule(num_steps=sampling.num_steps),
+            DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent),
+            faithful_rng=sampling.faithful_rng,
+            batched_guidance=sampling.guidance_batched,
+        )
+        callback = None if on_step is None else (lambda step, _x: on_step(step + 1, sampling.num_steps))
+        with self.placement.on_compute(network):
+            return sampler.sample(model_fn, noise, cond=context, uncond=uncond, callback=callback)
+
+    def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Generated (1, T_gen, c, h, w) + given latents -> {layer: (F_layer, 3, H, W) in [-1, 1]}."""
+        full = insert_condition(generated, condition, self.layout) if condition is not None else generated
+        runtime = self.config.runtime
+        chunking = {}
+        if runtime.vae_temporal_chunk:
+            chunking["temporal_chunk"] = runtime.vae_temporal_chunk
+        if runtime.vae_spatial_tile:
+            chunking["spatial_tile"] = (runtime.vae_spatial_tile, runtime.vae_spatial_tile)
+        vae = self.vae
+        with self.placement.on_compute(vae):
+            latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.vae_dtype)
+            video = vae.decode_from_latent(latent, **chunking)[0]  # (3, F, H, W)
+        video = video.float().clamp(-1, 1).permute(1, 0, 2, 3).cpu()  # (F, 3, H, W)
+        return {span.name: video[span.pixel_start: span.pixel_stop]
+                for span in self.layout.spans if span.name != "first_frame_copy"}
+
+    @torch.no_grad()
+    def generate(self, prompts: Mapping[str, str], given: Mapping[str, torch.Tensor] | None = None,
+                 seed: int | None = None, on_step: StepCallback | None = None,
+                 sampling: SamplingSection | None = None) -> LayerVideos:
+        """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring."""
+        seed = self.config.sampling.seed if seed is None else seed
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        context = self.encode_prompts(prompts)
+        timings["text_encoder"] = time.perf_counter() - start
+        condition = None
+        if self.layout.condition is not None:
+            start = time.perf_counter()
+            condition = self.encode_given_layers(given or {}, seed)
+            timings["vae_encode"] = time.perf_counter() - start
+        elif given:
+            raise InputError(f"{self.layout.name} generates every layer; it takes no given layer video")
+        start = time.perf_counter()
+        generated = self.sample_latents(context, condition, seed, on_step, sampling)
+        timings["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        layers = self.decode_layers(generated, condition)
+        timings["vae_decode"] = time.perf_counter() - start
+        return LayerVideos(layers=layers, seed=seed, timings=timings)
+
+
+def checkpoint_files(config: LayerFlowConfig) -> list[Path]:
+    """The weight files a config needs (for a clear 'missing weights' message)."""
+    model = config.model
+    return [Path(model.checkpoint), Path(model.vae.path), Path(model.text_encoder.path)]

@@ -1,0 +1,8 @@
+"""LayerFlow sampling entry point: ``python sat/sample_video.py --help`` (or under torchrun)."""
+
+import sys
+
+from layerflow.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

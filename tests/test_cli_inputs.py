@@ -1,0 +1,109 @@
+"""Bad inputs to the sample script: one clear line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO_ROOT
+
+from layerflow.cli import main
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+def tiny(task: str, variant: str = "rgb") -> list[str]:
+    return ["--base", str(CONFIGS / f"model_{variant}.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
+            str(CONFIGS / "tiny.yaml")]
+
+
+def prompt_files(folder, layers=("fg", "bg", "blend"), text="a thing\n"):
+    folder.mkdir(exist_ok=True)
+    for layer in layers:
+        (folder / f"{layer}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def run_failing(capsys, argv, output, pattern):
+    code = main([*argv, "--output", str(output), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+    assert not output.exists(), "nothing may be written for a bad input"
+    return lines[0]
+
+
+def test_missing_prompt_file(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p", layers=("fg", "bg"))
+    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts)], tmp_path / "out",
+                f"{prompts / 'blend.txt'}: prompt file not found")
+
+
+def test_wrong_number_of_prompts_for_the_task(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    argv = [*tiny("seg"), *[f"--prompt={layer}={prompts / (layer + '.txt')}" for layer in ("fg", "bg", "blend")],
+            "--input", f"blend={tmp_path / 'blend.mp4'}"]
+    run_failing(capsys, argv, tmp_path / "out", "seg_rgb takes prompts for ['fg', 'bg']")
+
+
+def test_empty_prompt(tmp_path, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"prompts": {"fg": "a", "bg": "  ", "blend": "c"}}) + "\n")
+    run_failing(capsys, [*tiny("gen"), "--manifest", str(manifest)], tmp_path / "out", "empty prompt for ['bg']")
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    (prompts / "bg.txt").write_text("\n\n")
+    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts)], tmp_path / "out", "empty prompt file")
+
+
+def test_non_utf8_prompt(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    (prompts / "fg.txt").write_bytes(b"caf\xe9 au lait\n")
+    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts)], tmp_path / "out", "not UTF-8 text")
+
+
+def test_prompt_files_of_different_lengths(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    (prompts / "fg.txt").write_text("one\ntwo\n")
+    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts)], tmp_path / "out", "different numbers of prompts")
+
+
+def test_conditional_task_without_its_input(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    run_failing(capsys, [*tiny("fg2bg"), "--prompt-dir", str(prompts)], tmp_path / "out",
+                "fg2bg_rgb takes input videos for ['fg']")
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    prompts = prompt_files(tmp_path / "p")
+    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts), "--set", "sampling.guidance=3"],
+                tmp_path / "out", "unknown key sampling.guidance")
+
+
+def test_manifest_errors_name_the_line(tmp_path, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    good = {"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}
+    manifest.write_text(json.dumps(good) + "\n{not json\n")
+    run_failing(capsys, [*tiny("gen"), "--manifest", str(manifest)], tmp_path / "out", f"{manifest}:2: invalid JSON")
+
+
+@pytest.mark.parametrize("bad_id", ["../escape", "a b", ""])
+def test_manifest_ids_must_be_safe_folder_names(tmp_path, capsys, bad_id):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"id": bad_id or " ", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")
+    run_failing(capsys, [*tiny("gen"), "--manifest", str(manifest)], tmp_path / "out", "must be letters, digits")
+
+
+def test_missing_real_weights_name_every_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = prompt_files(tmp_path / "p")
+    argv = ["--base", str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
+            "--prompt-dir", str(prompts)]
+    line = run_failing(capsys, argv, tmp_path / "out", "missing weights")
+    assert "ckpts_2b_lora/multi-layer-generation-rgba" in line
+    assert "huggingface.co/zjuJish/LayerFlow" in line
+    assert "CogVideoX-2b-sat/vae/3d-vae.pt" in line and "t5-v1_1-xxl" in line
