@@ -32,7 +32,7 @@ from .dit import LayerFlowDiT
 from .layouts import TaskLayout, insert_condition, split_condition
 from .random_weights import randomize_
 from .sampling import DynamicCFG, VPSDEDPMPP2MSampler, ZeroSNRSchedule
-from .text_encoder import T5TextEncoder, layer_prompts
+from .text_encoder import T5TextEncoder
 from .vae import CausalVideoVAE, VAEConfig, load_vae
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,15 @@ class LayerFlowPipeline:
         if missing:
             raise InputError(f"{self.layout.name} needs a prompt for each of {list(self.layout.prompt_layers)}; "
                              f"missing or empty: {missing}")
-        texts = layer_prompts([prompts[name] for name in self.layout.prompt_layers])
         encoder = self._text_encoder()
-        states = encoder.encode(texts)  # (n, 226, e)
-        if not self.config.runtime.keep_text_encoder:
-            encoder.release()
+        if encoder.width != self.config.network.text_hidden_size:
+            raise InputError(f"{self.config.model.text_encoder.path}: T5 width {encoder.width} does not match "
+                             f"model.network.text_hidden_size {self.config.network.text_hidden_size}")
+        keep = self.config.runtime.keep_text_encoder
+        states = encoder.encode_layers([prompts[name] for name in self.layout.prompt_layers], keep=keep)  # (1, L, e)
+        if not keep:
             self.text_encoder = None
-        return states.reshape(1, -1, states.shape[-1]).to(self.placement.compute_device, self.placement.dtype)
+        return states.to(self.placement.compute_device, self.placement.dtype)
 
     def stack_given_layers(self, given: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Given layer videos (F_layer, 3, H, W) -> the stacked clip (1, 3, F, H, W) the VAE encodes.

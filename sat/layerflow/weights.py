@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, release_folder_name, resolve_checkpoint_file
 from .config import LayerFlowConfig
+from .text_encoder import TextEncoderFilesError, check_t5_folder
 
 TASK_WEIGHTS_URL = "https://huggingface.co/zjuJish/LayerFlow (folder {folder})"
 VAE_URL = "https://cloud.tsinghua.edu.cn/f/fdba7608a49c463ba754/?dl=1 (CogVideoX-2B SAT VAE, vae.zip)"
@@ -33,9 +34,10 @@ def missing_weights(config: LayerFlowConfig) -> list[str]:
                         f"into {model.checkpoint}")
     if not Path(model.vae.path).is_file():
         problems.append(f"VAE: {model.vae.path} not found -> {VAE_URL}, unzip into CogVideoX-2b-sat/")
-    t5 = Path(model.text_encoder.path)
-    if not (t5 / "config.json").is_file():
-        problems.append(f"T5 text encoder: {t5}/config.json not found -> {T5_URL}")
+    try:
+        check_t5_folder(model.text_encoder.path)
+    except TextEncoderFilesError as error:
+        problems.append(f"T5 text encoder: {error} -> {T5_URL}")
     return problems
 
 
