@@ -84,6 +84,8 @@ def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[S
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.root.handlers:
+        handler.setLevel(logging.WARNING)  # INFO goes to the per-rank log files only
     try:
         overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
         config = load_config(args.base, overrides)

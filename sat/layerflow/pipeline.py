@@ -31,7 +31,7 @@ from .devices import Placement, resolve_placement
 from .dit import LayerFlowDiT
 from .layouts import TaskLayout, insert_condition, split_condition
 from .random_weights import randomize_
-from .sampling import DynamicCFG, VPSDEDPMPP2MSampler, ZeroSNRSchedule
+from .sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
 from .text_encoder import T5TextEncoder
 from .vae import CausalVideoVAE, VAEConfig, load_vae
 
@@ -184,15 +184,14 @@ class LayerFlowPipeline:
             return network(x.to(dtype), timesteps, text, condition=given, condition_start=condition_start,
                            lora_scale=sampling.lora_scale).float()
 
-        sampler = VPSDEDPMPP2MSampler(
-            ZeroSNRSchedule(num_steps=sampling.num_steps),
-            DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent),
-            faithful_rng=sampling.faithful_rng,
-            batched_guidance=sampling.guidance_batched,
-        )
+        schedule = ZeroSNRSchedule(num_steps=sampling.num_steps)
+        guidance = DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent)
         callback = None if on_step is None else (lambda step, _x: on_step(step + 1, sampling.num_steps))
         with self.placement.on_compute(network):
-            return sampler.sample(model_fn, noise, cond=context, uncond=uncond, callback=callback)
+            return sample_vpsde_dpmpp_2m(
+                model_fn, noise, context, uncond, schedule, guidance, faithful_rng=sampling.faithful_rng,
+                batched_guidance=sampling.guidance_batched, callback=callback,
+            )
 
     def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Generated (1, T_gen, c, h, w) + given latents -> {layer: (F_layer, 3, H, W) in [-1, 1]}."""
