@@ -55,6 +55,11 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
             continue
         source = sample.inputs[name]
         if name == "fg":
+            wants_alpha = "alpha" in layout.given_layers or "mask" in sample.inputs
+            video = None if wants_alpha else read_layer_video(source, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
+            if video is not None and video.shape[1] == 3:
+                given["fg"] = video  # an RGB foreground without matte is taken as it is
+                continue
             fg, alpha_layer = read_foreground_layers(source, sample.inputs.get("mask"),
                                                      num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
             given["fg"] = fg
