@@ -41,8 +41,12 @@ StepCallback = Callable[[int, torch.Tensor], None]
 
 
 def shifted_alphas_cumprod(shift: float = SNR_SHIFT) -> np.ndarray:
-    """alpha-bar of the 1000 DDPM steps (betas linear in sqrt), with log-SNR lowered by log(shift). (1000,) f64."""
-    betas = np.linspace(BETA_START**0.5, BETA_END**0.5, DDPM_STEPS, dtype=np.float64) ** 2
+    """alpha-bar of the 1000 DDPM steps (betas linear in sqrt), with log-SNR lowered by log(shift). (1000,) f64.
+
+    The betas come from ``torch.linspace`` as in the original: ``np.linspace`` differs in the last bit
+    of some float64 entries (the float32 tables that follow happen to be the same).
+    """
+    betas = (torch.linspace(BETA_START**0.5, BETA_END**0.5, DDPM_STEPS, dtype=torch.float64) ** 2).numpy()
     alphas_cumprod = np.cumprod(1.0 - betas)
     return alphas_cumprod / (shift + (1 - shift) * alphas_cumprod)
 
@@ -56,8 +60,8 @@ def zero_snr_sqrt_alphas(alphas_cumprod: np.ndarray) -> torch.Tensor:
 
 def subset_timesteps(num_steps: int) -> np.ndarray:
     """The DDPM steps a num_steps sampler visits, ascending (e.g. 0, 20, ..., 999 for 50)."""
-    if not 1 <= num_steps <= DDPM_STEPS:
-        raise ValueError(f"num_steps must be in 1..{DDPM_STEPS}, got {num_steps}")
+    if not 2 <= num_steps <= DDPM_STEPS:
+        raise ValueError(f"num_steps must be in 2..{DDPM_STEPS} (one step rescales by 0/0), got {num_steps}")
     return np.linspace(DDPM_STEPS - 1, 0, num_steps, endpoint=False).astype(int)[::-1]
 
 
@@ -72,6 +76,11 @@ class ZeroSNRSchedule:
 
     num_steps: int = 50
     shift: float = SNR_SHIFT
+
+    def __post_init__(self) -> None:
+        subset_timesteps(self.num_steps)
+        if self.shift <= 0:
+            raise ValueError(f"the SNR shift must be positive, got {self.shift}")
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -108,6 +117,11 @@ class DynamicCFG:
     scale: float = 6.0
     exponent: float = 5.0
 
+    def __post_init__(self) -> None:
+        if float(self.exponent) != int(self.exponent):
+            raise ValueError(f"the guidance exponent must be a whole number: the ramp raises (S - t)/S < 0 "
+                             f"to it, got {self.exponent}")
+
     def weights(self, schedule: ZeroSNRSchedule) -> list[float]:
         return [dynamic_cfg_scale(self.scale, self.exponent, schedule.num_steps, int(t)) for t in schedule.timesteps]
 
@@ -125,12 +139,16 @@ class StepCoefficients:
     correction_last: torch.Tensor  # 1/(2r)
 
 
+def half_log_snr(a: torch.Tensor) -> torch.Tensor:
+    """lambda = log(a / sqrt(1 - a^2)), written as the original does: a = 0 gives -inf, a = 1 gives inf."""
+    return ((a**2 / (1 - a**2)) ** 0.5).log()
+
+
 def step_coefficients(schedule: ZeroSNRSchedule) -> StepCoefficients:
     """Precompute every step's scalars in float32 as the original computes them (inf/0 at step 0 included)."""
     alphas = schedule.alphas  # (S+1,)
     a, a_next = alphas[:-1], alphas[1:]
-    lam = lambda v: ((v**2) / (1 - v**2)) ** 0.5  # noqa: E731
-    lamb, lamb_next = lam(a).log(), lam(a_next).log()
+    lamb, lamb_next = half_log_snr(a), half_log_snr(a_next)
     h = lamb_next - lamb  # (S,)
     lamb_prev = torch.cat([torch.full((1,), float("nan")), lamb[:-1]])
     r = (lamb - lamb_prev) / h  # step 0 has no previous step (unused)
@@ -147,7 +165,7 @@ def step_coefficients(schedule: ZeroSNRSchedule) -> StepCoefficients:
 
 
 def guided_v(model_fn: ModelFn, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-             weight: float, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Unconditional and conditional predictions; one batch of 2b (uncond first) or two passes of b."""
     b = x.shape[0]
     if batched:
@@ -172,7 +190,9 @@ def sample_vpsde_dpmpp_2m(
 
     ``model_fn(x, timesteps, text)`` returns the v-prediction for x (n, ...) at DDPM timesteps (n,)
     with text states (n, L, e). Noise is drawn with ``torch.randn_like`` from the global generator
-    (the device's generator on CUDA), in the original's order; see the module docstring.
+    (the device's generator on CUDA), in the original's order; see the module docstring. To start
+    where the original starts, draw ``noise`` as it does: ``torch.manual_seed(seed)``, then
+    ``torch.randn(shape).to(device)`` (the CPU generator, whatever the device).
     """
     coeffs = step_coefficients(schedule)
     weights = guidance.weights(schedule)
@@ -184,7 +204,7 @@ def sample_vpsde_dpmpp_2m(
     last = schedule.num_steps - 1
     x_mult, denoised_mult, noise_mult = moved["x_mult"], moved["denoised_mult"], moved["noise_mult"]
     for i in range(schedule.num_steps):
-        v_uncond, v_cond = guided_v(model_fn, x, timesteps[i:i + 1], cond, uncond, weights[i], batched_guidance)
+        v_uncond, v_cond = guided_v(model_fn, x, timesteps[i:i + 1], cond, uncond, batched_guidance)
         denoised_uncond = moved["c_skip"][i] * x + moved["c_out"][i] * v_uncond.float()
         denoised_cond = moved["c_skip"][i] * x + moved["c_out"][i] * v_cond.float()
         denoised = denoised_uncond + weights[i] * (denoised_cond - denoised_uncond)
