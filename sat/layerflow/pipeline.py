@@ -76,6 +76,8 @@ class LayerFlowPipeline:
         if config.runtime.merge_lora:
             network.merge_lora_content()
         network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
+        if config.runtime.compile:
+            network.compile(dynamic=False)  # compiled lazily at the first call, reused for every step
         return network.to(placement.compute_device) if not placement.offload else network
 
     def _vae_config(self) -> VAEConfig:
