@@ -179,3 +179,44 @@ def test_safetensors_of_another_task_is_refused(reference_dir, tmp_path):
     save_safetensors(state, target, get_layout(other_task, layout.variant))
     with pytest.raises(CheckpointError, match="checkpoint, but the config is for"):
         load_network(build(case_dir), target, layout)
+
+
+def test_full_engine_file_reports_ignored_components(reference_dir, tmp_path, caplog):
+    """A file that also holds VAE and T5 keys loads the network and says what it ignored."""
+    case_dir = reference_dir / CASES[0]
+    state, _ = read_checkpoint(case_dir / "ckpt")
+    state = dict(state)
+    state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)
+    state["conditioner.embedders.0.transformer.shared.weight"] = torch.zeros(1)
+    target = tmp_path / "engine.pt"
+    torch.save({"module": state}, target)
+    with caplog.at_level("INFO", logger="layerflow.checkpoint"):
+        load_network(build(case_dir), target, case_layout(case_dir))
+    assert "ignoring 1 VAE keys" in caplog.text and "ignoring 1 T5 text encoder keys" in caplog.text
+
+
+def test_unknown_extra_keys_are_refused(reference_dir, tmp_path):
+    case_dir = reference_dir / CASES[0]
+    state, _ = read_checkpoint(case_dir / "ckpt")
+    state = {**state, "optimizer.step": torch.zeros(1)}
+    target = tmp_path / "extra.pt"
+    torch.save({"module": state}, target)
+    with pytest.raises(CheckpointError, match="unexpected keys outside the network: optimizer.step"):
+        load_network(build(case_dir), target, case_layout(case_dir))
+
+
+def test_convert_command_round_trip(reference_dir, tmp_path):
+    from layerflow.convert import main as convert
+
+    case_dir = reference_dir / CASES[0]
+    layout = case_layout(case_dir)
+    safetensors = tmp_path / "model.safetensors"
+    assert convert([str(case_dir / "ckpt"), str(safetensors), "--task", layout.task.value,
+                    "--variant", layout.variant.value]) == 0
+    assert convert([str(safetensors), "--to-sat", str(tmp_path / "sat_ckpt")]) == 0
+    original, _ = read_checkpoint(case_dir / "ckpt")
+    back, _ = read_checkpoint(tmp_path / "sat_ckpt")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[key], back[key]) for key in original)
+    _, metadata = read_checkpoint(safetensors)
+    assert metadata == {"layerflow_task": layout.task.value, "layerflow_variant": layout.variant.value}
