@@ -77,3 +77,12 @@ def test_missing_file_and_invalid_yaml(tmp_path):
 def test_value_check_in_a_section(tmp_path):
     with pytest.raises(ConfigError, match="num_steps must be at least 2"):
         load_config(base(), ["sampling.num_steps=1"])
+
+
+def test_memory_preset_turns_on_every_memory_option():
+    config = load_config([*base("fg2bg", "rgba"), CONFIGS / "memory_24gb.yaml"])
+    runtime = config.runtime
+    assert runtime.model_cpu_offload and not runtime.keep_text_encoder
+    assert runtime.vae_temporal_chunk > 0 and runtime.vae_spatial_tile > 0
+    assert config.sampling.guidance_batched is False
+    assert config.network.num_frames == 65  # the preset leaves the model alone

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -204,6 +203,8 @@ class LayerFlowPipeline:
             chunking["temporal_chunk"] = runtime.vae_temporal_chunk
         if runtime.vae_spatial_tile:
             chunking["spatial_tile"] = (runtime.vae_spatial_tile, runtime.vae_spatial_tile)
+        if chunking and self.placement.offload:
+            chunking["buffer_device"] = self.placement.storage_device  # whole activations wait in CPU memory
         vae = self.vae
         with self.placement.on_compute(vae):
             latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.vae_dtype)
@@ -237,8 +238,3 @@ class LayerFlowPipeline:
         timings["vae_decode"] = time.perf_counter() - start
         return LayerVideos(layers=layers, seed=seed, timings=timings)
 
-
-def checkpoint_files(config: LayerFlowConfig) -> list[Path]:
-    """The weight files a config needs (for a clear 'missing weights' message)."""
-    model = config.model
-    return [Path(model.checkpoint), Path(model.vae.path), Path(model.text_encoder.path)]
