@@ -1,0 +1,311 @@
+"""Time every stage of one LayerFlow run and record its peak memory.
+
+The configuration is given exactly as for ``sample_video.py``; the benchmark drives the pipeline's
+own steps one after another (T5 encoding, VAE encoding of the given layers, each denoising step,
+VAE decoding, writing the output folder) and synchronises the accelerator at every boundary, so
+each number is the wall time of that stage alone.
+
+Examples::
+
+    # the tiny built-in model on the CPU (seconds)
+    python benchmarks/benchmark.py --base configs/model_rgba.yaml configs/tasks/fg2bg_rgba.yaml \\
+        configs/tiny.yaml --repeats 3 --json outputs/bench_tiny.json
+
+    # the full-size RGBA model on a GPU, no weights needed
+    python benchmarks/benchmark.py --base configs/model_rgba.yaml configs/tasks/gen_rgba.yaml \\
+        --set model.weights=random --repeats 3 --warmup 1 --json outputs/bench_gen_rgba.json
+
+Random weights give valid timings: the work done by every layer depends on the tensor shapes and
+the configuration, never on the weight values. Only the text encoder is special: without the
+released T5-XXL folder a small stand-in T5 of the same width is built, and the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
+
+from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
+from layerflow.layouts import TaskLayout  # noqa: E402
+from layerflow.outputs import write_sample  # noqa: E402
+from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
+from layerflow.weights import MissingWeightsError, check_weights, prepare_random_weights  # noqa: E402
+
+RANDOM_WEIGHTS_NOTE = ("random weights give valid timings: the work of every layer depends on shapes and "
+                       "configuration, not on weight values")
+PROMPTS = {
+    "fg": "a red balloon drifting slowly to the right",
+    "bg": "a calm lake with green hills at sunrise",
+    "blend": "a red balloon drifting over a calm lake with green hills at sunrise",
+}
+STAGES = ("text_encoder", "vae_encode", "denoise", "vae_decode", "write_outputs", "total")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1],
+    )
+    parser.add_argument("--base", nargs="+", required=True, metavar="YAML",
+                        help="config files, merged in order (later files win)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement to this JSON file")
+    parser.add_argument("--output", type=Path, metavar="DIR",
+                        help="where the sample folders are written (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    return args
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": None,
+        "load_average_1_5_15min": os.getloadavg(),
+    }
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(properties.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def benchmark_prompts(layout: TaskLayout) -> dict[str, str]:
+    return {name: PROMPTS[name] for name in layout.prompt_layers}
+
+
+def benchmark_given_layers(layout: TaskLayout, size: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random given-layer videos (F_layer, 3, H, W) in [-1, 1] of the shapes the task takes."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size
+    return {name: torch.rand(layout.span(name).pixel_frames, 3, height, width, generator=generator) * 2 - 1
+            for name in layout.given_layers}
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Wall-clock marks that wait for queued accelerator work first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: Path, seed: int) -> dict:
+    """One sample through every stage; returns seconds per stage and per denoising step."""
+    layout = config.layout
+    clock = StageClock(pipeline.placement.compute_device)
+    prompts = benchmark_prompts(layout)
+    given = benchmark_given_layers(layout, config.video_size) if layout.given_layers else None
+    stages: dict[str, float] = {}
+    steps: list[float] = []
+    with torch.no_grad():
+        start = clock.now()
+        mark = start
+        context = pipeline.encode_prompts(prompts)
+        mark, stages["text_encoder"] = _lap(clock, mark)
+        condition = None
+        if given is not None:
+            condition = pipeline.encode_given_layers(given, seed)
+            mark, stages["vae_encode"] = _lap(clock, mark)
+        step_mark = [mark]
+
+        def on_step(step: int, total: int) -> None:
+            step_mark[0], seconds = _lap(clock, step_mark[0])
+            steps.append(seconds)
+
+        generated = pipeline.sample_latents(context, condition, seed, on_step=on_step)
+        mark, stages["denoise"] = _lap(clock, mark)
+        layers = pipeline.decode_layers(generated, condition)
+        mark, stages["vae_decode"] = _lap(clock, mark)
+    meta = {"id": folder.name, "prompts": prompts, "seed": seed, "benchmark": True}
+    write_sample(folder, layers, config, meta, given)
+    mark, stages["write_outputs"] = _lap(clock, mark)
+    stages["total"] = mark - start
+    return {"stages": stages, "steps": steps}
+
+
+def _lap(clock: StageClock, since: float) -> tuple[float, float]:
+    now = clock.now()
+    return now, now - since
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak accelerator memory since the last reset, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return {"kind": "torch.cuda.max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"kind": "max RSS of the process (resource.getrusage)", "bytes": rss * scale}
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def summarize_runs(runs: list[dict], num_steps: int) -> dict:
+    """Per stage and per step position: median, min, max over the timed runs."""
+    stages = {name: summarize([run["stages"][name] for run in runs]) for name in STAGES if name in runs[0]["stages"]}
+    per_step = [summarize([run["steps"][i] for run in runs]) for i in range(num_steps)]
+    step_means = [statistics.fmean(run["steps"]) for run in runs]
+    return {"stages": stages, "steps": per_step, "step_mean": summarize(step_means)}
+
+
+def _cells(values: dict) -> tuple[str, str, str]:
+    return tuple(f"{values[key]:.4f}" for key in ("median", "min", "max"))
+
+
+def format_table(summary: dict, num_steps: int) -> str:
+    rows = [("stage", "median s", "min s", "max s")]
+    for name, values in summary["stages"].items():
+        rows.append((name, *_cells(values)))
+        if name == "denoise":
+            mean = summary["step_mean"]
+            rows.append((f"  per step (mean of {num_steps})", *_cells(mean)))
+            for index, step in enumerate(summary["steps"]):
+                rows.append((f"  step {index + 1}", *_cells(step)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def prepare_config(args: argparse.Namespace) -> tuple[LayerFlowConfig, str]:
+    """The validated config and a note on which text encoder is timed."""
+    config = load_config(args.base, args.set)
+    if config.model.weights != "random":
+        check_weights(config)
+        return config, f"released T5 from {config.model.text_encoder.path}"
+    configured = config.model.text_encoder.path
+    config = prepare_random_weights(config)
+    if config.model.text_encoder.path == configured:
+        return config, f"T5 from {configured}"
+    width = config.model.network.text_hidden_size
+    return config, (f"small stand-in T5 of width {width} ({configured} not found): "
+                    "text_encoder times are not those of T5-XXL")
+
+
+def run_benchmark(config: LayerFlowConfig, repeats: int, warmup: int, output: Path,
+                  progress: Callable[[str], None] = lambda message: None) -> dict:
+    start = time.perf_counter()
+    pipeline = LayerFlowPipeline(config)
+    device = pipeline.placement.compute_device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    load_seconds = time.perf_counter() - start
+    seed = config.sampling.seed
+    for index in range(warmup):
+        progress(f"warmup {index + 1}/{warmup}")
+        time_one_run(pipeline, config, output / f"warmup_{index}", seed)
+    runs, peaks = [], []
+    for index in range(repeats):
+        progress(f"run {index + 1}/{repeats}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs.append(time_one_run(pipeline, config, output / f"run_{index}", seed))
+        peaks.append(peak_memory(device))
+    return {
+        "machine": machine_info(device),
+        "dtype": str(pipeline.placement.dtype).removeprefix("torch."),
+        "load_seconds": load_seconds,
+        "repeats": repeats,
+        "warmup": warmup,
+        "num_steps": config.sampling.num_steps,
+        "peak_memory": max(peaks, key=lambda peak: peak["bytes"]),
+        "summary": summarize_runs(runs, config.sampling.num_steps),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, text_encoder_note = prepare_config(args)
+    except (ConfigError, MissingWeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report_progress = lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        result = run_benchmark(config, args.repeats, args.warmup, args.output, report_progress)
+    else:
+        with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
+            result = run_benchmark(config, args.repeats, args.warmup, Path(folder), report_progress)
+    result.update({
+        "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+        "config_files": list(config.sources),
+        "config": config.to_dict(),
+        "weights": config.model.weights,
+        "text_encoder": text_encoder_note,
+        "note": RANDOM_WEIGHTS_NOTE if config.model.weights == "random" else "released weights",
+    })
+    machine = result["machine"]
+    where = machine["gpu"] or (f"{machine['cpu_model']} ({machine['cpu_cores']} cores, "
+                               f"{machine['torch_threads']} threads)")
+    print(f"{config.layout.name}, {result['num_steps']} steps, {result['dtype']}, {config.model.weights} weights "
+          f"on {where}; torch {machine['torch']}; median of {args.repeats} runs after {args.warmup} warmup")
+    print(format_table(result["summary"], result["num_steps"]))
+    peak = result["peak_memory"]
+    print(f"peak memory: {peak['bytes'] / 2**30:.2f} GiB ({peak['kind']}); load {result['load_seconds']:.2f} s")
+    print(f"text encoder: {text_encoder_note}")
+    if config.model.weights == "random":
+        print(f"note: {RANDOM_WEIGHTS_NOTE}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
