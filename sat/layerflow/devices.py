@@ -38,6 +38,11 @@ class Placement:
     def text_dtype(self) -> torch.dtype:
         return self.dtype
 
+    def synchronize(self) -> None:
+        """Wait for queued GPU work, so that stage timings measure the work and not its launch."""
+        if self.compute_device.type == "cuda":
+            torch.cuda.synchronize(self.compute_device)
+
     @contextlib.contextmanager
     def on_compute(self, module: nn.Module) -> Iterator[nn.Module]:
         """Hold ``module`` on the compute device for the duration of the block."""

@@ -17,6 +17,7 @@ H/W pixel size, L text tokens, e T5 width.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -220,21 +221,34 @@ class LayerFlowPipeline:
         """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring."""
         seed = self.config.sampling.seed if seed is None else seed
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        context = self.encode_prompts(prompts)
-        timings["text_encoder"] = time.perf_counter() - start
+        clock = _StageClock(self.placement, timings)
+        with clock("text_encoder"):
+            context = self.encode_prompts(prompts)
         condition = None
         if self.layout.condition is not None:
-            start = time.perf_counter()
-            condition = self.encode_given_layers(given or {}, seed)
-            timings["vae_encode"] = time.perf_counter() - start
+            with clock("vae_encode"):
+                condition = self.encode_given_layers(given or {}, seed)
         elif given:
             raise InputError(f"{self.layout.name} generates every layer; it takes no given layer video")
-        start = time.perf_counter()
-        generated = self.sample_latents(context, condition, seed, on_step, sampling)
-        timings["denoise"] = time.perf_counter() - start
-        start = time.perf_counter()
-        layers = self.decode_layers(generated, condition)
-        timings["vae_decode"] = time.perf_counter() - start
+        with clock("denoise"):
+            generated = self.sample_latents(context, condition, seed, on_step, sampling)
+        with clock("vae_decode"):
+            layers = self.decode_layers(generated, condition)
         return LayerVideos(layers=layers, seed=seed, timings=timings)
 
+
+
+class _StageClock:
+    """``with clock("name"):`` records the seconds of a stage, waiting for the GPU at both ends."""
+
+    def __init__(self, placement: Placement, timings: dict[str, float]):
+        self.placement = placement
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.placement.synchronize()
+        start = time.perf_counter()
+        yield
+        self.placement.synchronize()
+        self.timings[name] = time.perf_counter() - start
