@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import merge_failures, run_samples
 
     try:
-        distributed.init_process_group()
+        distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
         summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
     except (CheckpointError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
