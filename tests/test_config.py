@@ -86,3 +86,9 @@ def test_memory_preset_turns_on_every_memory_option():
     assert runtime.vae_temporal_chunk > 0 and runtime.vae_spatial_tile > 0
     assert config.sampling.guidance_batched is False
     assert config.network.num_frames == 65  # the preset leaves the model alone
+
+
+def test_text_length_comes_from_the_task():
+    assert load_config(base("seg", "rgba")).to_dict()["model"]["network"]["text_length"] == 452
+    with pytest.raises(ConfigError, match="seg_rgba has 452 text tokens"):
+        load_config(base("seg", "rgba"), ["model.network.text_length=678"])

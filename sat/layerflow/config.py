@@ -20,7 +20,6 @@ import yaml
 
 from .dit import DiTConfig
 from .layouts import Task, TaskLayout, Variant, get_layout
-from .lora import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -31,27 +30,6 @@ class ConfigError(ValueError):
 class TaskSection:
     name: Task
     variant: Variant
-
-
-@dataclass(frozen=True)
-class NetworkSection:
-    """The diffusion transformer; ``text_length`` follows from the task's prompts."""
-
-    num_frames: int
-    hidden_size: int = 1920
-    num_layers: int = 30
-    num_attention_heads: int = 30
-    time_embed_dim: int = 512
-    text_hidden_size: int = 4096
-    latent_height: int = 60
-    latent_width: int = 90
-    learnable_txt_embed: bool = False
-    learnable_pos_embed: bool = False
-    height_interpolation: float = 1.875
-    width_interpolation: float = 1.875
-    qk_ln: bool = True
-    elementwise_affine: bool = True
-    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -74,7 +52,7 @@ class ModelSection:
     """``weights: checkpoint`` loads the files named here; ``random`` builds seeded random weights
     (the tiny built-in model, and full-size speed benchmarks)."""
 
-    network: NetworkSection
+    network: DiTConfig
     checkpoint: str = ""
     weights: str = "checkpoint"
     vae: VAESection = field(default_factory=VAESection)
@@ -145,9 +123,8 @@ class LayerFlowConfig:
 
     @property
     def network(self) -> DiTConfig:
-        net = dataclasses.asdict(self.model.network)
-        net["lora"] = self.model.network.lora
-        return DiTConfig(text_length=self.layout.text_length, **net)
+        """``model.network`` with the task's text length filled in."""
+        return dataclasses.replace(self.model.network, text_length=self.layout.text_length)
 
     @property
     def video_size(self) -> tuple[int, int]:
@@ -168,6 +145,7 @@ class LayerFlowConfig:
 
         data = plain(dataclasses.asdict(self))
         data.pop("sources")
+        data["model"]["network"]["text_length"] = self.layout.text_length
         return data
 
 
@@ -299,4 +277,8 @@ def load_config(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> L
         nested[keys[-1]] = value
         _merge(merged, update, origins, f"--set {text}")
     config = _build(LayerFlowConfig, merged, "", origins)
+    set_length, task_length = config.model.network.text_length, config.layout.text_length
+    if set_length not in (0, task_length):
+        raise ConfigError(f"model.network.text_length (from {_origin(origins, 'model.network.text_length')}) is "
+                          f"{set_length}, but {config.layout.name} has {task_length} text tokens; leave it out")
     return dataclasses.replace(config, sources=tuple(str(f) for f in files))

@@ -46,10 +46,14 @@ MODULATION_LAYERNORM_EPS = 1e-6
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Sizes and switches of the diffusion transformer (``network_config`` of the original YAML)."""
+    """Sizes and switches of the diffusion transformer (``network_config`` of the original YAML).
+
+    ``text_length`` (226 tokens per prompt) follows from the task; 0 means "not set yet", which
+    the config loader fills in from the task layout.
+    """
 
     num_frames: int
-    text_length: int
+    text_length: int = 0
     hidden_size: int = 1920
     num_layers: int = 30
     num_attention_heads: int = 30
@@ -294,6 +298,8 @@ class LayerFlowDiT(BaseModel):
     """The LayerFlow network; see the module docstring. Build on ``device='meta'`` to inspect shapes."""
 
     def __init__(self, config: DiTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if config.text_length <= 0:
+            raise ValueError("DiTConfig.text_length is not set (226 tokens per prompt of the task)")
         ensure_model_parallel()
         device = torch.device(device)
         with torch.device(device):
