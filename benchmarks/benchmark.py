@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
+from layerflow.atomic import write_text_atomic  # noqa: E402
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
 from layerflow.layouts import TaskLayout  # noqa: E402
 from layerflow.outputs import write_sample  # noqa: E402
@@ -301,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.model.weights == "random":
         print(f"note: {RANDOM_WEIGHTS_NOTE}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -44,6 +44,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "sat"))
 
+from layerflow.atomic import write_text_atomic  # noqa: E402
 from layerflow.config import ConfigError, load_config  # noqa: E402
 from layerflow.distributed import ensure_model_parallel  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
@@ -341,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
