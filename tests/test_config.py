@@ -69,14 +69,28 @@ def test_missing_file_and_invalid_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config([tmp_path / "nope.yaml"])
     broken = tmp_path / "broken.yaml"
-    broken.write_text("sampling: [\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    broken.write_text("sampling:\n  num_steps: 4\n  seed: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line 4, column 1: invalid YAML"):
         load_config([*base(), broken])
 
 
-def test_value_check_in_a_section(tmp_path):
-    with pytest.raises(ConfigError, match="num_steps must be at least 2"):
+def test_value_check_in_a_section_names_the_override_that_set_it(tmp_path):
+    with pytest.raises(ConfigError) as error:
         load_config(base(), ["sampling.num_steps=1"])
+    assert str(error.value) == ("sampling.num_steps = 1 (from --set sampling.num_steps=1): "
+                                "expected an integer from 2 to 1000")
+    low_fps = tmp_path / "low_fps.yaml"
+    low_fps.write_text("output:\n  fps: 0\n")
+    with pytest.raises(ConfigError, match=r"output.fps = 0 \(from .*low_fps.yaml\): expected frames per second"):
+        load_config([*base(), low_fps])
+
+
+@pytest.mark.parametrize(("override", "key"), [("runtime.device=gpu", "runtime.device"),
+                                               ("runtime.vae_spatial_tile=-1", "runtime.vae_spatial_tile"),
+                                               ("sampling.guidance_scale=-2", "sampling.guidance_scale")])
+def test_range_checks_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key} = .* \(from --set {override}\): expected "):
+        load_config(base(), [override])
 
 
 def test_memory_preset_turns_on_every_memory_option():

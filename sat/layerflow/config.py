@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,23 @@ from .layouts import Task, TaskLayout, Variant, get_layout
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the file it came from."""
+
+
+class FieldError(ConfigError):
+    """A value out of its range, raised by a section's checks; :func:`load_config` adds key and origin."""
+
+    def __init__(self, name: str, expected: str):
+        super().__init__(f"{name}: expected {expected}")
+        self.name = name
+        self.expected = expected
+
+
+def _require(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise FieldError(name, expected)
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -59,8 +77,7 @@ class ModelSection:
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
 
     def __post_init__(self) -> None:
-        if self.weights not in ("checkpoint", "random"):
-            raise ConfigError(f"model.weights must be 'checkpoint' or 'random', got {self.weights!r}")
+        _require(self.weights in ("checkpoint", "random"), "weights", "checkpoint or random")
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,9 @@ class SamplingSection:
     guidance_batched: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_steps < 2:
-            raise ConfigError(f"sampling.num_steps must be at least 2, got {self.num_steps}")
+        _require(2 <= self.num_steps <= 1000, "num_steps", "an integer from 2 to 1000")
+        _require(self.guidance_scale >= 0, "guidance_scale", "a number >= 0")
+        _require(0 <= self.seed < 2**63, "seed", "an integer from 0 to 2**63-1")
 
 
 @dataclass(frozen=True)
@@ -92,8 +110,11 @@ class RuntimeSection:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"runtime.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(bool(DEVICE_PATTERN.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                 "auto, float32, bfloat16 or float16")
+        _require(self.vae_temporal_chunk >= 0, "vae_temporal_chunk", "0 (off) or a positive number of latent frames")
+        _require(self.vae_spatial_tile >= 0, "vae_spatial_tile", "0 (off) or a positive tile size in latent pixels")
 
 
 @dataclass(frozen=True)
@@ -104,8 +125,8 @@ class OutputSection:
     preview: bool = True
 
     def __post_init__(self) -> None:
-        if self.alpha_video not in ("prores", "vp9", "none"):
-            raise ConfigError(f"output.alpha_video must be prores, vp9 or none, got {self.alpha_video!r}")
+        _require(1 <= self.fps <= 240, "fps", "frames per second from 1 to 240")
+        _require(self.alpha_video in ("prores", "vp9", "none"), "alpha_video", "prores, vp9 or none")
 
 
 @dataclass(frozen=True)
@@ -235,10 +256,52 @@ def _build(cls, data: Mapping, prefix: str, origins: dict):
             raise ConfigError(f"missing key {prefix}{f.name} (none of the config files sets it)")
     try:
         return cls(**values)
+    except FieldError as error:
+        path = f"{prefix}{error.name}"
+        raise ConfigError(f"{path} = {values.get(error.name)!r} (from {_origin(origins, path)}): "
+                          f"expected {error.expected}") from None
     except ConfigError as error:
         raise ConfigError(f"{error} (in {_origin(origins, prefix.rstrip('.'))})") from None
     except ValueError as error:
         raise ConfigError(f"{prefix.rstrip('.')} (from {_origin(origins, prefix.rstrip('.'))}): {error}") from None
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    """``line L, column C:`` of a YAML syntax error (1-based), or nothing when YAML gives no position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    if problem:
+        return f"{context}, {problem}" if context else problem
+    return str(error).splitlines()[0]
+
+
+def apply_sampling_overrides(sampling: SamplingSection, overrides: Mapping[str, object],
+                             where: str) -> SamplingSection:
+    """``sampling`` with per-sample overrides ``{"sampling.key": value}`` applied and validated.
+
+    Only ``sampling.*`` keys are allowed; each value is checked like the same key in a YAML file,
+    and an error names ``where`` (the manifest line), the key and what was expected.
+    """
+    if not overrides:
+        return sampling
+    names = [f.name for f in dataclasses.fields(SamplingSection)]
+    data = {}
+    for key, value in overrides.items():
+        section, _, name = str(key).partition(".")
+        if section != "sampling" or name not in names:
+            nearest = difflib.get_close_matches(name, names, n=1) if section == "sampling" else []
+            hint = f"; did you mean sampling.{nearest[0]}?" if nearest else ""
+            raise ConfigError(f"{where}: override {key!r}: only sampling.<key> overrides are allowed per sample "
+                              f"({', '.join(names)}){hint}")
+        data[name] = value
+    origins = {f"sampling.{name}": where for name in data}
+    merged = {**dataclasses.asdict(sampling), **data}
+    return _build(SamplingSection, merged, "sampling.", origins)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -264,7 +327,7 @@ def load_config(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> L
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{file}: invalid YAML ({str(error).splitlines()[0]})") from None
+            raise ConfigError(f"{file}:{_yaml_position(error)} invalid YAML ({_yaml_problem(error)})") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{file}: expected a mapping at the top level")
         _merge(merged, data, origins, str(file))
