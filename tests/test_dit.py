@@ -139,9 +139,25 @@ def test_pickle_that_runs_code_is_refused(reference_dir, tmp_path):
     payload = {"module": {"x": torch.zeros(1)}, "payload": _RunsCode(str(marker))}
     torch.save(payload, ckpt / "1" / "mp_rank_00_model_states.pt")
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
+    with pytest.raises(CheckpointError, match="refused: loading it would call") as refusal:
         load_network(build(case_dir), ckpt, case_layout(case_dir))
     assert not marker.exists(), "unpickling ran code"
+    message = str(refusal.value)
+    assert "\n" not in message and "could run code" in message, message
+    assert "weights_only" not in message and "safe_globals" not in message and "trust" not in message, message
+
+
+def test_legacy_non_zip_checkpoint_loads(reference_dir, tmp_path):
+    case_dir = reference_dir / CASES[0]
+    ckpt = _copy_ckpt(case_dir, tmp_path)
+    weights = ckpt / "1" / "mp_rank_00_model_states.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save(state, weights, _use_new_zipfile_serialization=False)
+    model, reference = build(case_dir), build(case_dir)
+    load_network(model, ckpt, case_layout(case_dir))
+    load_network(reference, _copy_ckpt(case_dir, tmp_path / "zip"), case_layout(case_dir))
+    for (name, value), (_, expected) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(value, expected), name
 
 
 def _case_pair_with_different_schema(reference_dir):

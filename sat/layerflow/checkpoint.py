@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +71,30 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     return weights
 
 
+def _unsafe_detail(error: BaseException) -> str:
+    """What PyTorch's weights-only refusal names as the blocked object, without its advice."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f"the object '{found.group(1)}'" if found else "an object that is not a tensor or a plain container"
+
+
+def load_pickled_tensors(file: Path, error_type: type[Exception]) -> object:
+    """``torch.load`` with ``weights_only=True`` for both the zip format and the legacy (pre-1.6) format.
+
+    A crafted file that would run code is refused and never executed; the error says why and does
+    not suggest turning the check off. A zip file is memory-mapped (no copy of a large file).
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as error:
+        raise error_type(
+            f"{file}: refused: loading it would call {_unsafe_detail(error)}, which could run code; only "
+            f"tensors and plain containers are accepted (get the file again from its original release)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise error_type(f"{file}: corrupt or truncated file ({reason})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a checkpoint file (or folder) and its metadata (safetensors only)."""
     file = resolve_checkpoint_file(path)
@@ -82,16 +107,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from None
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsupported pickled object"
-        raise CheckpointError(
-            f"{file}: refused to unpickle (only tensors and plain containers are allowed): {reason}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({reason})") from None
+    payload = load_pickled_tensors(file, CheckpointError)
     if isinstance(payload, Mapping) and "module" in payload:
         payload = payload["module"]
     if not isinstance(payload, Mapping) or not all(isinstance(v, torch.Tensor) for v in payload.values()):

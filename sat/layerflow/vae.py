@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -437,16 +436,9 @@ def load_vae(
     config = config or VAEConfig.cogvideox_2b()
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), "")
-        raise VAECheckpointError(
-            f"{path}: refused, it holds objects a weights-only load may not build ({detail or 'unpickling error'})"
-        ) from None
-    except Exception as err:  # truncated or corrupt archive, not a torch file at all
-        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
-        raise VAECheckpointError(f"{path}: unreadable torch checkpoint ({type(err).__name__}: {detail})") from None
+    from .checkpoint import load_pickled_tensors
+
+    checkpoint = load_pickled_tensors(path, VAECheckpointError)
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise VAECheckpointError(f"{path}: expected a dict {{'state_dict': {{...}}}} as in CogVideoX vae/3d-vae.pt")
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("loss")}
