@@ -17,6 +17,7 @@ from layerflow.batch import Sample
 from layerflow.config import load_config
 from layerflow.demo import run_demo
 from layerflow.layouts import LAYOUTS
+from layerflow.output_folder import SAMPLE_MARKER
 from layerflow.runner import read_given_layers
 from layerflow.synthetic import layered_clip, write_layered_clip
 
@@ -56,7 +57,7 @@ def test_demo_outputs(demo, name):
     layout = config.layout
     height, width = config.video_size
     folder = demo / name
-    expected = {"foreground.mp4", "background.mp4", "blend.mp4", "preview.mp4", "meta.json"}
+    expected = {"foreground.mp4", "background.mp4", "blend.mp4", "preview.mp4", "meta.json", SAMPLE_MARKER}
     if layout.variant.value == "rgba":
         expected |= {"alpha.mp4", "foreground.mov", "foreground_rgba"}
     expected |= {f"given_{ {'fg': 'foreground', 'bg': 'background', 'blend': 'blend', 'alpha': 'alpha'}[n]}.mp4"

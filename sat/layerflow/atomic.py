@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 class NotWritableError(OSError):
     """The folder that should receive an output cannot be created or written to."""
+
+
+class TargetInTheWayError(OSError):
+    """An existing path at the target that the caller did not allow to be replaced."""
 
 
 def _temporary_sibling(target: Path, tag: str) -> Path:
@@ -52,8 +56,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _move_into_place(temporary: Path, target: Path) -> None:
-    """Rename a finished file or folder onto ``target``; a folder replaces the old one only once complete."""
+def _move_into_place(temporary: Path, target: Path, may_replace: Callable[[Path], bool] | None = None) -> None:
+    """Rename a finished file or folder onto ``target``; a folder replaces the old one only once complete.
+
+    With ``may_replace``, an existing ``target`` is replaced only when ``may_replace(target)`` is
+    true; otherwise :class:`TargetInTheWayError` is raised and the target is left as it is.
+    """
+    if may_replace is not None and os.path.lexists(target) and not may_replace(target):
+        raise TargetInTheWayError(f"{target}: exists and may not be replaced; left untouched")
     if temporary.is_file():
         _fsync_file(temporary)
         os.replace(temporary, target)
@@ -74,30 +84,37 @@ def _move_into_place(temporary: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, may_replace: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a free temporary path beside ``path``; move what was written there onto ``path`` on success.
 
     The writer may create a file or a folder at the yielded path. The parent folder is created
     if missing and checked first, so an unwritable destination fails at once with
     :class:`NotWritableError`. If the block raises, whatever it wrote is deleted and the
-    exception propagates.
+    exception propagates. ``may_replace`` guards an existing target (see :func:`_move_into_place`).
     """
     target = Path(path)
     _check_folder_writable(target)
     temporary = _temporary_sibling(target, "tmp")
     try:
         yield temporary
-        _move_into_place(temporary, target)
+        _move_into_place(temporary, target, may_replace)
     except BaseException:
         _remove(temporary)
         raise
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a folder: yields the temporary folder already created, empty."""
-    with atomic_path(path) as temporary:
+def atomic_directory(path: str | os.PathLike, may_replace: Callable[[Path], bool] | None = None,
+                     prepare: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a folder: yields the temporary folder already created.
+
+    ``prepare(folder)`` runs right after the folder is made, before the caller writes anything
+    (e.g. to mark the folder as its own, so that a leftover can be recognised later).
+    """
+    with atomic_path(path, may_replace) as temporary:
         temporary.mkdir()
+        if prepare is not None:
+            prepare(temporary)
         yield temporary
 
 

@@ -1,7 +1,9 @@
 """One folder per sample: a video per layer, editor-ready alpha outputs, a preview and meta.json.
 
 The folder is written under a temporary name and renamed when every file is in place, with
-``meta.json`` written last, so a folder that exists is complete (resume relies on this).
+``meta.json`` written last, so a folder that exists is complete (resume relies on this). The
+hidden marker file ``.layerflow-sample`` is written first: it proves the folder is LayerFlow's
+(see :mod:`layerflow.output_folder`).
 
 Files (RGBA variant; the RGB variant has no alpha files):
   foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer
@@ -25,11 +27,11 @@ import torch
 from . import __version__
 from .atomic import atomic_directory
 from .config import LayerFlowConfig
+from .output_folder import META_FILE, is_ours, write_marker
 from .video_io import rgba_from_layers, to_uint8
 from .video_writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
 
 VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha": "alpha"}
-META_FILE = "meta.json"
 
 
 def code_version() -> str:
@@ -44,10 +46,6 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / META_FILE).is_file()
-
-
 def foreground_rgba(layers: Mapping[str, torch.Tensor]):
     """Straight RGBA bytes (F, H, W, 4) of the foreground, or None without an alpha layer."""
     if "alpha" not in layers:
@@ -57,9 +55,14 @@ def foreground_rgba(layers: Mapping[str, torch.Tensor]):
 
 def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: LayerFlowConfig,
                  meta: Mapping[str, object], given: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write every output of one sample into ``folder`` (replaced only when complete)."""
+    """Write every output of one sample into ``folder``.
+
+    The folder appears only when complete. An existing ``folder`` is replaced only when it is a
+    sample folder of ours (it has the marker); anything else there is left untouched and
+    :class:`layerflow.atomic.TargetInTheWayError` is raised.
+    """
     output = config.output
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, may_replace=is_ours, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:
         for name, video in layers.items():
             write_mp4(tmp / f"{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
         rgba = foreground_rgba(layers)
