@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import ConfigError, SamplingSection, apply_sampling_overrides
 from .layouts import TaskLayout
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Names the run itself uses in the output folder; a sample may not take them (in any letter case,
+# since macOS and Windows file systems ignore case).
+RESERVED_IDS = frozenset({"logs", "failures.jsonl"})
 
 
 class ManifestError(ValueError):
@@ -32,6 +36,7 @@ class Sample:
     inputs: Mapping[str, str] = field(default_factory=dict)
     seed: int | None = None
     overrides: Mapping[str, object] = field(default_factory=dict)
+    source: str = ""  # where the sample was defined, e.g. "jobs.jsonl:3", for messages
 
     def resolved_seed(self, run_seed: int) -> int:
         if self.seed is not None:
@@ -45,13 +50,15 @@ def content_id(prompts: Mapping[str, str], inputs: Mapping[str, str]) -> str:
     return "s" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, kind: str) -> str:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError(f"{path}: prompt file not found") from None
+        raise ManifestError(f"{path}: {kind} not found") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a folder, expected a {kind}") from None
     except OSError as error:
-        raise ManifestError(f"{path}: cannot read ({error.strerror})") from None
+        raise ManifestError(f"{path}: cannot read the {kind} ({error.strerror})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -85,7 +92,7 @@ def samples_from_prompt_files(files: Mapping[str, Path], inputs: Mapping[str, st
     """Per-layer prompt files: line i of every file makes sample i (blank lines are skipped)."""
     lines: dict[str, list[str]] = {}
     for layer, path in files.items():
-        lines[layer] = [line.strip() for line in _read_text(Path(path)).splitlines() if line.strip()]
+        lines[layer] = [line.strip() for line in _read_text(Path(path), "prompt file").splitlines() if line.strip()]
         if not lines[layer]:
             raise ManifestError(f"{path}: empty prompt file (expected one prompt per line)")
     check_prompts({layer: "x" for layer in files}, layout, "prompt files")
@@ -97,16 +104,48 @@ def samples_from_prompt_files(files: Mapping[str, Path], inputs: Mapping[str, st
     for i in range(next(iter(counts.values()))):
         prompts = {layer: lines[layer][i] for layer in layout.prompt_layers}
         sample_id = ids[i] if ids else f"{i:04d}-{content_id(prompts, inputs)}"
-        samples.append(Sample(id=sample_id, prompts=prompts, inputs=dict(inputs)))
+        where = f"prompt files, line {i + 1}"
+        check_sample_id(sample_id, where)
+        samples.append(Sample(id=sample_id, prompts=prompts, inputs=dict(inputs), source=where))
     return samples
 
 
-def samples_from_manifest(path: Path, layout: TaskLayout) -> list[Sample]:
+def check_sample_id(sample_id: str, where: str) -> None:
+    """A sample id becomes a folder name: safe characters only, and none of the run's own names."""
+    if not SAFE_ID.match(sample_id):
+        raise ManifestError(f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-' "
+                            f"(starting with a letter or digit, at most 128 characters)")
+    if sample_id.lower() in RESERVED_IDS:
+        raise ManifestError(f"{where}: id {sample_id!r} is reserved for the run's own files "
+                            f"({', '.join(sorted(RESERVED_IDS))}); choose another id")
+
+
+def _string_map(value: object, field_name: str, where: str) -> dict[str, str]:
+    """A JSON object of strings (prompts, inputs); any other JSON type is an error, never stringified."""
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: {field_name} must be an object of layer: text, got {_json_type(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ManifestError(f"{where}: {field_name}.{key} must be a string, got {_json_type(item)}")
+    return dict(value)
+
+
+def _json_type(value: object) -> str:
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def samples_from_manifest(path: Path, layout: TaskLayout, sampling: SamplingSection | None = None) -> list[Sample]:
     """JSONL: one object per line with ``prompts`` {layer: text}, optional ``inputs`` {layer: path}
-    (relative to the manifest), ``id``, ``seed`` and ``overrides`` {section.key: value}."""
+    (relative to the manifest), ``id``, ``seed`` and ``overrides`` {sampling.key: value}.
+
+    With ``sampling`` (the run's sampling section) every line's overrides are validated now, so a
+    bad value stops the run before any model loads.
+    """
     path = Path(path)
     samples, seen = [], set()
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, "manifest").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -114,29 +153,38 @@ def samples_from_manifest(path: Path, layout: TaskLayout) -> list[Sample]:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
             raise ManifestError(f"{where}: invalid JSON ({error.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompts"), dict):
+        if not isinstance(entry, dict) or "prompts" not in entry:
             raise ManifestError(f"{where}: expected an object with a 'prompts' mapping")
         unknown = sorted(set(entry) - {"id", "prompts", "inputs", "seed", "overrides"})
         if unknown:
             raise ManifestError(f"{where}: unknown fields {unknown}")
-        prompts = {str(k): str(v) for k, v in entry["prompts"].items()}
+        prompts = _string_map(entry["prompts"], "prompts", where)
         check_prompts(prompts, layout, where)
-        inputs = {str(k): str((path.parent / v) if not Path(v).is_absolute() else v)
-                  for k, v in (entry.get("inputs") or {}).items()}
+        given = _string_map(entry.get("inputs") or {}, "inputs", where)
+        inputs = {k: str((path.parent / v) if not Path(v).is_absolute() else v) for k, v in given.items()}
         check_inputs(inputs, layout, where)
-        sample_id = str(entry.get("id") or content_id(prompts, entry.get("inputs") or {}))
-        if not SAFE_ID.match(sample_id):
-            raise ManifestError(f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-'")
-        if sample_id in seen:
-            raise ManifestError(f"{where}: duplicate id {sample_id!r}")
-        seen.add(sample_id)
+        raw_id = entry.get("id")
+        if raw_id is not None and not isinstance(raw_id, str):
+            raise ManifestError(f"{where}: id must be a string, got {_json_type(raw_id)}")
+        sample_id = raw_id if raw_id is not None else content_id(prompts, given)
+        check_sample_id(sample_id, where)
+        if sample_id.lower() in seen:
+            raise ManifestError(f"{where}: duplicate id {sample_id!r} (ids differing only in case clash on "
+                                f"case-insensitive file systems)" if sample_id not in {s.id for s in samples}
+                                else f"{where}: duplicate id {sample_id!r}")
+        seen.add(sample_id.lower())
         seed = entry.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ManifestError(f"{where}: seed must be an integer")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ManifestError(f"{where}: seed must be an integer from 0 to 2**63-1, got {seed!r}")
         overrides = entry.get("overrides") or {}
         if not isinstance(overrides, dict):
-            raise ManifestError(f"{where}: overrides must be an object of section.key: value")
-        samples.append(Sample(sample_id, prompts, inputs, seed, overrides))
+            raise ManifestError(f"{where}: overrides must be an object of sampling.key: value")
+        if sampling is not None:
+            try:
+                apply_sampling_overrides(sampling, overrides, where)
+            except ConfigError as error:
+                raise ManifestError(str(error)) from None
+        samples.append(Sample(sample_id, prompts, inputs, seed, overrides, source=where))
     if not samples:
         raise ManifestError(f"{path}: no samples")
     return samples

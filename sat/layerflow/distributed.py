@@ -41,6 +41,39 @@ def ensure_model_parallel() -> None:
         mpu.initialize_model_parallel(1)
 
 
+_control_group = None
+
+
+def _control() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for small control messages (CPU tensors, even when the default is NCCL)."""
+    global _control_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group
+
+
+def sum_over_ranks(local: int) -> int:
+    """The sum of an integer over every rank (the value itself in a single process). Collective."""
+    group = _control()
+    if group is None:
+        return local
+    total = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+def share_from_main(message: str) -> str:
+    """Rank 0's ``message`` on every rank (e.g. an error that must stop all of them). Collective."""
+    group = _control()
+    if group is None:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 

@@ -32,7 +32,7 @@ from .dit import LayerFlowDiT
 from .layouts import TaskLayout, insert_condition, split_condition
 from .random_weights import randomize_
 from .sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
-from .text_encoder import T5TextEncoder
+from .text_encoder import T5TextEncoder, layer_prompt
 from .vae import CausalVideoVAE, VAEConfig, load_vae
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,11 @@ class LayerFlowPipeline:
         if encoder.width != self.config.network.text_hidden_size:
             raise InputError(f"{self.config.model.text_encoder.path}: T5 width {encoder.width} does not match "
                              f"model.network.text_hidden_size {self.config.network.text_hidden_size}")
+        for index, name in enumerate(self.layout.prompt_layers):
+            count = encoder.token_count(layer_prompt(index, prompts[name]))
+            if count > encoder.max_length:
+                log.warning("the %s prompt has %d T5 tokens; only the first %d are used (the rest is cut): %.60s...",
+                            name, count, encoder.max_length - 1, prompts[name])
         keep = self.config.runtime.keep_text_encoder
         states = encoder.encode_layers([prompts[name] for name in self.layout.prompt_layers], keep=keep)  # (1, L, e)
         if not keep:

@@ -2,8 +2,11 @@
 
 * Rank r of N runs samples r, r+N, ...; each sample's seed comes from the run seed and its id, so
   1, 2 or N processes produce the same folders with the same content.
-* A sample whose folder is complete (it has ``meta.json``; folders appear only when complete) is
-  skipped, so rerunning the same command after a crash redoes only what was not finished.
+* A sample whose folder is complete (LayerFlow's marker and ``meta.json``; folders appear only
+  when complete) is skipped, so rerunning the same command after a crash redoes only what was
+  not finished. A path in the way that LayerFlow did not make is never touched: that sample fails.
+* Before any model loads, every sample is checked (its given-layer files, its folder); a sample
+  that cannot run is recorded at once and the others go on.
 * A sample that fails (bad input, out of memory) is written to ``failures.jsonl`` with its id and
   reason and the run goes on; the exit status says whether every sample succeeded.
 * Rank 0 shows a progress bar for the whole run (it counts finished folders of all ranks); every
@@ -26,10 +29,11 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import write_text_atomic
 from .batch import Sample, shard
-from .config import LayerFlowConfig, SamplingSection
+from .config import LayerFlowConfig, apply_sampling_overrides
 from .geometry import PIXEL_FRAMES_PER_LAYER
-from .outputs import is_complete, write_sample
-from .video_reader import read_foreground_layers, read_layer_video
+from .output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
+from .outputs import write_sample
+from .video_reader import check_layer_source, read_foreground_layers, read_layer_video
 
 log = logging.getLogger("layerflow")
 
@@ -71,22 +75,48 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
     return given
 
 
+def check_given_layers(sample: Sample, config: LayerFlowConfig) -> None:
+    """Cheap checks of a sample's given-layer files, before any model loads (same rules as the reader)."""
+    layout = config.layout
+    for name in layout.given_layers:
+        if name == "alpha":
+            continue
+        source = sample.inputs[name]
+        if name == "fg":
+            check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size,
+                               needs_alpha="alpha" in layout.given_layers, mask=sample.inputs.get("mask"))
+        else:
+            check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size)
+
+
 def sample_config(config: LayerFlowConfig, sample: Sample) -> LayerFlowConfig:
-    """Apply a sample's ``sampling.*`` overrides."""
+    """Apply a sample's ``sampling.*`` overrides (validated like the YAML keys)."""
     if not sample.overrides:
         return config
-    values = {}
-    for key, value in sample.overrides.items():
-        section, _, name = key.partition(".")
-        if section != "sampling" or name not in {f.name for f in dataclasses.fields(SamplingSection)}:
-            raise ValueError(f"sample {sample.id}: only sampling.* overrides are allowed per sample, got {key!r}")
-        values[name] = value
-    return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **values))
+    sampling = apply_sampling_overrides(config.sampling, sample.overrides, sample.source or f"sample {sample.id}")
+    return dataclasses.replace(config, sampling=sampling)
+
+
+def preflight(sample: Sample, config: LayerFlowConfig, output: Path) -> str | None:
+    """Why ``sample`` cannot run (one line), or None: its folder is free or ours, its files are usable."""
+    try:
+        check_sample_target(output / sample.id)
+        sample_config(config, sample)
+        if config.layout.given_layers:
+            check_given_layers(sample, config)
+    except (ValueError, OSError) as error:
+        return _reason(error)
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"
 
 
 def _setup_rank_log(output: Path, rank: int) -> None:
-    (output / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output / "logs" / f"rank{rank}.log", encoding="utf-8")
+    (output / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output / LOGS_DIR / f"rank{rank}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -96,23 +126,29 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                 pipeline_factory: Callable[[LayerFlowConfig], object], show_progress: bool = True) -> RunSummary:
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring."""
     rank, world = distributed.rank(), distributed.world_size()
-    output.mkdir(parents=True, exist_ok=True)
     _setup_rank_log(output, rank)
     mine = shard(samples, rank, world)
     summary = RunSummary()
+    failures: list[dict] = []
     todo = []
     for sample in mine:
         if is_complete(output / sample.id):
             summary.skipped.append(sample.id)
-        else:
+            continue
+        problem = preflight(sample, config, output)
+        if problem is None:
             todo.append(sample)
-    log.info("rank %d/%d: %d samples, %d already complete", rank, world, len(mine), len(summary.skipped))
+        else:
+            summary.failed[sample.id] = problem
+            failures.append({"id": sample.id, "rank": rank, "error": problem})
+            log.error("sample %s cannot run: %s", sample.id, problem)
+    log.info("rank %d/%d: %d samples, %d already complete, %d cannot run", rank, world, len(mine),
+             len(summary.skipped), len(summary.failed))
     bar = None
     if show_progress and distributed.is_main_process():
         finished = sum(is_complete(output / s.id) for s in samples)
         bar = tqdm(total=len(samples), initial=finished, desc="samples", unit="sample", dynamic_ncols=True)
     pipeline = pipeline_factory(config) if todo else None
-    failures: list[dict] = []
     for sample in todo:
         start = time.perf_counter()
         step_bar = None
@@ -132,11 +168,11 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
-        except (ValueError, OSError, RuntimeError, torch.cuda.OutOfMemoryError) as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
+            reason = _reason(error)
             summary.failed[sample.id] = reason
             failures.append({"id": sample.id, "rank": rank, "error": reason})
-            log.error("sample %s failed: %s", sample.id, reason)
+            log.exception("sample %s failed: %s", sample.id, reason)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         finally:
@@ -159,7 +195,7 @@ def _step_updater(step_bar: tqdm | None) -> Callable[[int, int], None] | None:
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:
     """This rank's failures go to ``failures.rank<r>.jsonl``; :func:`merge_failures` joins them."""
-    path = output / "logs" / f"failures.rank{rank}.jsonl"
+    path = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
     write_text_atomic(path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
 
 
@@ -167,9 +203,9 @@ def merge_failures(output: Path, world_size: int) -> list[dict]:
     """Join the failures of this run's ranks into ``failures.jsonl`` (an empty file when none)."""
     failures = []
     for rank in range(world_size):
-        part = output / "logs" / f"failures.rank{rank}.jsonl"
+        part = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
         if part.is_file():
             lines = part.read_text(encoding="utf-8").splitlines()
             failures += [json.loads(line) for line in lines if line.strip()]
-    write_text_atomic(output / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    write_text_atomic(output / FAILURES_FILE, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
     return failures

@@ -179,6 +179,10 @@ class T5TextEncoder:
                                return_tensors="pt")
         return batch["input_ids"]  # (n, L)
 
+    def token_count(self, prompt: str) -> int:
+        """How many tokens ``prompt`` has before truncation (EOS included); more than L are cut."""
+        return len(self.tokenizer(prompt, truncation=False)["input_ids"])
+
     def encode(self, prompts: Sequence[str], keep: bool = True) -> torch.Tensor:
         """Prompts -> text states (n, L, e) on ``device``, row k for ``prompts[k]``.
 

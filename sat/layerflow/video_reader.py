@@ -25,6 +25,7 @@ Legend: t frames, c channels, h height, w width, n frames available in the sourc
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -44,6 +45,10 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_SOURCE_FRAMES = 64  # the original looks at the first 64 frames of a clip only
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_SIZE = (480, 720)  # (height, width)
+
+CROP_WARNING_FRACTION = 0.2  # warn when the centre crop cuts away more than this share of a frame
+
+log = logging.getLogger(__name__)
 
 _ALPHA_PIX_FMT = re.compile(r"^(yuva|rgba|bgra|argb|abgr|gbrap|ya\d)")
 
@@ -219,6 +224,58 @@ def _read_frames(source: _Source, indices: Sequence[int], modes: Sequence[str]) 
     return [np.stack(stack) for stack in stacks]  # (t, h, w, c) each
 
 
+def _pick_frames(clip: _Source, num_frames: int, start: int) -> list[int]:
+    """:func:`sample_frame_indices` for ``clip``, with its path in the error."""
+    try:
+        return sample_frame_indices(clip.count, num_frames, start)
+    except LayerSourceError as error:
+        raise LayerSourceError(f"{clip.path}: {error}") from None
+
+
+def _no_alpha_message(path: Path) -> str:
+    return (f"{path}: frames have no alpha channel; give RGBA frames (PNG with alpha, ProRes 4444, VP9 with "
+            f"alpha) or the matte as --input mask=PATH (manifest: inputs.mask)")
+
+
+def _warn_about_geometry(path: Path, width: int, height: int, size: Sequence[int]) -> None:
+    """One warning line when the clip is enlarged, and one when the centre crop cuts much of it away."""
+    target_h, target_w = size
+    cover_h, cover_w = cover_size(height, width, size)
+    scale = cover_h / height
+    if scale > 1:
+        log.warning("%s: %dx%d frames are enlarged %.1fx to cover %dx%d; expect a soft result",
+                    path, width, height, scale, target_w, target_h)
+    cut = 1 - (target_h * target_w) / (cover_h * cover_w)
+    if cut > CROP_WARNING_FRACTION:
+        log.warning("%s: %dx%d frames do not have the %dx%d aspect; the centre crop cuts away %d%% of each frame",
+                    path, width, height, target_w, target_h, round(100 * cut))
+
+
+def check_layer_source(
+    source: str | os.PathLike,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    size: Sequence[int] = DEFAULT_SIZE,
+    needs_alpha: bool = False,
+    mask: str | os.PathLike | None = None,
+) -> None:
+    """Check a given layer before any model loads: it exists, decodes, is long enough, has alpha if needed.
+
+    Raises the error reading it would raise (one line naming the file); warns once when the clip
+    will be enlarged or heavily cropped.
+    """
+    clip = _open_source(source)
+    _pick_frames(clip, num_frames, 0)
+    first = clip.frame(0)
+    if mask is not None:
+        matte = _open_source(mask)
+        if matte.count != clip.count:
+            raise LayerSourceError(f"{matte.path}: mask has {matte.count} frames, expected {clip.count} like "
+                                   f"{clip.path}")
+    elif needs_alpha and _layer_mode(first) != "RGBA":
+        raise LayerSourceError(_no_alpha_message(clip.path))
+    _warn_about_geometry(clip.path, first.size[0], first.size[1], size)
+
+
 # ---------------------------------------------------------------------------------------------
 # public readers
 
@@ -236,7 +293,7 @@ def read_layer_video(
     original reads as plain RGB.
     """
     clip = _open_source(source)
-    indices = sample_frame_indices(clip.count, num_frames, start)
+    indices = _pick_frames(clip, num_frames, start)
     (frames,) = _read_frames(clip, indices, ["layer"])  # (t, h0, w0, c)
     return resize_for_rectangle_crop(uint8_to_model(frames), size)  # (t, c, h, w)
 
@@ -246,11 +303,11 @@ def _colour_and_mask(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Picked colour (t, h, w, 3), grey matte (t, h, w, 1) and mask as RGB (t, h, w, 3), all bytes."""
     clip = _open_source(rgb_source)
-    indices = sample_frame_indices(clip.count, num_frames, start)
+    indices = _pick_frames(clip, num_frames, start)
     if mask_source is None:
         (rgba,) = _read_frames(clip, indices, ["layer"])  # (t, h, w, c)
         if rgba.shape[-1] != 4:
-            raise LayerSourceError(f"{clip.path}: frames have no alpha channel, expected RGBA or a mask_source")
+            raise LayerSourceError(_no_alpha_message(clip.path))
         matte = rgba[..., 3:]  # (t, h, w, 1)
         return rgba[..., :3], matte, np.repeat(matte, 3, axis=-1)
     mask = _open_source(mask_source)
