@@ -9,24 +9,48 @@ Examples::
         configs/tasks/seg_rgb.yaml --manifest jobs.jsonl --output outputs/seg
 
 Exit status: 0 when every sample succeeded (or was already complete), 1 when some failed,
-2 for a usage or configuration error (one line on stderr).
+2 for a usage, configuration or input error (one line on stderr, found before any model loads
+where possible), 3 for an internal error (rerun with --debug for the traceback), 130 when
+interrupted with Ctrl-C and 143 when stopped with SIGTERM (nothing half-written is left).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import distributed
+from .atomic import NotWritableError
 from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from .checkpoint import CheckpointError
 from .config import ConfigError, LayerFlowConfig, load_config
+from .devices import resolve_placement
+from .output_folder import OutputFolder, OutputFolderError, check_output_path
+from .text_encoder import TextEncoderFilesError
+from .vae import VAECheckpointError
+from .video_io import LayerSourceError
 from .weights import MissingWeightsError, check_weights, prepare_random_weights
 
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+# Errors caused by what the user gave (files, keys, values, folders): one line, exit status 2.
+USER_ERRORS = (ConfigError, ManifestError, MissingWeightsError, CheckpointError, VAECheckpointError,
+               TextEncoderFilesError, LayerSourceError, OutputFolderError, NotWritableError, OSError)
+
+log = logging.getLogger("layerflow")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler stopping the job), handled like Ctrl-C."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, metavar="DIR", help="output folder (default outputs/<task>_<variant>)")
     parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser.parse_args(argv)
 
 
@@ -70,7 +95,7 @@ def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[S
     if args.manifest:
         if args.prompt or args.prompt_dir or args.input:
             raise ConfigError("--manifest carries prompts and inputs; do not combine it with --prompt/--input")
-        return samples_from_manifest(args.manifest, layout)
+        return samples_from_manifest(args.manifest, layout, config.sampling)
     files = {layer: Path(path) for layer, path in _pairs(args.prompt, "--prompt").items()}
     if args.prompt_dir:
         for layer in layout.prompt_layers:
@@ -83,32 +108,74 @@ def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[S
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    for handler in logging.root.handlers:
-        handler.setLevel(logging.WARNING)  # INFO goes to the per-rank log files only
+    _configure_logging(args.debug, args.no_progress)
     try:
-        overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
-        config = load_config(args.base, overrides)
-        samples = collect_samples(args, config)
-        output = args.output or Path("outputs") / config.layout.name
-        if config.model.weights == "random":
-            config = prepare_random_weights(config)
-        else:
-            check_weights(config)
-    except (ConfigError, ManifestError, MissingWeightsError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            return _run(args)
+    except KeyboardInterrupt as stop:
+        print("interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to "
+              "resume", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        if args.debug:
+            logging.getLogger("layerflow").exception("details")
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the "
+              f"traceback", file=sys.stderr)
+        return EXIT_INTERNAL
 
-    from .pipeline import LayerFlowPipeline
-    from .runner import merge_failures, run_samples
+
+def _run(args: argparse.Namespace) -> int:
+    """Validate everything, take the output folder, run this rank's samples and report."""
+    overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
+    config = load_config(args.base, overrides)
+    try:
+        resolve_placement(config.runtime)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    samples = collect_samples(args, config)
+    output = args.output or Path("outputs") / config.layout.name
+    if config.model.weights == "random":
+        config = prepare_random_weights(config)
+    else:
+        check_weights(config)
+    check_output_path(output)
+
+    from .runner import check_given_layers, merge_failures, run_samples
+
+    if not args.manifest and config.layout.given_layers:
+        check_given_layers(samples[0], config)  # --input files are shared by every sample: a bad one stops the run
+
+    distributed.init_process_group()
+    folder = OutputFolder(output)
+    problem, cleaned = "", []
+    if distributed.is_main_process():
+        try:
+            cleaned = folder.acquire().clean_stale()
+        except OutputFolderError as error:
+            problem = str(error)
+    problem = distributed.share_from_main(problem)  # every rank stops if the folder is not ours to use
+    if problem:
+        raise OutputFolderError(problem)
+
+    from .pipeline import InputError, LayerFlowPipeline
 
     try:
         distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
         summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
-    except (CheckpointError, ConfigError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    failed_anywhere = _all_ranks_failed_count(len(summary.failed))
+    except (*USER_ERRORS, InputError):
+        if distributed.is_main_process():
+            folder.discard_created()
+        raise
+    finally:
+        folder.release()
+    if cleaned:
+        log.info("removed %d leftovers of interrupted runs: %s", len(cleaned), ", ".join(cleaned))
+    failed_anywhere = distributed.sum_over_ranks(len(summary.failed))
     if distributed.is_main_process():
         failures = merge_failures(output, distributed.world_size())
         seconds = sorted(summary.seconds.values())
@@ -120,17 +187,54 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
 
 
-def _all_ranks_failed_count(local: int) -> int:
-    import torch
-    import torch.distributed as dist
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    if isinstance(error, OSError) and error.filename and error.strerror and text.startswith("["):
+        return f"{error.filename}: {error.strerror.lower()}"  # not Python's "[Errno 2] ..." form
+    return text.splitlines()[0] if text else type(error).__name__
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    total = torch.tensor([local], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        total = total.cuda()
-    dist.all_reduce(total)
-    return int(total.item())
+
+class _MessageOnly(logging.Formatter):
+    """``warning: text`` on the terminal: one line per record, no traceback (those go to the rank logs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+_TERMINAL = logging.StreamHandler()
+
+
+def _configure_logging(debug: bool, no_progress: bool) -> None:
+    """Warnings and errors as single lines on stderr (full detail with --debug); INFO only in the rank logs."""
+    _TERMINAL.stream = sys.stderr
+    _TERMINAL.setLevel(logging.DEBUG if debug else logging.WARNING)
+    _TERMINAL.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _MessageOnly())
+    if _TERMINAL not in logging.root.handlers:
+        logging.root.addHandler(_TERMINAL)
+    logging.root.setLevel(logging.WARNING)
+    for noisy in ("transformers", "sat", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C for the duration of the run (main thread only; restored afterwards)."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
