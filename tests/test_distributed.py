@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from layerflow.output_folder import OutputFolder, OutputFolderError
+
 pytestmark = pytest.mark.slow
 
 CONFIGS = REPO_ROOT / "configs"
@@ -87,6 +89,18 @@ def test_two_processes_give_the_same_folders_as_one(tmp_path):
     assert (double / "failures.jsonl").read_text() == ""
 
 
+def wait_until_unlocked(output: Path, seconds: float) -> bool:
+    """True once no process holds the output folder's lock (torchrun's workers have exited)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            OutputFolder(output).acquire().release()
+            return True
+        except OutputFolderError:
+            time.sleep(0.2)
+    return False
+
+
 def test_killed_run_resumes_without_touching_finished_samples(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     ids = write_manifest(manifest, 6)
@@ -104,6 +118,7 @@ def test_killed_run_resumes_without_touching_finished_samples(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    assert wait_until_unlocked(output, seconds=120), "the workers of the killed launcher did not stop"
     finished = sample_folders(output)
     assert finished, "the run wrote nothing before it was killed"
     for name in finished:

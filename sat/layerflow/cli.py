@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.debug, args.no_progress)
     try:
         with _sigterm_as_interrupt():
+            distributed.stop_with_launcher()
             return _run(args)
     except KeyboardInterrupt as stop:
         print("interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to "

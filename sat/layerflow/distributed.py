@@ -9,6 +9,7 @@ in-memory store is made (no port is opened). Model-parallel size is always 1.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -18,6 +19,26 @@ from sat import mpu
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun, ask Linux to send this worker SIGTERM when the launcher dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed with ``kill -9``
+    leaves its workers running on as orphans, still writing into the output folder and holding
+    its lock. With this, they stop cleanly instead (the CLI handles SIGTERM like Ctrl-C). A no-op
+    outside Linux or outside torchrun.
+    """
+    if not launched_by_torchrun() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_process_group(backend: str | None = None) -> None:
