@@ -96,16 +96,24 @@ class RuntimeSection:
             raise ConfigError(f"runtime.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
 
+ALPHA_MODES = ("straight", "premultiplied", "both")
+
+
 @dataclass(frozen=True)
 class OutputSection:
+    """``alpha_mode`` picks the RGBA files written: straight colour, colour premultiplied by alpha, or both."""
+
     fps: int = 8
     alpha_video: str = "prores"
     png_sequence: bool = True
     preview: bool = True
+    alpha_mode: str = "straight"
 
     def __post_init__(self) -> None:
         if self.alpha_video not in ("prores", "vp9", "none"):
             raise ConfigError(f"output.alpha_video must be prores, vp9 or none, got {self.alpha_video!r}")
+        if self.alpha_mode not in ALPHA_MODES:
+            raise ConfigError(f"output.alpha_mode must be {', '.join(ALPHA_MODES)}, got {self.alpha_mode!r}")
 
 
 @dataclass(frozen=True)
