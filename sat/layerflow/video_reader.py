@@ -281,6 +281,15 @@ def read_clip_frames(source: str | os.PathLike) -> np.ndarray:
     return frames
 
 
+def read_still_video(
+    source: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES, size: Sequence[int] = DEFAULT_SIZE
+) -> torch.Tensor:
+    """A still image held for ``num_frames`` frames: (t, c, h, w) in [-1, 1], resized and cropped like a clip."""
+    image = _load_image(Path(source))
+    frame = np.asarray(image.convert(_layer_mode(image)))[None]  # (1, h0, w0, c)
+    return resize_for_rectangle_crop(uint8_to_model(frame), size).expand(num_frames, -1, -1, -1).contiguous()
+
+
 def read_layer_video(
     source: str | os.PathLike,
     num_frames: int = DEFAULT_NUM_FRAMES,
