@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return SUBCOMMANDS[name](rest)
+    except SystemExit as stop:  # argparse after --help or a usage error
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE if stop.code else 0
     except (ValueError, OSError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"layerflow {name}: error: {message}", file=sys.stderr)

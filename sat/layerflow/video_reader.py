@@ -286,7 +286,7 @@ def read_still_video(
 ) -> torch.Tensor:
     """A still image held for ``num_frames`` frames: (t, c, h, w) in [-1, 1], resized and cropped like a clip."""
     image = _load_image(Path(source))
-    frame = np.asarray(image.convert(_layer_mode(image)))[None]  # (1, h0, w0, c)
+    frame = np.array(image.convert(_layer_mode(image)))[None]  # (1, h0, w0, c)
     return resize_for_rectangle_crop(uint8_to_model(frame), size).expand(num_frames, -1, -1, -1).contiguous()
 
 
