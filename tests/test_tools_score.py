@@ -54,6 +54,28 @@ def test_ssim_known_answers():
     assert float(ssim_map(x, noisy).mean()) < 0.9
 
 
+def test_ssim_matches_a_direct_windowed_computation():
+    """Wang et al.'s formula evaluated pixel by pixel with an explicit 11x11 Gaussian window (edge padding)."""
+    rng = np.random.default_rng(2)
+    x = rng.random((1, 14, 17, 2))
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    expected = np.zeros((14, 17))
+    for ch in range(2):
+        a, b = (np.pad(v[0, :, :, ch], 5, mode="edge") for v in (x, y))
+        for i in range(14):
+            for j in range(17):
+                pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+                ma, mb = (window * pa).sum(), (window * pb).sum()
+                va, vb = (window * (pa - ma) ** 2).sum(), (window * (pb - mb) ** 2).sum()
+                cov = (window * (pa - ma) * (pb - mb)).sum()
+                expected[i, j] += ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)) / 2
+    got = ssim_map(torch.from_numpy(x), torch.from_numpy(y))[0].double().numpy()
+    assert np.abs(got - expected).max() < 1e-4
+
+
 def test_edge_band_of_a_straight_edge():
     alpha = torch.zeros(1, 10, 20)
     alpha[..., 8:] = 1.0  # inside from column 8 on

@@ -61,31 +61,36 @@ def psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
-def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+def _gaussian_taps(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """The normalised 1-D Gaussian (size,); the 2-D window is its outer product, applied separably."""
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(offsets**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g).to(torch.float32)[None, None]  # (1, 1, size, size)
+    return (g / g.sum()).to(torch.float32)
+
+
+def _ssim_frame(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM (h, w) of one frame (h, w, c) in [0, 1], averaged over channels."""
+    c = x.shape[-1]
+    pad = SSIM_WINDOW // 2
+    a = x.double().permute(2, 0, 1)[:, None]  # (c, 1, h, w)
+    b = y.double().permute(2, 0, 1)[:, None]
+    mean_a, mean_b = a.mean(dim=(2, 3), keepdim=True), b.mean(dim=(2, 3), keepdim=True)  # (c, 1, 1, 1)
+    a, b = (a - mean_a).float(), (b - mean_b).float()  # centred: the second moments lose no precision
+    stack = torch.cat([a, b, a * a, b * b, a * b])  # (5c, 1, h, w)
+    stack = F.pad(stack, (pad, pad, pad, pad), mode="replicate")  # (5c, 1, h + 2 pad, w + 2 pad)
+    stack = F.conv2d(stack, taps[None, None, :, None])  # (5c, 1, h, w + 2 pad) blurred down the rows
+    mu_a, mu_b, aa, bb, ab = F.conv2d(stack, taps[None, None, None, :]).split(c)  # (c, 1, h, w) each
+    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
+    mu_a, mu_b = mu_a + mean_a.float(), mu_b + mean_b.float()
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim.mean(dim=(0, 1))  # (h, w)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM (t, h, w) of images in [0, 1] (t, h, w, c), averaged over channels."""
-    t, h, w, c = x.shape
-    window = _gaussian_window()
-    pad = SSIM_WINDOW // 2
-    a = x.float().permute(0, 3, 1, 2).reshape(t * c, 1, h, w)  # (t*c, 1, h, w)
-    b = y.float().permute(0, 3, 1, 2).reshape(t * c, 1, h, w)
-
-    def blur(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(z, (pad, pad, pad, pad), mode="replicate"), window)  # (t*c, 1, h, w)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim.reshape(t, c, h, w).mean(dim=1)  # (t, h, w)
+    """Per-pixel SSIM (t, h, w) of images in [0, 1] (t, h, w, c), averaged over channels (frame by frame)."""
+    taps = _gaussian_taps()
+    return torch.stack([_ssim_frame(a, b, taps) for a, b in zip(x, y, strict=True)])  # (t, h, w)
 
 
 def edge_band(alpha: torch.Tensor, radius: int = EDGE_RADIUS) -> torch.Tensor:
