@@ -104,6 +104,13 @@ def test_compose_over_a_colour_gives_the_known_blend(composite, clip):
     assert meta["scores"]["psnr_db"] > 30 and meta["scores"]["ssim"] > 0.9
 
 
+def test_inspect_a_composite_shows_its_command(capsys, composite, clip):
+    code, out, _ = run(capsys, ["inspect", str(composite)])
+    assert code == 0 and "made by     layerflow compose" in out
+    assert out.strip().endswith(f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} "
+                                f"--size 64x96")
+
+
 def test_compose_over_a_still_image(tmp_path, clip):
     still = tmp_path / "still.png"
     Image.fromarray(np.full((32, 48, 3), (10, 200, 30), np.uint8)).save(still)

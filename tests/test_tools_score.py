@@ -177,6 +177,16 @@ def test_alpha_mode_files(tmp_path, mode):
     assert scores["psnr_db"] > 25 and scores["alpha_temporal_change"] == pytest.approx(4 / 24)
 
 
+def test_premultiplied_vp9(tmp_path):
+    rgba, bg, blend = constructed_layers()
+    write_layer_files(tmp_path, model_layers(rgba, bg, blend), OutputSection(alpha_mode="premultiplied",
+                                                                             alpha_video="vp9"))
+    assert (tmp_path / "foreground_premultiplied.webm").is_file() and not (tmp_path / "foreground.webm").exists()
+    webm = read_clip_frames(tmp_path / "foreground_premultiplied.webm")
+    png = read_clip_frames(tmp_path / "foreground_rgba_premultiplied")
+    assert webm.shape == png.shape and np.abs(webm[..., 3].astype(int) - png[..., 3]).mean() < 3
+
+
 def test_contact_sheet_grid():
     frames, height, width = 10, 6, 8
     colour = lambda value: np.full((frames, height, width, 3), value, np.uint8)
