@@ -78,8 +78,8 @@ def _ssim_frame(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor) -> torch.T
     a, b = (a - mean_a).float(), (b - mean_b).float()  # centred: the second moments lose no precision
     stack = torch.cat([a, b, a * a, b * b, a * b])  # (5c, 1, h, w)
     stack = F.pad(stack, (pad, pad, pad, pad), mode="replicate")  # (5c, 1, h + 2 pad, w + 2 pad)
-    stack = F.conv2d(stack, taps[None, None, :, None])  # (5c, 1, h, w + 2 pad) blurred down the rows
-    mu_a, mu_b, aa, bb, ab = F.conv2d(stack, taps[None, None, None, :]).split(c)  # (c, 1, h, w) each
+    stack = stack.unfold(2, SSIM_WINDOW, 1) @ taps  # (5c, 1, h, w + 2 pad) blurred down the columns
+    mu_a, mu_b, aa, bb, ab = (stack.unfold(3, SSIM_WINDOW, 1) @ taps).split(c)  # (c, 1, h, w) each, then rows
     var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     mu_a, mu_b = mu_a + mean_a.float(), mu_b + mean_b.float()
     c1, c2 = SSIM_K1**2, SSIM_K2**2
