@@ -23,5 +23,7 @@ if [ ! -f "$stamp" ]; then
     "$PYTHON" -m pip install --quiet -r "$repo_root/requirements.txt"
     touch "$stamp"
 fi
+# the `layerflow` command: an editable install of sat/layerflow only (`sat` stays SwissArmyTransformer)
+[ -x "$env_dir/bin/layerflow" ] || "$PYTHON" -m pip install --quiet --no-deps -e "$repo_root"
 export PYTHON
 export PYTHONPATH="$repo_root/sat${PYTHONPATH:+:$PYTHONPATH}"

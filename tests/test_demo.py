@@ -57,7 +57,8 @@ def test_demo_outputs(demo, name):
     layout = config.layout
     height, width = config.video_size
     folder = demo / name
-    expected = {"foreground.mp4", "background.mp4", "blend.mp4", "preview.mp4", "meta.json", SAMPLE_MARKER}
+    expected = {"foreground.mp4", "background.mp4", "blend.mp4", "preview.mp4", "contact_sheet.png", "meta.json",
+                SAMPLE_MARKER}
     if layout.variant.value == "rgba":
         expected |= {"alpha.mp4", "foreground.mov", "foreground_rgba"}
     expected |= {f"given_{ {'fg': 'foreground', 'bg': 'background', 'blend': 'blend', 'alpha': 'alpha'}[n]}.mp4"

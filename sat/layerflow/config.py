@@ -117,16 +117,23 @@ class RuntimeSection:
         _require(self.vae_spatial_tile >= 0, "vae_spatial_tile", "0 (off) or a positive tile size in latent pixels")
 
 
+ALPHA_MODES = ("straight", "premultiplied", "both")
+
+
 @dataclass(frozen=True)
 class OutputSection:
+    """``alpha_mode`` picks the RGBA files written: straight colour, colour premultiplied by alpha, or both."""
+
     fps: int = 8
     alpha_video: str = "prores"
     png_sequence: bool = True
     preview: bool = True
+    alpha_mode: str = "straight"
 
     def __post_init__(self) -> None:
         _require(1 <= self.fps <= 240, "fps", "frames per second from 1 to 240")
         _require(self.alpha_video in ("prores", "vp9", "none"), "alpha_video", "prores, vp9 or none")
+        _require(self.alpha_mode in ALPHA_MODES, "alpha_mode", "straight, premultiplied or both")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from .layouts import get_layout
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m layerflow.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m layerflow.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n" + __doc__.split("\n\n")[1])
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path, nargs="?", help="the .safetensors file to write")
     parser.add_argument("--to-sat", type=Path, metavar="DIR", help="write the original layout instead")

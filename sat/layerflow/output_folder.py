@@ -33,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tools.folder import META_FILE
+
 SAMPLE_MARKER = ".layerflow-sample"
 LOCK_FILE = ".layerflow.lock"
-META_FILE = "meta.json"
 LOGS_DIR = "logs"
 FAILURES_FILE = "failures.jsonl"
 RUN_FILES = (LOGS_DIR, FAILURES_FILE)

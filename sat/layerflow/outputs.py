@@ -5,13 +5,17 @@ The folder is written under a temporary name and renamed when every file is in p
 hidden marker file ``.layerflow-sample`` is written first: it proves the folder is LayerFlow's
 (see :mod:`layerflow.output_folder`).
 
-Files (RGBA variant; the RGB variant has no alpha files):
+Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflow.tools.folder`):
   foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer
-  foreground_rgba/0000.png ...                        straight RGBA frames
-  foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha
+  foreground_rgba/0000.png ...                        straight RGBA frames (output.alpha_mode straight, both)
+  foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha, straight
+  foreground_rgba_premultiplied/, foreground_premultiplied.mov|.webm   the same premultiplied
+                                                      (output.alpha_mode premultiplied, both)
   preview.mp4                                         foreground over checkerboard | background | blend
+  contact_sheet.png                                   a grid of frames by layers (with the preview)
   given_<layer>.mp4                                   conditional tasks: the given layer as it was used
-  meta.json                                           prompts, task, config, seed, checkpoint, versions
+  meta.json                                           prompts, task, config, seed, checkpoint, versions,
+                                                      given-layer sources, layer scores (RGBA)
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import torch
 
 from . import __version__
 from .atomic import atomic_directory
-from .config import LayerFlowConfig
-from .output_folder import META_FILE, is_ours, write_marker
-from .video_io import rgba_from_layers, to_uint8
+from .config import LayerFlowConfig, OutputSection
+from .output_folder import is_ours, write_marker
+from .tools.contact_sheet import write_contact_sheet
+from .tools.folder import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
+from .tools.score import score_folder, to_json
+from .video_io import premultiply, rgba_from_layers, to_uint8
 from .video_writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
-
-VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha": "alpha"}
 
 
 def code_version() -> str:
@@ -53,6 +58,28 @@ def foreground_rgba(layers: Mapping[str, torch.Tensor]):
     return rgba_from_layers(layers["fg"], layers["alpha"])  # undoes the grey matte itself
 
 
+def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: OutputSection) -> None:
+    """The layer files of one sample into an existing ``folder``: a video per layer, the RGBA exports
+    of ``output.alpha_mode``, the preview and the contact sheet."""
+    for name, video in layers.items():
+        write_mp4(folder / f"{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
+    rgba = foreground_rgba(layers)
+    if rgba is not None:
+        for export in alpha_exports(output.alpha_mode):
+            frames = premultiply(rgba) if export.premultiplied else rgba  # (F, H, W, 4)
+            if output.png_sequence:
+                write_png_sequence(folder / export.png_folder, frames)
+            if output.alpha_video != "none":
+                suffix = ALPHA_CODECS[output.alpha_video].suffix
+                write_alpha_video(folder / f"{export.video_stem}{suffix}", frames, codec=output.alpha_video,
+                                  fps=output.fps)
+    if output.preview:
+        fg = rgba if rgba is not None else to_uint8(layers["fg"])
+        bg, blend = to_uint8(layers["bg"]), to_uint8(layers["blend"])
+        write_preview(folder / PREVIEW_FILE, fg, bg, blend, fps=output.fps)
+        write_contact_sheet(folder / CONTACT_SHEET_FILE, fg, bg, blend)
+
+
 def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: LayerFlowConfig,
                  meta: Mapping[str, object], given: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write every output of one sample into ``folder``.
@@ -63,22 +90,13 @@ def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: Layer
     """
     output = config.output
     with atomic_directory(folder, may_replace=is_ours, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:
-        for name, video in layers.items():
-            write_mp4(tmp / f"{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
-        rgba = foreground_rgba(layers)
-        if rgba is not None:
-            if output.png_sequence:
-                write_png_sequence(tmp / "foreground_rgba", rgba)
-            if output.alpha_video != "none":
-                suffix = ALPHA_CODECS[output.alpha_video].suffix
-                write_alpha_video(tmp / f"foreground{suffix}", rgba, codec=output.alpha_video, fps=output.fps)
-        if output.preview:
-            fg = rgba if rgba is not None else to_uint8(layers["fg"])
-            write_preview(tmp / "preview.mp4", fg, to_uint8(layers["bg"]), to_uint8(layers["blend"]), fps=output.fps)
+        write_layer_files(tmp, layers, output)
         for name, video in (given or {}).items():
             write_mp4(tmp / f"given_{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
+        scores = {"scores": to_json(score_folder(tmp))} if "alpha" in layers else {}
         record = {
             **meta,
+            **scores,
             "task": config.layout.task.value,
             "variant": config.layout.variant.value,
             "config": config.to_dict(),

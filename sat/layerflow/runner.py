@@ -33,7 +33,13 @@ from .config import LayerFlowConfig, apply_sampling_overrides
 from .geometry import PIXEL_FRAMES_PER_LAYER
 from .output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
 from .outputs import write_sample
-from .video_reader import check_layer_source, read_foreground_layers, read_layer_video
+from .video_reader import (
+    check_layer_source,
+    layer_provenance,
+    read_foreground_layers,
+    read_layer_video,
+    resolve_layer_source,
+)
 
 log = logging.getLogger("layerflow")
 
@@ -54,18 +60,19 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
     """The sample's given-layer files -> layer videos (16, 3, H, W) in [-1, 1], as the model takes them."""
     layout, size = config.layout, config.video_size
     given: dict[str, torch.Tensor] = {}
+    wants_alpha = _wants_alpha(sample, config)
     for name in layout.given_layers:
         if name == "alpha":
             continue
-        source = sample.inputs[name]
+        source = resolve_layer_source(sample.inputs[name], name, wants_alpha)
         if name == "fg":
-            wants_alpha = "alpha" in layout.given_layers or "mask" in sample.inputs
             video = None if wants_alpha else read_layer_video(source, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
             if video is not None and video.shape[1] == 3:
                 given["fg"] = video  # an RGB foreground without matte is taken as it is
                 continue
-            fg, alpha_layer = read_foreground_layers(source, sample.inputs.get("mask"),
-                                                     num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
+            mask = sample.inputs.get("mask")
+            mask = resolve_layer_source(mask, "mask") if mask is not None else None
+            fg, alpha_layer = read_foreground_layers(source, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
             given["fg"] = fg
             if "alpha" in layout.given_layers:
                 given["alpha"] = alpha_layer
@@ -75,16 +82,30 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
     return given
 
 
+def _wants_alpha(sample: Sample, config: LayerFlowConfig) -> bool:
+    """Whether the given foreground is read with its matte (RGBA task, or a mask given)."""
+    return "alpha" in config.layout.given_layers or "mask" in sample.inputs
+
+
+def given_layer_sources(sample: Sample, config: LayerFlowConfig) -> dict[str, dict]:
+    """Where each given layer came from (absolute path; the file and sample when it is a sample folder)."""
+    wants_alpha = _wants_alpha(sample, config)
+    return {name: layer_provenance(source, name, wants_alpha) for name, source in sample.inputs.items()}
+
+
 def check_given_layers(sample: Sample, config: LayerFlowConfig) -> None:
     """Cheap checks of a sample's given-layer files, before any model loads (same rules as the reader)."""
     layout = config.layout
+    wants_alpha = _wants_alpha(sample, config)
     for name in layout.given_layers:
         if name == "alpha":
             continue
-        source = sample.inputs[name]
+        source = resolve_layer_source(sample.inputs[name], name, wants_alpha)
         if name == "fg":
+            mask = sample.inputs.get("mask")
             check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size,
-                               needs_alpha="alpha" in layout.given_layers, mask=sample.inputs.get("mask"))
+                               needs_alpha="alpha" in layout.given_layers,
+                               mask=resolve_layer_source(mask, "mask") if mask is not None else None)
         else:
             check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size)
 
@@ -163,7 +184,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                                        on_step=_step_updater(step_bar))
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
                     "checkpoint": run_config.model.checkpoint if run_config.model.weights == "checkpoint" else
-                    "random weights", "timings_s": result.timings}
+                    "random weights", "timings_s": result.timings,
+                    "given_sources": given_layer_sources(sample, run_config)}
             write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start

@@ -101,3 +101,20 @@ def rgba_from_layers(fg: torch.Tensor, alpha_layer: torch.Tensor) -> np.ndarray:
     alpha = layer_to_alpha(alpha_layer.to(torch.float32))  # (t, 1, h, w)
     rgb = unmatte_foreground(fg.to(torch.float32), alpha)  # (t, 3, h, w)
     return to_uint8(torch.cat([rgb, 2 * alpha - 1], dim=1))  # (t, h, w, 4)
+
+
+def premultiply(rgba: np.ndarray) -> np.ndarray:
+    """Straight RGBA bytes (..., 4) -> premultiplied: colour ``c * a / 255`` rounded to nearest, alpha kept."""
+    rgba = np.asarray(rgba)
+    alpha = rgba[..., 3:].astype(np.float32)  # (..., 1)
+    colour = np.rint(rgba[..., :3].astype(np.float32) * alpha / 255.0)  # (..., 3)
+    return np.concatenate([colour.astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
+def unpremultiply(rgba: np.ndarray) -> np.ndarray:
+    """Premultiplied RGBA bytes (..., 4) -> straight: colour ``c * 255 / a`` rounded and clipped; 0 where a = 0."""
+    rgba = np.asarray(rgba)
+    alpha = rgba[..., 3:].astype(np.float32)  # (..., 1)
+    colour = rgba[..., :3].astype(np.float32) * 255.0 / np.maximum(alpha, 1.0)  # (..., 3)
+    colour = np.where(alpha > 0, np.clip(np.rint(colour), 0, 255), 0.0)
+    return np.concatenate([colour.astype(np.uint8), rgba[..., 3:]], axis=-1)

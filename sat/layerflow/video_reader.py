@@ -16,6 +16,9 @@ and treats them all alike:
    target size is left untouched. Bicubic filtering can overshoot [-1, 1] slightly; like the
    original, the layers are not clamped (mattes returned in [0, 1] are).
 
+A source may also be a sample folder of an earlier run (a folder with ``meta.json``): the layer
+is then read from that folder's file for it (:func:`resolve_layer_source`).
+
 Video files (mp4, mov, webm, ...) are decoded with the ffmpeg binary of ``imageio-ffmpeg``
 (without auto-rotation, as decord does) and then handled exactly like frame folders. A video
 with an alpha channel (ProRes 4444, VP9 with alpha, ...) gives RGBA frames.
@@ -39,7 +42,9 @@ import torch.nn.functional as F
 from imageio_ffmpeg import get_ffmpeg_exe
 from PIL import Image, UnidentifiedImageError
 
+from .tools.folder import ALPHA_EXPORTS, is_sample_folder, layer_video, read_meta
 from .video_io import LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
+from .video_writer import ALPHA_CODECS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_SOURCE_FRAMES = 64  # the original looks at the first 64 frames of a clip only
@@ -277,7 +282,69 @@ def check_layer_source(
 
 
 # ---------------------------------------------------------------------------------------------
+# reusing a layer of an earlier result
+
+
+def sample_layer_files(layer: str, with_alpha: bool) -> list[str]:
+    """Files of a sample folder that can give ``layer`` (fg, bg, blend or mask), in order of preference.
+
+    An RGBA foreground comes from the straight RGBA export (PNGs, else the alpha video); an RGB
+    foreground from ``foreground.mp4`` (colour matted over grey, the RGB variant's layer); a mask
+    from ``alpha.mp4``.
+    """
+    if layer == "fg" and with_alpha:
+        straight = ALPHA_EXPORTS["straight"]
+        return [straight.png_folder, *(straight.video_stem + codec.suffix for codec in ALPHA_CODECS.values())]
+    return [layer_video("alpha" if layer == "mask" else layer)]
+
+
+def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> Path:
+    """``source`` itself, or for a sample folder the file in it that holds ``layer``."""
+    path = Path(source)
+    if not is_sample_folder(path):
+        return path
+    names = sample_layer_files(layer, with_alpha)
+    for name in names:
+        if (path / name).exists():
+            return path / name
+    hint = (" (an RGBA foreground needs the straight export; an RGB sample or one written with "
+            "output.alpha_mode=premultiplied has none)" if layer == "fg" and with_alpha else "")
+    raise LayerSourceError(f"{path}: sample folder has no {' or '.join(names)} for the {layer} layer{hint}")
+
+
+def layer_provenance(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> dict:
+    """Where a given layer came from, for ``meta.json``: the absolute path and, for a sample folder,
+    the file taken and that sample's id, task, variant, seed and checkpoint."""
+    path = Path(source)
+    record: dict = {"path": str(path.resolve())}
+    if is_sample_folder(path):
+        meta = read_meta(path)
+        record["file"] = resolve_layer_source(path, layer, with_alpha).name
+        record["sample"] = {key: meta.get(key) for key in ("id", "task", "variant", "seed", "checkpoint")}
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
 # public readers
+
+
+def read_clip_frames(source: str | os.PathLike) -> np.ndarray:
+    """Every frame of a frame folder (or the first 64 of a video) as bytes (n, h, w, c), unresized.
+
+    ``c`` is 4 when the first frame carries alpha, else 3.
+    """
+    clip = _open_source(source)
+    (frames,) = _read_frames(clip, range(clip.count), ["layer"])  # (n, h, w, c)
+    return frames
+
+
+def read_still_video(
+    source: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES, size: Sequence[int] = DEFAULT_SIZE
+) -> torch.Tensor:
+    """A still image held for ``num_frames`` frames: (t, c, h, w) in [-1, 1], resized and cropped like a clip."""
+    image = _load_image(Path(source))
+    frame = np.array(image.convert(_layer_mode(image)))[None]  # (1, h0, w0, c)
+    return resize_for_rectangle_crop(uint8_to_model(frame), size).expand(num_frames, -1, -1, -1).contiguous()
 
 
 def read_layer_video(
