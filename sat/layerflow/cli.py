@@ -23,6 +23,7 @@ from . import distributed
 from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from .checkpoint import CheckpointError
 from .config import ConfigError, LayerFlowConfig, load_config
+from .devices import cpu_threads
 from .weights import MissingWeightsError, check_weights, prepare_random_weights
 
 EXIT_FAILED_SAMPLES = 1
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import merge_failures, run_samples
 
     try:
-        distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
-        summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
+        with cpu_threads(config.runtime.cpu_threads):
+            distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
+            summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
     except (CheckpointError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -90,8 +90,12 @@ class RuntimeSection:
     model_cpu_offload: bool = False
     merge_lora: bool = False
     compile: bool = False
+    cpu_threads: int = 1  # fixed per process so every process count gives the same bytes (devices.cpu_threads)
 
     def __post_init__(self) -> None:
+        if self.cpu_threads < 0:
+            raise ConfigError(f"runtime.cpu_threads must be a thread count, or 0 for torch's choice; "
+                              f"got {self.cpu_threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"runtime.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
