@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
 from layerflow.atomic import write_text_atomic  # noqa: E402
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
+from layerflow.devices import cpu_threads  # noqa: E402
 from layerflow.layouts import TaskLayout  # noqa: E402
 from layerflow.outputs import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
@@ -276,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report_progress = lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True)
-    if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        result = run_benchmark(config, args.repeats, args.warmup, args.output, report_progress)
-    else:
-        with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
-            result = run_benchmark(config, args.repeats, args.warmup, Path(folder), report_progress)
+    with cpu_threads(config.runtime.cpu_threads):  # the thread count sample_video.py runs with
+        if args.output is not None:
+            args.output.mkdir(parents=True, exist_ok=True)
+            result = run_benchmark(config, args.repeats, args.warmup, args.output, report_progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
+                result = run_benchmark(config, args.repeats, args.warmup, Path(folder), report_progress)
     result.update({
         "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
         "config_files": list(config.sources),

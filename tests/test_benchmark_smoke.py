@@ -54,6 +54,7 @@ def test_machine_memory_and_config_are_recorded(report):
     machine = data["machine"]
     assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["torch"]
     assert machine["device"] == "cpu" and machine["gpu"] is None
+    assert machine["torch_threads"] == data["config"]["runtime"]["cpu_threads"] == 1  # as sample_video.py runs
     assert data["peak_memory"]["bytes"] > 0
     assert data["config"]["task"] == {"name": "fg2bg", "variant": "rgba"}
     assert data["config"]["sampling"]["num_steps"] == NUM_STEPS

@@ -29,7 +29,7 @@ from .atomic import NotWritableError
 from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from .checkpoint import CheckpointError
 from .config import ConfigError, LayerFlowConfig, load_config
-from .devices import resolve_placement
+from .devices import cpu_threads, resolve_placement
 from .output_folder import OutputFolder, OutputFolderError, check_output_path
 from .text_encoder import TextEncoderFilesError
 from .vae import VAECheckpointError
@@ -166,8 +166,9 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import InputError, LayerFlowPipeline
 
     try:
-        distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
-        summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
+        with cpu_threads(config.runtime.cpu_threads):
+            distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
+            summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():
             folder.discard_created()

@@ -108,8 +108,10 @@ class RuntimeSection:
     model_cpu_offload: bool = False
     merge_lora: bool = False
     compile: bool = False
+    cpu_threads: int = 1  # fixed per process so every process count gives the same bytes (devices.cpu_threads)
 
     def __post_init__(self) -> None:
+        _require(self.cpu_threads >= 0, "cpu_threads", "a thread count, or 0 for torch's choice")
         _require(bool(DEVICE_PATTERN.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                  "auto, float32, bfloat16 or float16")

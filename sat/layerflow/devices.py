@@ -1,4 +1,4 @@
-"""Device, dtype and offload decisions, made in one place from the runtime config."""
+"""Device, dtype, offload and CPU-thread decisions, made in one place from the runtime config."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ class Placement:
         return torch.device("cpu") if self.offload else self.compute_device
 
     @property
+    def device_kind(self) -> str:
+        """``cpu`` or ``cuda (<GPU name>)``: the kind of machine the outputs were computed on (no rank index)."""
+        if self.compute_device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.compute_device)})"
+        return self.compute_device.type
+
+    @property
     def vae_dtype(self) -> torch.dtype:
         return self.dtype
 
@@ -55,6 +62,25 @@ class Placement:
         finally:
             module.to(self.storage_device)
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[int]:
+    """Run the block with ``count`` intra-op CPU threads (0: keep torch's choice); yields the count in use.
+
+    The count is fixed rather than taken from the machine because it changes the numbers: oneDNN's
+    1x1x1 convolution on the CPU (the VAE decoder's channel-changing shortcuts) blocks its sum over
+    input channels by the thread count, so another count rounds the decoded video differently.
+    With the same count in every process, one process and N ranks under torchrun (which would
+    otherwise give each rank one thread) write the same bytes. The previous count is restored after.
+    """
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_placement(runtime) -> Placement:

@@ -184,7 +184,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                                        on_step=_step_updater(step_bar))
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
                     "checkpoint": run_config.model.checkpoint if run_config.model.weights == "checkpoint" else
-                    "random weights", "timings_s": result.timings,
+                    "random weights", "device": pipeline.placement.device_kind,
+                    "cpu_threads": torch.get_num_threads(), "timings_s": result.timings,
                     "given_sources": given_layer_sources(sample, run_config)}
             write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)

@@ -32,6 +32,10 @@ DEFAULT_FPS = 8  # the sampling configs' fps
 DEFAULT_MP4_QUALITY = 5  # imageio's default, what the original wrote with
 CHECKER_CELL = 16  # checkerboard square (pixels) behind the foreground in previews
 CHECKER_SHADES = (204, 255)  # the two greys of the checkerboard
+# libx264's bitstream depends on its thread count, which ffmpeg would take from the machine's cores
+# (or a process's CPU binding): fixed here, with bit-exact containers (no random Matroska segment id,
+# no muxer version tag), the same frames give the same file bytes on any machine with this ffmpeg.
+ENCODER_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ def _encode(frames: np.ndarray, pix_fmt_in: str, fps: float, codec_options: list
     command = [
         get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
         "-f", "rawvideo", "-pix_fmt", pix_fmt_in, "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
-        "-an", *codec_options, "-frames:v", str(t), str(temporary),
+        "-an", *codec_options, "-threads", str(ENCODER_THREADS), "-fflags", "+bitexact",
+        "-frames:v", str(t), str(temporary),
     ]  # fmt: skip
     result = subprocess.run(command, input=frames.tobytes(), capture_output=True)
     if result.returncode != 0:
