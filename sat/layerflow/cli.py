@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import distributed
+from . import distributed, parallel
 from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from .checkpoint import CheckpointError
 from .config import ConfigError, LayerFlowConfig, load_config
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
         config = load_config(args.base, overrides)
+        parallel.check_layout(config, distributed.world_size())
         samples = collect_samples(args, config)
         output = args.output or Path("outputs") / config.layout.name
         if config.model.weights == "random":
@@ -104,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
+        parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
         summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
     except (CheckpointError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    failed_anywhere = _all_ranks_failed_count(len(summary.failed))
+    failed_anywhere = _all_ranks_failed_count(len(summary.failed) if parallel.current().is_leader else 0)
     if distributed.is_main_process():
         failures = merge_failures(output, distributed.world_size())
         seconds = sorted(summary.seconds.values())

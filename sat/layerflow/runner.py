@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, parallel
 from .atomic import write_text_atomic
 from .batch import Sample, shard
 from .config import LayerFlowConfig, SamplingSection
@@ -98,7 +98,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
     rank, world = distributed.rank(), distributed.world_size()
     output.mkdir(parents=True, exist_ok=True)
     _setup_rank_log(output, rank)
-    mine = shard(samples, rank, world)
+    groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
+    mine = shard(samples, groups.group_index, groups.num_groups)
     summary = RunSummary()
     todo = []
     for sample in mine:
@@ -128,14 +129,16 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
                     "checkpoint": run_config.model.checkpoint if run_config.model.weights == "checkpoint" else
                     "random weights", "timings_s": result.timings}
-            write_sample(output / sample.id, result.layers, run_config, meta, given)
+            if groups.is_leader:
+                write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
         except (ValueError, OSError, RuntimeError, torch.cuda.OutOfMemoryError) as error:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             summary.failed[sample.id] = reason
-            failures.append({"id": sample.id, "rank": rank, "error": reason})
+            if groups.is_leader:
+                failures.append({"id": sample.id, "rank": rank, "error": reason})
             log.error("sample %s failed: %s", sample.id, reason)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
