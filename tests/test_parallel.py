@@ -6,11 +6,13 @@ Each parallel run is compared with the same sampling in one process. The multi-p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -49,9 +51,31 @@ def fixed_latent(config) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(2))
 
 
+@contextlib.contextmanager
+def counting_sent_bytes(counter: list[int]):
+    """Count the bytes this rank sends to other ranks through all_to_all_single and all_gather."""
+    import torch.distributed as dist
+
+    all_to_all_single, all_gather = dist.all_to_all_single, dist.all_gather
+
+    def counted_all_to_all(output, tensor, output_split_sizes=None, input_split_sizes=None, group=None):
+        own = input_split_sizes[dist.get_rank(group)]
+        counter[0] += (tensor.numel() - own) * tensor.element_size()
+        return all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=group)
+
+    def counted_all_gather(tensors, tensor, group=None):
+        counter[0] += tensor.numel() * tensor.element_size() * (len(tensors) - 1)
+        return all_gather(tensors, tensor, group=group)
+
+    with mock.patch.object(dist, "all_to_all_single", counted_all_to_all), \
+            mock.patch.object(dist, "all_gather", counted_all_gather):
+        yield
+
+
 def _worker(rank: int, world: int, store: str, jobs: tuple, result: str) -> None:
     """One rank: for each job (key, overrides, decode), sample the latents of fg2bg_rgba with those
-    overrides and, when asked, decode :func:`fixed_latent`; rank 0 saves everything."""
+    overrides (counting the bytes sent) and, when asked, decode :func:`fixed_latent`; rank 0 saves
+    everything."""
     import torch.distributed as dist
 
     from layerflow import distributed, parallel
@@ -66,7 +90,10 @@ def _worker(rank: int, world: int, store: str, jobs: tuple, result: str) -> None
         parallel.setup(config.runtime.parallel)
         pipeline = LayerFlowPipeline(config)
         context, condition = inputs(config)
-        results[key] = {"latent": pipeline.sample_latents(context, condition, seed=SEED)}
+        sent = [0]
+        with counting_sent_bytes(sent):
+            results[key] = {"latent": pipeline.sample_latents(context, condition, seed=SEED)}
+        results[key]["sent_bytes"] = torch.tensor(sent[0])
         if decode:
             results[key]["decoded"] = pipeline.decode_layers(fixed_latent(config), condition)
     if rank == 0:
@@ -100,6 +127,14 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def derived_bytes_per_step(cfg: int, ulysses: int) -> float:
+    """What ``benchmarks/parallel_estimate.py`` derives from the shapes for one rank, in float32."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from parallel_estimate import rank_cost
+
+    return rank_cost(tiny_config(TASK), cfg, ulysses, element_bytes=4).sent_bytes
+
+
 @pytest.mark.slow
 def test_guidance_pair_matches_one_process(one_process, two_ranks):
     """cfg=2 computes exactly what one process computes with two passes of batch 1. Against the
@@ -108,12 +143,14 @@ def test_guidance_pair_matches_one_process(one_process, two_ranks):
     pair = two_ranks["cfg"]["latent"]
     assert torch.equal(pair, one_process["two_passes"]["latent"])
     assert max_difference(pair, one_process["batched"]["latent"]) <= 1e-5
+    assert int(two_ranks["cfg"]["sent_bytes"]) == 3 * derived_bytes_per_step(2, 1)  # 3 steps
 
 
 @pytest.mark.slow
 def test_ulysses_matches_one_process(one_process, two_ranks):
     """ulysses=2: slices of 543 tokens, rank 0 text only, rank 1 the rest of the text and the video."""
     assert max_difference(two_ranks["ulysses"]["latent"], one_process["batched"]["latent"]) <= 1e-5
+    assert int(two_ranks["ulysses"]["sent_bytes"]) == 3 * derived_bytes_per_step(1, 2)  # what the docs derive
 
 
 @pytest.mark.slow
@@ -123,6 +160,7 @@ def test_four_ranks_ulysses_and_guidance_pairs_match_one_process(one_process):
                      ("both", ("runtime.parallel.cfg=2", "runtime.parallel.ulysses=2"), False))
     assert max_difference(four["ulysses"]["latent"], one_process["batched"]["latent"]) <= 1e-5
     assert max_difference(four["both"]["latent"], one_process["batched"]["latent"]) <= 1e-5
+    assert int(four["both"]["sent_bytes"]) == 3 * derived_bytes_per_step(2, 2)
     for name, video in one_process["two_passes"]["decoded"].items():  # one-call decode vs 4 temporal chunks
         assert max_difference(four["ulysses"]["decoded"][name], video) <= 1e-5, name
 
