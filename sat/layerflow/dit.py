@@ -15,6 +15,10 @@ Layers are sub-clips stacked along the latent time axis. The clean latents of a 
 inserted at the place the task layout names (:mod:`layerflow.layouts`) and removed again from
 the output, so the network returns predictions for the generated frames only.
 
+Sequence parallelism (``forward(..., sequence_parallel=...)``): the embedding hooks keep this
+rank's slice of the tokens, attention exchanges heads with the other ranks, and the final layer
+gathers the slices (:mod:`layerflow.parallel.ulysses`); without it nothing changes.
+
 Dimension letters: b batch, T latent frames, c latent channels, H/W latent height/width,
 n tokens (L text + N video), d hidden size, e T5 width, p patch size.
 """
