@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import distributed
+from . import distributed, parallel
 from .atomic import NotWritableError
 from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from .checkpoint import CheckpointError
@@ -134,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     """Validate everything, take the output folder, run this rank's samples and report."""
     overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
     config = load_config(args.base, overrides)
+    parallel.check_layout(config, distributed.world_size())
     try:
         resolve_placement(config.runtime)
     except ValueError as error:
@@ -168,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with cpu_threads(config.runtime.cpu_threads):
             distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
+            parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
             summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():
@@ -177,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         folder.release()
     if cleaned:
         log.info("removed %d leftovers of interrupted runs: %s", len(cleaned), ", ".join(cleaned))
-    failed_anywhere = distributed.sum_over_ranks(len(summary.failed))
+    failed_anywhere = distributed.sum_over_ranks(len(summary.failed) if parallel.current().is_leader else 0)
     if distributed.is_main_process():
         failures = merge_failures(output, distributed.world_size())
         seconds = sorted(summary.seconds.values())

@@ -99,6 +99,25 @@ class SamplingSection:
 
 
 @dataclass(frozen=True)
+class ParallelSection:
+    """One video on several processes (see :mod:`layerflow.parallel`): ``cfg`` 2 runs the two
+    guidance passes on two ranks; ``ulysses`` k splits the token sequence over k ranks."""
+
+    cfg: int = 1
+    ulysses: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cfg not in (1, 2):
+            raise ConfigError(f"runtime.parallel.cfg must be 1 or 2 (the two guidance passes), got {self.cfg}")
+        if self.ulysses < 1:
+            raise ConfigError(f"runtime.parallel.ulysses must be at least 1, got {self.ulysses}")
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg * self.ulysses
+
+
+@dataclass(frozen=True)
 class RuntimeSection:
     device: str = "auto"
     dtype: str = "auto"
@@ -109,6 +128,7 @@ class RuntimeSection:
     merge_lora: bool = False
     compile: bool = False
     cpu_threads: int = 1  # fixed per process so every process count gives the same bytes (devices.cpu_threads)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def __post_init__(self) -> None:
         _require(self.cpu_threads >= 0, "cpu_threads", "a thread count, or 0 for torch's choice")

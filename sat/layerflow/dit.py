@@ -15,6 +15,10 @@ Layers are sub-clips stacked along the latent time axis. The clean latents of a 
 inserted at the place the task layout names (:mod:`layerflow.layouts`) and removed again from
 the output, so the network returns predictions for the generated frames only.
 
+Sequence parallelism (``forward(..., sequence_parallel=...)``): the embedding hooks keep this
+rank's slice of the tokens, attention exchanges heads with the other ranks, and the final layer
+gathers the slices (:mod:`layerflow.parallel.ulysses`); without it nothing changes.
+
 Dimension letters: b batch, T latent frames, c latent channels, H/W latent height/width,
 n tokens (L text + N video), d hidden size, e T5 width, p patch size.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +41,9 @@ from torch import nn
 from .distributed import ensure_model_parallel
 from .geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
 from .lora import DualLoraMixin, LoraConfig
+
+if TYPE_CHECKING:
+    from .parallel.ulysses import UlyssesGroup
 
 # The released configs hand SAT a LayerNorm with eps 1e-6, but SAT's transformer passes its own
 # ``layernorm_epsilon`` (1e-5) when it builds the per-layer and final norms; the checkpoints
@@ -185,10 +193,11 @@ class LayerPositionEmbedding(BaseMixin):
 
     def position_embedding_forward(self, position_ids, **kw_args) -> torch.Tensor:
         table = self.pos_embedding[:, : self.text_length + kw_args["seq_length"]]  # (1, L + N, d)
-        if self.txt_embedder is None:
-            return table
-        text = table[:, : self.text_length] + self.layer_embedding()[None]
-        return torch.cat([text, table[:, self.text_length:]], dim=1)
+        if self.txt_embedder is not None:
+            text = table[:, : self.text_length] + self.layer_embedding()[None]
+            table = torch.cat([text, table[:, self.text_length:]], dim=1)
+        shard = kw_args.get("sequence_shard")
+        return table if shard is None else shard.take(table)  # (1, n_r, d) on a sequence-parallel rank
 
 
 class PatchEmbedding(BaseMixin):
@@ -205,7 +214,9 @@ class PatchEmbedding(BaseMixin):
         video = self.proj(images.flatten(0, 1))  # (b*T, d, H/p, W/p)
         video = rearrange(video, "(b t) d h w -> b (t h w) d", b=b)
         text = self.text_proj(kw_args["encoder_outputs"])  # (b, L, d)
-        return torch.cat([text, video], dim=1).contiguous()
+        tokens = torch.cat([text, video], dim=1).contiguous()
+        shard = kw_args.get("sequence_shard")
+        return tokens if shard is None else shard.take(tokens)  # (b, n_r, d) on a sequence-parallel rank
 
 
 class AdaLNLayers(BaseMixin):
@@ -267,6 +278,9 @@ class AdaLNLayers(BaseMixin):
         if self.qk_ln:
             query_layer = self.query_layernorm_list[kw_args["layer_id"]](query_layer)
             key_layer = self.key_layernorm_list[kw_args["layer_id"]](key_layer)
+        shard = kw_args.get("sequence_shard")
+        if shard is not None:  # Ulysses: all-to-all over heads around the same attention
+            return shard.attention(query_layer, key_layer, value_layer)
         return F.scaled_dot_product_attention(query_layer, key_layer, value_layer)
 
 
@@ -286,7 +300,10 @@ class FinalLayer(BaseMixin):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 2 * hidden))
 
     def final_forward(self, logits: torch.Tensor, **kw_args) -> torch.Tensor:
-        video = logits[:, kw_args["text_length"]:]  # (b, N, d)
+        text_length, shard = kw_args["text_length"], kw_args.get("sequence_shard")
+        if shard is not None:
+            logits, text_length = shard.gather(logits), shard.text_length  # (b, n_r, d) -> (b, L + N, d)
+        video = logits[:, text_length:]  # (b, N, d)
         shift, scale = self.adaLN_modulation(kw_args["emb"]).chunk(2, dim=1)
         video = self.linear(modulate(self.norm_final(video), shift, scale))  # (b, N, c*p*p)
         rows, cols = self.grid
@@ -346,12 +363,14 @@ class LayerFlowDiT(BaseModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
                 condition: torch.Tensor | None = None, condition_start: int = 0,
-                lora_scale: torch.Tensor | float = 0) -> torch.Tensor:
+                lora_scale: torch.Tensor | float = 0, sequence_parallel: UlyssesGroup | None = None) -> torch.Tensor:
         """Predict v for the generated frames.
 
         x: (b, T_gen, c, H, W) noisy latents; timesteps: (b,) DDPM indices; context: (b, L, e) with
         prompt k in text rows [226k, 226k + 226); condition: (b, T_cond, c, H, W) clean latents that
-        go in at latent frame ``condition_start``. Returns (b, T_gen, c, H, W).
+        go in at latent frame ``condition_start``. Returns (b, T_gen, c, H, W). With ``sequence_parallel``
+        this rank computes its slice of the tokens (:mod:`layerflow.parallel.ulysses`); every rank of the
+        group returns the whole output.
         """
         x = x.to(self.dtype)
         if condition is not None:
@@ -360,6 +379,9 @@ class LayerFlowDiT(BaseModel):
         b, frames, _, height, width = x.shape
         emb = self.time_embed(timestep_embedding(timesteps, self.config.hidden_size).to(self.dtype))  # (b, ted)
         ones = torch.ones((1, 1), device=x.device, dtype=self.dtype)
+        seq_length = frames * height * width // self.config.patch_size**2
+        text_length = context.shape[1]
+        shard = None if sequence_parallel is None else sequence_parallel.shard(text_length, text_length + seq_length)
         output = super().forward(
             input_ids=ones,
             position_ids=ones,
@@ -367,8 +389,9 @@ class LayerFlowDiT(BaseModel):
             images=x,
             emb=emb,
             encoder_outputs=context.to(self.dtype),
-            text_length=context.shape[1],
-            seq_length=frames * height * width // self.config.patch_size**2,
+            text_length=text_length if shard is None else shard.local_text_length,
+            seq_length=seq_length,
+            sequence_shard=shard,
             scale=lora_scale,
         )[0]  # (b, T, c, H, W)
         if condition is not None:

@@ -30,6 +30,9 @@ from .config import LayerFlowConfig, SamplingSection
 from .devices import Placement, resolve_placement
 from .dit import LayerFlowDiT
 from .layouts import TaskLayout, insert_condition, split_condition
+from .parallel import groups_for
+from .parallel.guidance import split_guidance_batch
+from .parallel.vae_decode import decode_arguments
 from .random_weights import randomize_
 from .sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
 from .text_encoder import T5TextEncoder, layer_prompt
@@ -60,6 +63,7 @@ class LayerFlowPipeline:
         self.config = config
         self.layout: TaskLayout = config.layout
         self.placement = placement or resolve_placement(config.runtime)
+        self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
         self.network = self._load_network()
         self.vae = self._load_vae()
         self.text_encoder: T5TextEncoder | None = None
@@ -184,12 +188,16 @@ class LayerFlowPipeline:
         noise = torch.randn(shape).to(device)
         uncond = torch.zeros_like(context)
         condition_start = layout.condition[0] if layout.condition is not None else 0
-        network = self.network
+        network, sequence_parallel = self.network, self.groups.ulysses
 
         def model_fn(x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
             given = None if condition is None else condition.expand(x.shape[0], *condition.shape[1:])
             return network(x.to(dtype), timesteps, text, condition=given, condition_start=condition_start,
-                           lora_scale=sampling.lora_scale).float()
+                           lora_scale=sampling.lora_scale, sequence_parallel=sequence_parallel).float()
+
+        batched = sampling.guidance_batched
+        if self.groups.layout.cfg == 2:  # each rank of the guidance pair runs one half of the batch
+            model_fn, batched = split_guidance_batch(model_fn, self.groups.cfg_index, self.groups.cfg_group), True
 
         schedule = ZeroSNRSchedule(num_steps=sampling.num_steps)
         guidance = DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent)
@@ -197,7 +205,7 @@ class LayerFlowPipeline:
         with self.placement.on_compute(network):
             return sample_vpsde_dpmpp_2m(
                 model_fn, noise, context, uncond, schedule, guidance, faithful_rng=sampling.faithful_rng,
-                batched_guidance=sampling.guidance_batched, callback=callback,
+                batched_guidance=batched, callback=callback,
             )
 
     def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -211,6 +219,7 @@ class LayerFlowPipeline:
             chunking["spatial_tile"] = (runtime.vae_spatial_tile, runtime.vae_spatial_tile)
         if chunking and self.placement.offload:
             chunking["buffer_device"] = self.placement.storage_device  # whole activations wait in CPU memory
+        chunking = decode_arguments(chunking, full.shape[1], self.groups)  # regions dealt out over the group
         vae = self.vae
         with self.placement.on_compute(vae):
             latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.vae_dtype)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, parallel
 from .atomic import write_text_atomic
 from .batch import Sample, shard
 from .config import LayerFlowConfig, apply_sampling_overrides
@@ -148,7 +148,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring."""
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
-    mine = shard(samples, rank, world)
+    groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
+    mine = shard(samples, groups.group_index, groups.num_groups)
     summary = RunSummary()
     failures: list[dict] = []
     todo = []
@@ -161,7 +162,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             todo.append(sample)
         else:
             summary.failed[sample.id] = problem
-            failures.append({"id": sample.id, "rank": rank, "error": problem})
+            if groups.is_leader:
+                failures.append({"id": sample.id, "rank": rank, "error": problem})
             log.error("sample %s cannot run: %s", sample.id, problem)
     log.info("rank %d/%d: %d samples, %d already complete, %d cannot run", rank, world, len(mine),
              len(summary.skipped), len(summary.failed))
@@ -187,14 +189,16 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                     "random weights", "device": pipeline.placement.device_kind,
                     "cpu_threads": torch.get_num_threads(), "timings_s": result.timings,
                     "given_sources": given_layer_sources(sample, run_config)}
-            write_sample(output / sample.id, result.layers, run_config, meta, given)
+            if groups.is_leader:
+                write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
             reason = _reason(error)
             summary.failed[sample.id] = reason
-            failures.append({"id": sample.id, "rank": rank, "error": reason})
+            if groups.is_leader:
+                failures.append({"id": sample.id, "rank": rank, "error": reason})
             log.exception("sample %s failed: %s", sample.id, reason)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -211,12 +211,14 @@ class CausalVideoVAE(nn.Module):
         temporal_chunk: int | None = None,
         spatial_tile: tuple[int, int] | None = None,
         buffer_device: torch.device | str | None = None,
+        share: RegionShare | None = None,
     ) -> torch.Tensor:
         """(b, z, t', h', w') -> (b, c, t, h, w). Chunk sizes are in latent frames / latent pixels.
 
         With no chunking this is the original one-call decode. Otherwise the decoder runs region by region
         (see the module docstring) and the result, placed on ``buffer_device`` (default: the module's
-        device), equals the one-call decode up to float reassociation.
+        device), equals the one-call decode up to float reassociation. With ``share`` this worker computes
+        its part of each layer's regions and ``share.complete`` joins the parts; the result is the same.
         """
         if latent.dim() != 5 or latent.shape[1] != self.config.z_channels:
             raise ValueError(f"latent must be (b, {self.config.z_channels}, t', h', w'), got {tuple(latent.shape)}")
@@ -229,7 +231,7 @@ class CausalVideoVAE(nn.Module):
         if min(steps) < 1:
             raise ValueError(f"temporal_chunk and spatial_tile must be positive, got {steps}")
         store = torch.device(buffer_device) if buffer_device is not None else z.device
-        return _StreamedDecoder(self.decoder, z, _Regions((t, h, w), steps), store).run()
+        return _StreamedDecoder(self.decoder, z, _Regions((t, h, w), steps), store, share).run()
 
     def encode_to_latent(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The engine's latent: scale_factor * posterior sample."""
@@ -310,12 +312,34 @@ def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     return y.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class RegionShare:
+    """Worker ``index`` of ``count`` computes regions index, index + count, ... of every decoder layer;
+    ``complete`` turns its output (zero outside its regions) into the whole activation, e.g. a sum
+    over the workers (:mod:`layerflow.parallel.vae_decode`)."""
+
+    index: int
+    count: int
+    complete: Callable[[torch.Tensor], torch.Tensor]
+
+
 class _StreamedDecoder:
     """Decoder3D.forward, one layer at a time, each layer region by region (see the module docstring)."""
 
-    def __init__(self, decoder: Decoder3D, z: torch.Tensor, regions: _Regions, store: torch.device):
-        self.decoder, self.z, self.regions, self.store = decoder, z, regions, store
+    def __init__(self, decoder: Decoder3D, z: torch.Tensor, regions: _Regions, store: torch.device,
+                 share: RegionShare | None = None):
+        self.decoder, self.z, self.regions, self.store, self.share = decoder, z, regions, store, share
         self.device = z.device
+
+    def _new_output(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        make = torch.empty if self.share is None else torch.zeros
+        return make(*shape, dtype=dtype, device=self.store)
+
+    def _owned(self, regions: Iterator) -> Iterator:
+        return regions if self.share is None else itertools.islice(regions, self.share.index, None, self.share.count)
+
+    def _joined(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.share is None else self.share.complete(out)
 
     def run(self) -> torch.Tensor:
         dec = self.decoder
@@ -338,8 +362,8 @@ class _StreamedDecoder:
         b, _, t, h, w = x.shape
         kt, p = layer.time_pad, layer.space_pad
         prologue = self.spatial_norm_swish(norm, x) if norm is not None else None
-        out = torch.empty(b, layer.conv.out_channels, t, h, w, dtype=x.dtype, device=self.store)
-        for rt, rh, rw in self.regions((t, h, w)):
+        out = self._new_output(b, layer.conv.out_channels, t, h, w, dtype=x.dtype)
+        for rt, rh, rw in self._owned(self.regions((t, h, w))):
             index = (
                 torch.arange(rt.start - kt, rt.stop).clamp(min=0),  # causal: frame 0 repeats in front
                 torch.arange(rh.start - p, rh.stop + p),
@@ -354,7 +378,7 @@ class _StreamedDecoder:
                 r = x_in[:, :, rt, rh, rw].to(self.device)
                 y = (r if nin is None else nin(r)) + y
             out[:, :, rt, rh, rw] = y.to(self.store)
-        return out
+        return self._joined(out)
 
     def spatial_norm_swish(self, norm: SpatialNorm3D, x: torch.Tensor):
         """The function win -> swish(norm(win, z)) for windows of x, with x's own GroupNorm statistics."""
@@ -395,8 +419,8 @@ class _StreamedDecoder:
         resize = partial(upsample_nearest, compress_time=layer.compress_time)
         maps = [_index_map(resize, n, d) for n, d in ((t, 2), (h, 3), (w, 4))]
         out_thw = tuple(len(m) for m in maps)
-        out = torch.empty(b, c, *out_thw, dtype=x.dtype, device=self.store)
-        for rt, rh, rw in self.regions(out_thw):
+        out = self._new_output(b, c, *out_thw, dtype=x.dtype)
+        for rt, rh, rw in self._owned(self.regions(out_thw)):
             index = (
                 maps[0][rt],
                 _lookup(maps[1], torch.arange(rh.start - 1, rh.stop + 1)),
@@ -407,7 +431,7 @@ class _StreamedDecoder:
             y = torch.nn.functional.conv2d(rearrange(win, "b c t h w -> (b t) c h w"), layer.conv.weight,
                                            layer.conv.bias)  # (b t_r) c h_r w_r
             out[:, :, rt, rh, rw] = rearrange(y, "(b t) c h w -> b c t h w", t=frames).to(self.store)
-        return out
+        return self._joined(out)
 
 
 # ---------------------------------------------------------------------------------------------------

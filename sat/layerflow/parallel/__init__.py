@@ -1,0 +1,14 @@
+"""One video on several processes: guidance-parallel and Ulysses sequence-parallel sampling, split VAE decode.
+
+* :mod:`.layout`     which rank does what (groups, guidance pairs, token slices) and the checks of
+                     ``runtime.parallel`` that run before any model loads;
+* :mod:`.groups`     the torch.distributed process groups of that layout;
+* :mod:`.ulysses`    the all-to-all over heads around attention;
+* :mod:`.guidance`   the guidance batch split over a pair of ranks;
+* :mod:`.vae_decode` the decoder's regions dealt out over the group.
+"""
+
+from .groups import ParallelGroups, current, groups_for, setup
+from .layout import GroupLayout, check_layout
+
+__all__ = ["GroupLayout", "ParallelGroups", "check_layout", "current", "groups_for", "setup"]

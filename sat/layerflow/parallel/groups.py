@@ -1,0 +1,108 @@
+"""The process groups of one parallel layout, created once on every rank before any model loads.
+
+:func:`setup` is collective (every rank calls it with the same settings, as ``torch.distributed``
+requires for ``new_group``); afterwards :func:`current` tells the runner which share of the
+samples this rank's group takes and whether this rank writes, and the pipeline which groups to
+talk to. Without :func:`setup` every rank is a group of its own, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from .. import distributed
+from ..config import ConfigError, ParallelSection
+from .layout import GroupLayout
+from .ulysses import UlyssesGroup
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in a :class:`GroupLayout` and the process groups it belongs to."""
+
+    layout: GroupLayout
+    rank: int
+    video_group: object | None = None  # every rank of this video (VAE decode split)
+    cfg_group: object | None = None  # this rank's guidance pair
+    ulysses_group: object | None = None  # the ranks sharing this rank's token sequence
+
+    @property
+    def size(self) -> int:
+        return self.layout.group_size
+
+    @property
+    def group_index(self) -> int:
+        return self.layout.group_index(self.rank)
+
+    @property
+    def num_groups(self) -> int:
+        return self.layout.num_groups
+
+    @property
+    def member(self) -> int:
+        return self.layout.member(self.rank)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.layout.is_leader(self.rank)
+
+    @property
+    def cfg_index(self) -> int:
+        return self.layout.cfg_index(self.rank)
+
+    @property
+    def ulysses(self) -> UlyssesGroup | None:
+        """What the network needs for sequence parallelism, or None when the sequence is not split."""
+        if self.layout.ulysses == 1:
+            return None
+        return UlyssesGroup(self.ulysses_group, self.layout.ulysses_index(self.rank), self.layout.ulysses)
+
+
+_current: ParallelGroups | None = None
+
+
+def _new_groups(rank_lists: Sequence[tuple[int, ...]], rank: int) -> object | None:
+    """Create a group for every list (collective: the same lists, in the same order, on every rank);
+    return the one holding ``rank``."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(list(ranks))
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def setup(section: ParallelSection) -> ParallelGroups:
+    """Form the groups of ``section`` over all ranks (collective); see the module docstring."""
+    global _current
+    distributed.init_process_group()
+    layout = GroupLayout(distributed.world_size(), section.cfg, section.ulysses)
+    rank = distributed.rank()
+    if layout.group_size == 1:
+        _current = ParallelGroups(layout, rank)
+        return _current
+    video = _new_groups([layout.group_ranks(i) for i in range(layout.num_groups)], rank)
+    cfg = _new_groups(layout.cfg_groups(), rank) if layout.cfg > 1 else None
+    ulysses = _new_groups(layout.ulysses_groups(), rank) if layout.ulysses > 1 else None
+    _current = ParallelGroups(layout, rank, video, cfg, ulysses)
+    return _current
+
+
+def current() -> ParallelGroups:
+    """The groups made by :func:`setup`; without it, every rank is its own group."""
+    if _current is not None:
+        return _current
+    return ParallelGroups(GroupLayout(distributed.world_size()), distributed.rank())
+
+
+def groups_for(section: ParallelSection) -> ParallelGroups:
+    """:func:`current`, checked against the settings a pipeline was configured with."""
+    groups = current()
+    if (groups.layout.cfg, groups.layout.ulysses) != (section.cfg, section.ulysses):
+        raise ConfigError(f"runtime.parallel is cfg={section.cfg}, ulysses={section.ulysses}, but the process groups "
+                          f"were formed for cfg={groups.layout.cfg}, ulysses={groups.layout.ulysses}; call "
+                          f"layerflow.parallel.setup(config.runtime.parallel) on every rank first")
+    return groups
