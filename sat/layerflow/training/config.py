@@ -27,7 +27,7 @@ class TrainingSection:
     cache: str = ""  # folder of the VAE and T5 encodings; default <save>/cache
     save: str = "checkpoints/layerflow"  # checkpoints (release layout), logs, TensorBoard events
     init: str = "release"  # model.checkpoint is a LayerFlow checkpoint, or CogVideoX-2B SAT weights
-    trainable: tuple[str, ...] = ("content_lora",)
+    trainable: tuple[str, ...] = ("content_lora",)  # layer_embedding applies where the task has one
     layers: tuple[int, ...] = ()  # transformer layers whose LoRA / weights train; empty: all
     steps: int = 1000
     batch_size: int = 1  # samples per rank and micro-step
@@ -100,7 +100,4 @@ def load_train_config(files: Sequence[str | Path], overrides: Sequence[str] = ()
     lora_groups = {"content_lora", "motion_lora"} & set(config.training.trainable)
     if lora_groups and config.network.lora is None:
         raise ConfigError(f"training.trainable {sorted(lora_groups)} needs model.network.lora")
-    if "layer_embedding" in config.training.trainable and not config.network.learnable_txt_embed:
-        raise ConfigError("training.trainable has layer_embedding, but model.network.learnable_txt_embed is false "
-                          f"for {config.layout.name}")
     return config

@@ -127,7 +127,7 @@ def read_manifest(path: str | Path, layout: TaskLayout) -> list[TrainingSample]:
 
 def _image_array(path: Path, mode: str) -> np.ndarray:
     """One image as (1, h, w, c) bytes in PIL ``mode``."""
-    array = np.asarray(_load_image(path).convert(mode))
+    array = np.array(_load_image(path).convert(mode))
     return (array[..., None] if array.ndim == 2 else array)[None]
 
 

@@ -100,8 +100,8 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_network(config: TrainConfig, placement: Placement) -> tuple[LayerFlowDiT, list[str]]:
-    """The network with its starting weights, the chosen groups trainable (float32), the rest in the run dtype."""
+def build_network(config: TrainConfig) -> tuple[LayerFlowDiT, list[str]]:
+    """The float32 network with its starting weights and the chosen groups trainable; returns their names."""
     network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
     if config.model.weights == "random":
         randomize_(network, config.sampling.seed)  # the same tiny network the sampling pipeline builds
@@ -132,7 +132,7 @@ class Trainer:
         self.cache = LatentCache(config, sample_ids)
         self.save_dir = Path(self.training.save)
         self.show_progress = show_progress and distributed.is_main_process()
-        self.network, self.trainable_names = build_network(config, self.placement)
+        self.network, self.trainable_names = build_network(config)
         self.identity = run_identity(config, self.trainable_names, self.world)
         self.start_step = 0
         resume = load_resume_state(self.save_dir, self.identity)
@@ -224,6 +224,8 @@ class Trainer:
     def run(self, on_step: StepCallback | None = None) -> list[dict]:
         """Train from the resumed step to ``training.steps``, saving every ``save_interval`` steps and at the end."""
         t = self.training
+        if distributed.is_main_process():
+            self.save_dir.mkdir(parents=True, exist_ok=True)
         writer = self._tensorboard()
         bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.show_progress)
