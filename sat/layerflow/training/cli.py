@@ -29,6 +29,7 @@ from .cache import CacheError, prepare_cache
 from .checkpointing import latest_step, write_sample_config
 from .config import TrainConfig, load_train_config
 from .dataset import SampleError, read_manifest
+from .params import describe_trainable
 
 EXIT_USAGE = 2
 
@@ -108,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer
 
         trainer = Trainer(config, [s.id for s in samples], show_progress=not args.no_progress)
+        if distributed.is_main_process():
+            print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
+                  f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
+                  f"logs in {save / 'logs'}" + (f", TensorBoard in {save / 'tensorboard'}"
+                                                 if config.training.tensorboard else ""))
         history = trainer.run()
         if distributed.is_main_process():
             vae_path = export_random_vae(config, save) if config.model.weights == "random" else None

@@ -73,6 +73,16 @@ def select_trainable(network: nn.Module, groups: Iterable[str], layers: Iterable
     return names
 
 
+def describe_trainable(network: nn.Module, groups: Iterable[str]) -> str:
+    """One line: tensors and parameters that train per requested group (a group may not exist in a task)."""
+    parts = []
+    for group in groups:
+        params = [p for n, p in network.named_parameters() if p.requires_grad and parameter_group(n) == group]
+        count = sum(p.numel() for p in params)
+        parts.append(f"{group}: {len(params)} tensors, {count:,} parameters" if params else f"{group}: none here")
+    return "; ".join(parts)
+
+
 @torch.no_grad()
 def init_fresh_branches(network: nn.Module) -> None:
     """LoRA as the original initialises it: down-projections (A, C) Kaiming-uniform, up-projections zero."""

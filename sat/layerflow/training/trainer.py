@@ -42,7 +42,7 @@ from .cache import CachedSample, LatentCache
 from .checkpointing import load_resume_state, run_identity, save_checkpoint
 from .config import TrainConfig
 from .loss import NoisedBatch, diffusion_loss
-from .params import load_starting_weights, select_trainable
+from .params import describe_trainable, load_starting_weights, select_trainable
 
 log = logging.getLogger("layerflow.training")
 
@@ -134,6 +134,7 @@ class Trainer:
         self.show_progress = show_progress and distributed.is_main_process()
         self.network, self.trainable_names = build_network(config)
         self.identity = run_identity(config, self.trainable_names, self.world)
+        log.info("%s trainable: %s", self.layout.name, describe_trainable(self.network, self.training.trainable))
         self.start_step = 0
         resume = load_resume_state(self.save_dir, self.identity)
         if resume is not None:
