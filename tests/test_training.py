@@ -358,3 +358,39 @@ def test_resume_refuses_a_changed_recipe(prepared, tmp_path):
     with pytest.raises(Exception, match="cannot resume iteration 1 with changed settings.*global_batch"):
         trainer(prepared, tmp_path / "run", "training.steps=2", "training.batch_size=2")
     shutil.rmtree(tmp_path / "run")
+
+
+def test_start_from_cogvideox_weights(tmp_path):
+    from layerflow.checkpoint import CheckpointError, save_sat_checkpoint
+    from layerflow.random_weights import randomize_
+    from layerflow.training.params import load_starting_weights
+
+    config = load_train_config([CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
+                               ["training.layers=[]", "training.init=cogvideox"])
+    source = randomize_(LayerFlowDiT(config.network), 5)
+    cogvideox = {}
+    for name, value in source.state_dict().items():
+        if ".matrix_" in name or "txt_embedder" in name:
+            continue  # CogVideoX-2B has neither LoRA nor a layer embedding
+        name = name.replace(".original.", ".")
+        if name.endswith("pos_embedding"):
+            value = torch.zeros(1, 226 + 13 * 24, value.shape[-1])  # its own 49-frame, one-prompt table
+        cogvideox[NETWORK_PREFIX + name] = value
+    save_sat_checkpoint(cogvideox, tmp_path / "transformer", iteration=1000)
+    network = LayerFlowDiT(config.network)
+    table = network.mixins.pos_embed.pos_embedding.detach().clone()
+    load_starting_weights(network, str(tmp_path / "transformer"), "cogvideox", config.layout)
+    state, original = network.state_dict(), source.state_dict()
+    for name, value in state.items():
+        if ".matrix_B." in name or ".matrix_D." in name:
+            assert not value.any(), name
+        elif ".matrix_A." in name or ".matrix_C." in name:
+            assert value.abs().max() > 0 and not torch.equal(value, original[name]), name
+        elif name.endswith("pos_embedding"):
+            assert torch.equal(value, table)
+        elif "txt_embedder" not in name:
+            assert torch.equal(value, original[name]), name
+    del cogvideox[NETWORK_PREFIX + "time_embed.0.weight"]
+    save_sat_checkpoint(cogvideox, tmp_path / "broken", iteration=1)
+    with pytest.raises(CheckpointError, match="time_embed.0.weight"):
+        load_starting_weights(LayerFlowDiT(config.network), str(tmp_path / "broken"), "cogvideox", config.layout)
