@@ -394,3 +394,13 @@ def test_start_from_cogvideox_weights(tmp_path):
     save_sat_checkpoint(cogvideox, tmp_path / "broken", iteration=1)
     with pytest.raises(CheckpointError, match="time_embed.0.weight"):
         load_starting_weights(LayerFlowDiT(config.network), str(tmp_path / "broken"), "cogvideox", config.layout)
+
+
+def test_bfloat16_keeps_trainable_weights_in_float32(prepared, tmp_path):
+    full = trainer(prepared, tmp_path / "fp32", "training.text_dropout=0.0")
+    half = trainer(prepared, tmp_path / "bf16", "training.text_dropout=0.0", "runtime.dtype=bfloat16")
+    assert {p.dtype for p in half.params} == {torch.float32}
+    assert {p.dtype for p in half.network.parameters() if not p.requires_grad} == {torch.bfloat16}
+    losses = [run.train_step(0)["loss"] for run in (full, half)]
+    assert losses[1] == pytest.approx(losses[0], rel=0.05) and losses[0] != losses[1]
+    assert all(p.grad is None for p in half.params)  # gradients were applied and released
