@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -90,7 +91,8 @@ def prepared(dataset) -> Path:
 
 
 def trainer(manifest: Path, save: Path, *overrides: str) -> Trainer:
-    return Trainer(train_config(manifest, save, *overrides), ["clip", "still"], show_progress=False)
+    config = train_config(manifest, save, *overrides)
+    return Trainer(config, read_manifest(manifest, config.layout), show_progress=False)
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -152,12 +154,13 @@ def test_bad_sample_stops_preparation_naming_id_and_file(dataset, tmp_path):
     assert "sample broken" in text and "missing" in text and f"{manifest}:2" in text
     assert not (tmp_path / "cache" / "index.json").exists()
     with pytest.raises(CacheError, match="run the prepare step"):
-        LatentCache(config, ["good", "broken"])
+        LatentCache(config, read_manifest(manifest, config.layout))
 
 
 def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
     config = train_config(prepared, prepared.parent / "unused")
-    cache = LatentCache(config, ["clip", "still"])
+    samples = read_manifest(prepared, config.layout)
+    cache = LatentCache(config, samples)
     clip, still = cache.load(0), cache.load(1)
     layout = config.layout
     assert clip.mean.shape == (layout.latent_frames, 16, 4, 6) and clip.std.shape == clip.mean.shape
@@ -166,7 +169,10 @@ def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
     other = load_train_config([CONFIGS / "model_rgb.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
                               [*SMALL, f"training.cache={prepared.parent / 'cache'}"])
     with pytest.raises(CacheError, match="made for another config"):
-        LatentCache(prepare_random_weights(other), ["clip"])
+        LatentCache(prepare_random_weights(other), samples)
+    edited = [dataclasses.replace(samples[0], prompts={**samples[0].prompts, "fg": "a blue disc"}), samples[1]]
+    with pytest.raises(CacheError, match=r"\['clip'\] of the manifest are not cached \(or changed since\)"):
+        LatentCache(config, edited)
 
 
 # -- loss -------------------------------------------------------------------------------------------------
@@ -363,7 +369,7 @@ def test_resume_refuses_a_changed_recipe(prepared, tmp_path):
 def test_start_from_cogvideox_weights(tmp_path):
     from layerflow.checkpoint import CheckpointError, save_sat_checkpoint
     from layerflow.random_weights import randomize_
-    from layerflow.training.params import load_starting_weights
+    from layerflow.training.params import load_checkpoint_weights
 
     config = load_train_config([CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
                                ["training.layers=[]", "training.init=cogvideox"])
@@ -379,7 +385,7 @@ def test_start_from_cogvideox_weights(tmp_path):
     save_sat_checkpoint(cogvideox, tmp_path / "transformer", iteration=1000)
     network = LayerFlowDiT(config.network)
     table = network.mixins.pos_embed.pos_embedding.detach().clone()
-    load_starting_weights(network, str(tmp_path / "transformer"), "cogvideox", config.layout)
+    load_checkpoint_weights(network, str(tmp_path / "transformer"), "cogvideox", config.layout)
     state, original = network.state_dict(), source.state_dict()
     for name, value in state.items():
         if ".matrix_B." in name or ".matrix_D." in name:
@@ -393,7 +399,7 @@ def test_start_from_cogvideox_weights(tmp_path):
     del cogvideox[NETWORK_PREFIX + "time_embed.0.weight"]
     save_sat_checkpoint(cogvideox, tmp_path / "broken", iteration=1)
     with pytest.raises(CheckpointError, match="time_embed.0.weight"):
-        load_starting_weights(LayerFlowDiT(config.network), str(tmp_path / "broken"), "cogvideox", config.layout)
+        load_checkpoint_weights(LayerFlowDiT(config.network), str(tmp_path / "broken"), "cogvideox", config.layout)
 
 
 def test_bfloat16_keeps_trainable_weights_in_float32(prepared, tmp_path):

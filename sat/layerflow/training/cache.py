@@ -2,17 +2,20 @@
 
 The cache folder holds one file per sample and an index::
 
-    <cache>/index.json         format, fingerprint (task, variant, sizes, encoders), ids in manifest order
-    <cache>/samples/<id>.pt    posterior mean and std (T, c, h, w), text states (L, e), still flag
+    <cache>/index.json                  format, fingerprint (task, variant, sizes, encoders), sample files
+    <cache>/samples/<id>-<digest>.pt    posterior mean and std (T, c, h, w), text states (L, e)
 
-Each training step draws a fresh latent ``scale_factor * (mean + std * eps)`` from the stored
-posterior, as the original does with its cached VAE moments. Files are written atomically; an
-interrupted prepare resumes where it stopped, and a cache made for another task, size or encoder
-is refused with one line. Under torchrun rank r encodes samples r, r+N, ...
+Mean and std are stored multiplied by the VAE scale factor, so each training step draws a fresh
+latent ``mean + std * eps`` from the posterior, as the original does with its cached VAE moments.
+The digest covers the sample's prompts and input paths: an edited manifest line is encoded anew.
+Files are written atomically; an interrupted prepare resumes where it stopped, and a cache made
+for another task, size or encoder is refused with one line. Under torchrun rank r encodes
+samples r, r+N, ...
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -48,7 +51,7 @@ class CachedSample:
     mean: torch.Tensor  # (T, c, h, w)
     std: torch.Tensor  # (T, c, h, w)
     context: torch.Tensor  # (L, e)
-    still: bool
+    still: bool  # from the manifest: still clips switch the motion LoRA on
 
 
 def fingerprint(config: TrainConfig) -> dict:
@@ -76,8 +79,14 @@ def build_vae(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> 
     return vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def _sample_path(cache: Path, sample_id: str) -> Path:
-    return cache / "samples" / f"{sample_id}.pt"
+def sample_digest(sample: TrainingSample) -> str:
+    """What a sample's encodings depend on besides the config: its prompts and input files."""
+    blob = json.dumps({"prompts": dict(sample.prompts), "inputs": dict(sample.inputs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sample_path(cache: Path, sample: TrainingSample) -> Path:
+    return cache / "samples" / f"{sample.id}-{sample_digest(sample)}.pt"
 
 
 def _check_index(cache: Path, expected: dict) -> None:
@@ -104,7 +113,7 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
     expected = fingerprint(config)
     _check_index(cache, expected)
     rank, world = distributed.rank(), distributed.world_size()
-    todo = [s for s in samples[rank::world] if not _sample_path(cache, s.id).is_file()]
+    todo = [s for s in samples[rank::world] if not _sample_path(cache, s).is_file()]
     error: SampleError | None = None
     if todo:
         placement = resolve_placement(config.runtime)
@@ -125,9 +134,8 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
             except SampleError as failure:
                 error = failure
                 break
-            record = {"mean": mean * scale, "std": std * scale, "context": context.float().cpu().contiguous(),
-                      "still": torch.tensor(sample.still)}
-            with atomic_path(_sample_path(cache, sample.id)) as tmp:
+            record = {"mean": mean * scale, "std": std * scale, "context": context.float().cpu().contiguous()}
+            with atomic_path(_sample_path(cache, sample)) as tmp:
                 torch.save(record, tmp)
             if show_progress:
                 print(f"\rprepare: {number}/{len(todo)} samples encoded on rank {rank}", end="", flush=True)
@@ -139,7 +147,8 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
     if failed:
         raise SampleError(f"{failed} rank(s) met a bad sample while preparing {cache}; see their errors")
     if distributed.is_main_process():
-        index = {"format": CACHE_FORMAT, "fingerprint": expected, "ids": [s.id for s in samples]}
+        index = {"format": CACHE_FORMAT, "fingerprint": expected,
+                 "samples": [_sample_path(cache, s).name for s in samples]}
         write_text_atomic(cache / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     _count_on_all_ranks(0)  # every rank waits until the index is written
     return cache
@@ -158,29 +167,33 @@ def _count_on_all_ranks(value: int) -> int:
 
 
 class LatentCache:
-    """Read access to a prepared cache, checked against the config and the manifest's ids."""
+    """Read access to a prepared cache, checked against the config and the manifest's samples."""
 
-    def __init__(self, config: TrainConfig, ids: Sequence[str]):
+    def __init__(self, config: TrainConfig, samples: Sequence[TrainingSample]):
         self.folder = config.training.cache_dir
         index = self.folder / INDEX_FILE
         if not index.is_file():
             raise CacheError(f"{index}: missing; run the prepare step first (train_video.py --prepare-only)")
         _check_index(self.folder, fingerprint(config))
-        recorded = json.loads(index.read_text(encoding="utf-8"))["ids"]
-        absent = [i for i in ids if i not in set(recorded)]
+        absent = [s.id for s in samples if not _sample_path(self.folder, s).is_file()]
         if absent:
-            raise CacheError(f"{index}: samples {absent[:5]} of the manifest are not cached; rerun the prepare step")
-        self.ids = list(ids)
+            raise CacheError(f"{self.folder}: samples {absent[:5]} of the manifest are not cached (or changed since); "
+                             f"rerun the prepare step")
+        self.samples = list(samples)
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.id for s in self.samples]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.samples)
 
     def load(self, position: int) -> CachedSample:
-        sample_id = self.ids[position]
-        path = _sample_path(self.folder, sample_id)
+        sample = self.samples[position]
+        path = _sample_path(self.folder, sample)
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
-            return CachedSample(sample_id, record["mean"], record["std"], record["context"], bool(record["still"]))
+            return CachedSample(sample.id, record["mean"], record["std"], record["context"], sample.still)
         except (OSError, RuntimeError, KeyError, EOFError) as error:
-            raise CacheError(f"{path}: unreadable cached sample {sample_id} ({error}); delete it and rerun "
+            raise CacheError(f"{path}: unreadable cached sample {sample.id} ({error}); delete it and rerun "
                              f"the prepare step") from None

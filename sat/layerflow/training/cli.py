@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .trainer import Trainer
 
-        trainer = Trainer(config, [s.id for s in samples], show_progress=not args.no_progress)
+        trainer = Trainer(config, samples, show_progress=not args.no_progress)
         if distributed.is_main_process():
             print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
                   f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "

@@ -93,7 +93,7 @@ def init_fresh_branches(network: nn.Module) -> None:
             param.zero_()
 
 
-def load_starting_weights(network: nn.Module, path: str, init: str, layout: TaskLayout) -> None:
+def load_checkpoint_weights(network: nn.Module, path: str, init: str, layout: TaskLayout) -> None:
     """Fill ``network`` from a LayerFlow checkpoint (strict) or from CogVideoX-2B SAT weights."""
     if init == "release":
         load_network(network, path, layout)

@@ -41,8 +41,9 @@ from ..sampling import DDPM_STEPS
 from .cache import CachedSample, LatentCache
 from .checkpointing import load_resume_state, run_identity, save_checkpoint
 from .config import TrainConfig
+from .dataset import TrainingSample
 from .loss import NoisedBatch, diffusion_loss
-from .params import describe_trainable, load_starting_weights, select_trainable
+from .params import describe_trainable, load_checkpoint_weights, select_trainable
 
 log = logging.getLogger("layerflow.training")
 
@@ -100,15 +101,21 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_network(config: TrainConfig) -> tuple[LayerFlowDiT, list[str]]:
-    """The float32 network with its starting weights and the chosen groups trainable; returns their names."""
+def build_network(config: TrainConfig, resume: bool = False) -> tuple[LayerFlowDiT, list[str]]:
+    """The float32 network with the chosen groups trainable (names returned); its starting weights
+    are loaded unless ``resume`` (a checkpoint of the run will fill it)."""
     network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
+    if not resume:
+        load_starting_weights(network, config)
+    trainable = select_trainable(network, config.training.trainable, config.training.layers)
+    return network, trainable
+
+
+def load_starting_weights(network: LayerFlowDiT, config: TrainConfig) -> None:
     if config.model.weights == "random":
         randomize_(network, config.sampling.seed)  # the same tiny network the sampling pipeline builds
     else:
-        load_starting_weights(network, config.model.checkpoint, config.training.init, config.layout)
-    trainable = select_trainable(network, config.training.trainable, config.training.layers)
-    return network, trainable
+        load_checkpoint_weights(network, config.model.checkpoint, config.training.init, config.layout)
 
 
 def _place(network: LayerFlowDiT, placement: Placement) -> None:
@@ -123,23 +130,24 @@ def _place(network: LayerFlowDiT, placement: Placement) -> None:
 class Trainer:
     """One training run; :meth:`run` trains from the last checkpoint in ``training.save`` (if any) on."""
 
-    def __init__(self, config: TrainConfig, sample_ids: list[str], show_progress: bool = True):
+    def __init__(self, config: TrainConfig, samples: list[TrainingSample], show_progress: bool = True):
         self.config = config
         self.training = config.training
         self.layout = config.layout
         self.placement = resolve_placement(config.runtime)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.cache = LatentCache(config, sample_ids)
+        self.cache = LatentCache(config, samples)
         self.save_dir = Path(self.training.save)
         self.show_progress = show_progress and distributed.is_main_process()
-        self.network, self.trainable_names = build_network(config)
+        self.network, self.trainable_names = build_network(config, resume=True)
         self.identity = run_identity(config, self.trainable_names, self.world)
         log.info("%s trainable: %s", self.layout.name, describe_trainable(self.network, self.training.trainable))
-        self.start_step = 0
         resume = load_resume_state(self.save_dir, self.identity)
-        if resume is not None:
+        self.start_step = 0 if resume is None else resume.step
+        if resume is None:
+            load_starting_weights(self.network, config)
+        else:
             self.network.load_state_dict(resume.model, strict=True)
-            self.start_step = resume.step
         _place(self.network, self.placement)
         self.network.transformer.checkpoint_activations = self.training.gradient_checkpointing
         self.params = [p for p in self.network.parameters() if p.requires_grad]
