@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,41 @@ def test_bad_sample_is_one_line_and_exit_2(two_stills, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sample no-alpha" in errors[0] and "fg_rgb.png" in errors[0], result.stderr[-2000:]
     assert "no alpha channel" in errors[0] and not (tmp_path / "run" / "latest").exists()
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(two_stills, tmp_path):
+    settings = ("training.steps=4", "training.save_interval=1", "training.learning_rate=0.01",
+                "training.tensorboard=false")
+    straight = train(1, "gen_rgb", two_stills, tmp_path / "straight", *settings)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    save = tmp_path / "killed"
+    script = str(REPO_ROOT / "sat" / "train_video.py")
+    base = ["--base", str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+            str(CONFIGS / "train" / "content_lora.yaml"), str(CONFIGS / "tiny.yaml")]
+    overrides = [*SMALL, f"training.manifest={two_stills}", f"training.save={save}",
+                 f"training.cache={two_stills.parent / 'cache_gen_rgb'}", *settings]
+    process = subprocess.Popen([sys.executable, script, *base, *[a for o in overrides for a in ("--set", o)],
+                                "--no-progress"], cwd=REPO_ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        latest = save / "latest"
+        if latest.is_file() and latest.read_text().strip() == "2":
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (save / "latest").read_text().strip() in {"2", "3"} and not (save / "4").exists()
+
+    resumed = train(1, "gen_rgb", two_stills, save, *settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 2 to 4" in resumed.stdout or "from step 3 to 4" in resumed.stdout
+    assert [r["step"] for r in log_records(save)] == [1, 2, 3, 4]
+    final, expected = module_state(save, 4), module_state(tmp_path / "straight", 4)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+    optimizer = [torch.load(folder / "4" / "training_state.pt", weights_only=True)["optimizer"]["state"]
+                 for folder in (save, tmp_path / "straight")]
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(optimizer[0].values(),
+                                                                              optimizer[1].values(), strict=True))

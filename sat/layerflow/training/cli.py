@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer
 
         trainer = Trainer(config, samples, show_progress=not args.no_progress)
-        if distributed.is_main_process():
+        if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
+            vae_path = export_random_vae(config, save) if config.model.weights == "random" else None
+            sample_config = write_sample_config(config, save, vae_path)
             print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
                   f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
                   f"logs in {save / 'logs'}" + (f", TensorBoard in {save / 'tensorboard'}"
                                                  if config.training.tensorboard else ""))
         history = trainer.run()
         if distributed.is_main_process():
-            vae_path = export_random_vae(config, save) if config.model.weights == "random" else None
-            sample_config = write_sample_config(config, save, vae_path)
             last = f", last loss {history[-1]['loss']:.4f}" if history else " (already complete)"
             print(f"trained {config.training.steps} steps{last} -> {save} (sample with --base {sample_config})")
     except (SampleError, CacheError, CheckpointError, ConfigError, OSError) as error:

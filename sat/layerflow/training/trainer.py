@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import distributed
+from ..atomic import write_text_atomic
 from ..devices import Placement, resolve_placement
 from ..dit import LayerFlowDiT
 from ..geometry import TOKENS_PER_PROMPT
@@ -235,6 +236,7 @@ class Trainer:
         t = self.training
         if distributed.is_main_process():
             self.save_dir.mkdir(parents=True, exist_ok=True)
+            self._drop_logged_steps_after(self.start_step)
         writer = self._tensorboard()
         bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.show_progress)
@@ -265,6 +267,15 @@ class Trainer:
             log.info("saved iteration %d to %s", iteration, self.save_dir)
         if self.world > 1:
             dist.barrier()
+
+    def _drop_logged_steps_after(self, step: int) -> None:
+        """A killed run may have logged steps past its last checkpoint; they are redone, so forget them."""
+        path = self.save_dir / "train_log.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _tensorboard(self):
         if not (self.training.tensorboard and distributed.is_main_process()):
