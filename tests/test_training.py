@@ -247,6 +247,9 @@ def test_unknown_group_and_layer_are_config_errors():
         load_train_config(FILES, ["training.trainable=[lora]"])
     with pytest.raises(ConfigError, match=r"training.layers \[7\]"):
         load_train_config(FILES, ["training.layers=[7]"])
+    seg_rgb = load_train_config(FILES, ["training.layers=[]"])  # seg_rgb has no layer embedding
+    with pytest.raises(ConfigError, match="selects no parameter"):
+        select_trainable(LayerFlowDiT(seg_rgb.network), ["layer_embedding"])
 
 
 def test_learning_rate_schedule():

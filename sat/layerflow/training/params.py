@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_network, network_state, read_checkpoint, resolve_checkpoint_file
+from ..config import ConfigError
 from ..layouts import TaskLayout
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def select_trainable(network: nn.Module, groups: Iterable[str], layers: Iterable
         if chosen:
             names.append(name)
     if not names:
-        raise ValueError(f"training.trainable {sorted(groups)} with layers {sorted(layers)} selects no parameter")
+        raise ConfigError(f"training.trainable {sorted(groups)} with layers {sorted(layers) or 'all'} selects no "
+                          f"parameter of this network")
     return names
 
 

@@ -102,11 +102,11 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_network(config: TrainConfig, resume: bool = False) -> tuple[LayerFlowDiT, list[str]]:
-    """The float32 network with the chosen groups trainable (names returned); its starting weights
-    are loaded unless ``resume`` (a checkpoint of the run will fill it)."""
+def build_network(config: TrainConfig, load_weights: bool = True) -> tuple[LayerFlowDiT, list[str]]:
+    """The float32 network with the chosen groups trainable (names returned) and, with ``load_weights``,
+    its starting weights (a resumed run fills it from its checkpoint instead)."""
     network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
-    if not resume:
+    if load_weights:
         load_starting_weights(network, config)
     trainable = select_trainable(network, config.training.trainable, config.training.layers)
     return network, trainable
@@ -140,7 +140,7 @@ class Trainer:
         self.cache = LatentCache(config, samples)
         self.save_dir = Path(self.training.save)
         self.show_progress = show_progress and distributed.is_main_process()
-        self.network, self.trainable_names = build_network(config, resume=True)
+        self.network, self.trainable_names = build_network(config, load_weights=False)
         self.identity = run_identity(config, self.trainable_names, self.world)
         log.info("%s trainable: %s", self.layout.name, describe_trainable(self.network, self.training.trainable))
         resume = load_resume_state(self.save_dir, self.identity)
