@@ -413,3 +413,23 @@ def test_bfloat16_keeps_trainable_weights_in_float32(prepared, tmp_path):
     losses = [run.train_step(0)["loss"] for run in (full, half)]
     assert losses[1] == pytest.approx(losses[0], rel=0.05) and losses[0] != losses[1]
     assert all(p.grad is None for p in half.params)  # gradients were applied and released
+
+
+LORA_RANK_CONTENT, HIDDEN = 256, 1920
+# content LoRA of one full-size layer: qkv has 3 partitions of C (256 x 1920) and D (1920 x 256), dense one
+CONTENT_PER_LAYER = 3 * 2 * LORA_RANK_CONTENT * HIDDEN + 2 * LORA_RANK_CONTENT * HIDDEN
+LAYER_EMBEDDING = 2 * HIDDEN + 2 * HIDDEN  # Linear(1, 1920) and LayerNorm(1920)
+
+
+@pytest.mark.parametrize("task", ["gen", "seg", "fg2bg", "bg2fg"])
+@pytest.mark.parametrize("variant", ["rgb", "rgba"])
+def test_stage_files_fit_every_full_size_layout(task, variant):
+    files = [CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
+    for stage in ("base", "motion_lora", "content_lora"):
+        load_train_config([*files, CONFIGS / "train" / f"{stage}.yaml"])
+    config = load_train_config([*files, CONFIGS / "train" / "content_lora.yaml"])
+    network = LayerFlowDiT(config.network, device="meta")
+    names = select_trainable(network, config.training.trainable, config.training.layers)
+    count = sum(p.numel() for n, p in network.named_parameters() if n in set(names))
+    embedding = LAYER_EMBEDDING if config.network.learnable_txt_embed else 0
+    assert count == 5 * CONTENT_PER_LAYER + embedding
