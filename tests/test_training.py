@@ -433,3 +433,13 @@ def test_stage_files_fit_every_full_size_layout(task, variant):
     count = sum(p.numel() for n, p in network.named_parameters() if n in set(names))
     embedding = LAYER_EMBEDDING if config.network.learnable_txt_embed else 0
     assert count == 5 * CONTENT_PER_LAYER + embedding
+
+
+def test_keep_checkpoints_prunes_old_iterations_only(tmp_path):
+    from layerflow.training.checkpointing import _prune
+
+    for name in ("1", "2", "10", "11", "cache", "tensorboard"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "latest").write_text("11")
+    _prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "11", "cache", "latest", "tensorboard"]
