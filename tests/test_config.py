@@ -106,3 +106,9 @@ def test_text_length_comes_from_the_task():
     assert load_config(base("seg", "rgba")).to_dict()["model"]["network"]["text_length"] == 452
     with pytest.raises(ConfigError, match="seg_rgba has 452 text tokens"):
         load_config(base("seg", "rgba"), ["model.network.text_length=678"])
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    assert load_config(base(), ["sampling.guidance_scale=5e0"]).sampling.guidance_scale == 5.0
+    with pytest.raises(ConfigError, match="sampling.guidance_scale .*expected a number, got 'five'"):
+        load_config(base(), ["sampling.guidance_scale=five"])

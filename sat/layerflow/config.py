@@ -41,6 +41,7 @@ def _require(ok: bool, name: str, expected: str) -> None:
         raise FieldError(name, expected)
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -258,6 +259,8 @@ def _convert(value, hint, path: str, origins: dict):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -341,8 +344,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> LayerFlowConfig:
-    """Merge YAML files in order (later wins), apply overrides, validate into :class:`LayerFlowConfig`."""
+def load_config(files: Sequence[str | Path], overrides: Sequence[str] = (),
+                schema: type[LayerFlowConfig] = LayerFlowConfig) -> LayerFlowConfig:
+    """Merge YAML files in order (later wins), apply overrides, validate into :class:`LayerFlowConfig`
+    (or ``schema``, a subclass with more sections, such as the training config)."""
     merged: dict = {}
     origins: dict = {}
     for file in files:
@@ -368,7 +373,7 @@ def load_config(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> L
             nested = nested.setdefault(key, {})
         nested[keys[-1]] = value
         _merge(merged, update, origins, f"--set {text}")
-    config = _build(LayerFlowConfig, merged, "", origins)
+    config = _build(schema, merged, "", origins)
     set_length, task_length = config.model.network.text_length, config.layout.text_length
     if set_length not in (0, task_length):
         raise ConfigError(f"model.network.text_length (from {_origin(origins, 'model.network.text_length')}) is "

@@ -1,0 +1,123 @@
+"""Training checkpoints in the original release layout, written atomically, and resuming from them.
+
+``<save>/`` after iteration 200::
+
+    latest                               "200", written last
+    200/mp_rank_00_model_states.pt       {'module': {'model.diffusion_model.<name>': tensor}}: the whole network
+    200/training_state.pt                optimizer, LR schedule, step, and what the run must not change
+    sample.yaml                          a config that samples this checkpoint with sat/sample_video.py
+
+The iteration folder appears complete or not at all, and ``latest`` names it only afterwards, so
+a run killed at any moment resumes from the last complete checkpoint. The model file is the
+format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is read back with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ..atomic import atomic_directory, atomic_path, write_text_atomic
+from ..checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, CheckpointError
+from .config import TrainConfig
+
+TRAINING_STATE_FILE = "training_state.pt"
+SAMPLE_CONFIG_FILE = "sample.yaml"
+
+
+@dataclass
+class ResumeState:
+    """What a resumed run continues with."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+
+
+def run_identity(config: TrainConfig, trainable: list[str], world_size: int) -> dict:
+    """Settings a resumed run must share with the run it continues (else the data order would differ)."""
+    training = config.training
+    return {
+        "task": config.layout.name,
+        "trainable": list(trainable),
+        "global_batch": training.batch_size * training.grad_accumulation * world_size,
+        "seed": training.seed,
+    }
+
+
+def save_checkpoint(folder: Path, step: int, network: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, identity: Mapping, keep: int = 0) -> Path:
+    """Write iteration ``step`` (model, training state), then point ``latest`` at it."""
+    module = {NETWORK_PREFIX + name: value.detach().cpu().contiguous() for name, value in network.state_dict().items()}
+    training_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "identity": dict(identity)}
+    target = folder / str(step)
+    with atomic_directory(target) as staging:
+        torch.save({"module": module}, staging / SAT_MODEL_FILE)
+        torch.save(training_state, staging / TRAINING_STATE_FILE)
+    write_text_atomic(folder / "latest", str(step))
+    if keep:
+        _prune(folder, keep)
+    return target
+
+
+def _prune(folder: Path, keep: int) -> None:
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    for step in steps[:-keep]:
+        shutil.rmtree(folder / str(step), ignore_errors=True)
+
+
+def latest_step(folder: Path) -> int | None:
+    latest = folder / "latest"
+    if not latest.is_file():
+        return None
+    text = latest.read_text(encoding="utf-8").strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{latest}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def load_resume_state(folder: Path, identity: Mapping) -> ResumeState | None:
+    """The last checkpoint of a run in ``folder``, or ``None`` when it has none."""
+    step = latest_step(folder)
+    if step is None:
+        return None
+    model_file, state_file = folder / str(step) / SAT_MODEL_FILE, folder / str(step) / TRAINING_STATE_FILE
+    for path in (model_file, state_file):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing, but {folder / 'latest'} names iteration {step}")
+    try:
+        module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, OSError) as error:
+        raise CheckpointError(f"{folder / str(step)}: unreadable checkpoint ({error})") from None
+    recorded = state.get("identity", {})
+    changed = sorted(key for key in identity if recorded.get(key) != identity[key])
+    if changed:
+        details = ", ".join(f"{key}: {recorded.get(key)!r} -> {identity[key]!r}" for key in changed)
+        raise CheckpointError(f"{folder}: cannot resume iteration {step} with changed settings ({details}); "
+                              f"use a new training.save folder")
+    model = {name[len(NETWORK_PREFIX):]: value for name, value in module.items()}
+    return ResumeState(step=int(state["step"]), model=model, optimizer=state["optimizer"],
+                       scheduler=state["scheduler"])
+
+
+def write_sample_config(config: TrainConfig, folder: Path, vae_path: str | None = None) -> Path:
+    """``<save>/sample.yaml``: the run's config for ``sat/sample_video.py``, with this folder as checkpoint."""
+    data = config.sampling_dict()
+    data["model"]["weights"] = "checkpoint"
+    data["model"]["checkpoint"] = str(folder.resolve())
+    data["model"]["vae"]["path"] = vae_path or str(Path(data["model"]["vae"]["path"]).resolve())
+    data["model"]["text_encoder"]["path"] = str(Path(data["model"]["text_encoder"]["path"]).resolve())
+    path = folder / SAMPLE_CONFIG_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

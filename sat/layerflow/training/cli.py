@@ -1,0 +1,130 @@
+"""``train_video.py``: prepare the encoded dataset, then train a stage, from YAML configs.
+
+Examples::
+
+    # content LoRA of RGBA multi-layer generation, continuing the released checkpoint
+    torchrun --nproc_per_node=8 sat/train_video.py --base configs/model_rgba.yaml \\
+        configs/tasks/gen_rgba.yaml configs/train/content_lora.yaml \\
+        --set training.manifest=data/train.jsonl --set training.save=checkpoints/gen_rgba_content
+
+    # only encode the dataset (VAE + T5) into training.cache
+    python sat/train_video.py --base ... --prepare-only
+
+Rerunning the same command resumes from the last checkpoint in ``training.save``.
+Exit status: 0 done, 2 usage, config, data or checkpoint error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .. import distributed
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..weights import MissingWeightsError, check_weights, prepare_random_weights
+from .cache import CacheError, prepare_cache
+from .checkpointing import latest_step, write_sample_config
+from .config import TrainConfig, load_train_config
+from .dataset import SampleError, read_manifest
+from .params import describe_trainable
+
+EXIT_USAGE = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train_video.py",
+        description="LayerFlow training: LoRA / layer embedding / full fine-tuning on layered clips.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1],
+    )
+    parser.add_argument("--base", nargs="+", required=True, metavar="YAML",
+                        help="config files, merged in order (later files win): model, task, training stage")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.steps=500 (repeatable)")
+    parser.add_argument("--prepare-only", action="store_true", help="encode the dataset into the cache and stop")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def _checked_config(args: argparse.Namespace) -> TrainConfig:
+    config = load_train_config(args.base, args.set)
+    if not config.training.manifest:
+        raise ConfigError("training.manifest is not set (a JSONL of layered samples; see the README, 'Training')")
+    if config.model.weights == "random":
+        return prepare_random_weights(config)
+    resuming = latest_step(Path(config.training.save)) is not None
+    if not resuming or not Path(config.training.cache_dir / "index.json").is_file():
+        check_weights(config)
+    return config
+
+
+def _setup_logging(save: Path) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.root.handlers:
+        handler.setLevel(logging.WARNING)
+    (save / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(save / "logs" / f"rank{distributed.rank()}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    package = logging.getLogger("layerflow")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+def export_random_vae(config: TrainConfig, folder: Path) -> str:
+    """The tiny model's seeded VAE as a ``3d-vae.pt``-style file, so the checkpoint samples like a real one."""
+    import torch
+
+    from ..atomic import atomic_path
+    from .cache import build_vae
+
+    path = folder / "random-vae.pt"
+    vae = build_vae(config, torch.device("cpu"), torch.float32)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": vae.state_dict()}, tmp)
+    return str(path.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = _checked_config(args)
+        layout = config.layout
+        samples = read_manifest(config.training.manifest, layout)
+    except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    save = Path(config.training.save)
+    try:
+        _setup_logging(save)
+        distributed.ensure_model_parallel()
+        prepare_cache(config, samples, show_progress=not args.no_progress and distributed.is_main_process())
+        if args.prepare_only:
+            if distributed.is_main_process():
+                print(f"prepared {len(samples)} samples in {config.training.cache_dir}")
+            return 0
+        from .trainer import Trainer
+
+        trainer = Trainer(config, samples, show_progress=not args.no_progress)
+        if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
+            vae_path = export_random_vae(config, save) if config.model.weights == "random" else None
+            sample_config = write_sample_config(config, save, vae_path)
+            print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
+                  f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
+                  f"logs in {save / 'logs'}" + (f", TensorBoard in {save / 'tensorboard'}"
+                                                 if config.training.tensorboard else ""))
+        history = trainer.run()
+        if distributed.is_main_process():
+            last = f", last loss {history[-1]['loss']:.4f}" if history else " (already complete)"
+            print(f"trained {config.training.steps} steps{last} -> {save} (sample with --base {sample_config})")
+    except (SampleError, CacheError, CheckpointError, ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
