@@ -15,6 +15,7 @@ from layerflow.config import ConfigError, OutputSection, load_config
 from layerflow.outputs import write_layer_files
 from layerflow.tools.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.tools.score import (
+    SCORE_KEYS,
     alpha_temporal_change,
     edge_band,
     layer_scores,
@@ -226,3 +227,17 @@ def test_meta_scores_match_the_score_of_the_files(tmp_path):
     meta = json.loads((tmp_path / "gen_rgba" / "meta.json").read_text())
     assert meta["scores"] == to_json(score_folder(tmp_path / "gen_rgba"))
     assert Image.open(tmp_path / "gen_rgba" / "contact_sheet.png").mode == "RGB"
+
+
+def test_scores_can_be_turned_off(tmp_path):
+    from layerflow.cli import main
+
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")
+    configs = [str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"), str(CONFIGS / "tiny.yaml")]
+    common = ["--base", *configs, "--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress",
+              "--manifest", str(manifest)]
+    assert main([*common, "--set", "output.scores=false", "--output", str(tmp_path / "off")]) == 0
+    assert main([*common, "--output", str(tmp_path / "on")]) == 0
+    assert "scores" not in json.loads((tmp_path / "off" / "a" / "meta.json").read_text())
+    assert set(json.loads((tmp_path / "on" / "a" / "meta.json").read_text())["scores"]) == set(SCORE_KEYS)

@@ -152,6 +152,7 @@ class OutputSection:
     png_sequence: bool = True
     preview: bool = True
     alpha_mode: str = "straight"
+    scores: bool = True  # RGBA: layer-consistency scores in meta.json (a few CPU seconds per sample)
 
     def __post_init__(self) -> None:
         _require(1 <= self.fps <= 240, "fps", "frames per second from 1 to 240")

@@ -93,7 +93,7 @@ def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: Layer
         write_layer_files(tmp, layers, output)
         for name, video in (given or {}).items():
             write_mp4(tmp / f"given_{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
-        scores = {"scores": to_json(score_folder(tmp))} if "alpha" in layers else {}
+        scores = {"scores": to_json(score_folder(tmp))} if "alpha" in layers and output.scores else {}
         record = {
             **meta,
             **scores,
