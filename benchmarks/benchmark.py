@@ -38,13 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
-from layerflow.atomic import write_text_atomic  # noqa: E402
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
-from layerflow.devices import cpu_threads  # noqa: E402
-from layerflow.layouts import TaskLayout  # noqa: E402
-from layerflow.outputs import write_sample  # noqa: E402
+from layerflow.io.atomic import write_text_atomic  # noqa: E402
+from layerflow.io.sample_folder import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
-from layerflow.weights import MissingWeightsError, check_weights, prepare_random_weights  # noqa: E402
+from layerflow.runtime.devices import cpu_threads  # noqa: E402
+from layerflow.tasks import TaskLayout  # noqa: E402
+from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights  # noqa: E402
 
 RANDOM_WEIGHTS_NOTE = ("random weights give valid timings: the work of every layer depends on shapes and "
                        "configuration, not on weight values")

@@ -44,10 +44,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "sat"))
 
-from layerflow.atomic import write_text_atomic  # noqa: E402
 from layerflow.config import ConfigError, load_config  # noqa: E402
-from layerflow.distributed import ensure_model_parallel  # noqa: E402
+from layerflow.io.atomic import write_text_atomic  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
+from layerflow.runtime.distributed import ensure_model_parallel  # noqa: E402
 
 DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
 from layerflow.config import LayerFlowConfig, load_config  # noqa: E402
-from layerflow.parallel.layout import check_layout, sequence_length, token_chunks  # noqa: E402
-from layerflow.vae import CausalVideoVAE, RegionShare, VAEConfig  # noqa: E402
+from layerflow.models.vae import CausalVideoVAE, RegionShare, VAEConfig  # noqa: E402
+from layerflow.runtime.parallel.layout import check_layout, sequence_length, token_chunks  # noqa: E402
 
 GUIDANCE_BATCH = 2  # unconditional + conditional
 
@@ -136,9 +136,9 @@ class _EmulatedGroup:
 
 def measure_step(config: LayerFlowConfig, cfg: int, ulysses: int, repeats: int) -> float:
     """Median seconds of one rank's network call at the split sizes (random weights, this device)."""
-    from layerflow.devices import resolve_placement
-    from layerflow.dit import LayerFlowDiT
-    from layerflow.random_weights import randomize_
+    from layerflow.models.dit import LayerFlowDiT
+    from layerflow.runtime.devices import resolve_placement
+    from layerflow.weights.random import randomize_
 
     placement = resolve_placement(config.runtime)
     device, dtype = placement.compute_device, placement.dtype

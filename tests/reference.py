@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from layerflow.dit import DiTConfig
-from layerflow.layouts import TaskLayout, get_layout
-from layerflow.lora import LoraConfig
+from layerflow.models.dit import DiTConfig
+from layerflow.models.lora import LoraConfig
+from layerflow.tasks import TaskLayout, get_layout
 
 
 def case_config(case_dir: Path) -> dict:

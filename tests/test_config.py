@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from layerflow.config import ConfigError, load_config
-from layerflow.layouts import Task, Variant
+from layerflow.tasks import Task, Variant
 
 CONFIGS = REPO_ROOT / "configs"
 

@@ -13,13 +13,13 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from layerflow.batch import Sample
+from layerflow.batch.manifest import Sample
+from layerflow.batch.runner import read_given_layers
 from layerflow.config import load_config
 from layerflow.demo import run_demo
-from layerflow.layouts import LAYOUTS
-from layerflow.output_folder import SAMPLE_MARKER
-from layerflow.runner import read_given_layers
-from layerflow.synthetic import layered_clip, write_layered_clip
+from layerflow.io.output_folder import SAMPLE_MARKER
+from layerflow.io.synthetic import layered_clip, write_layered_clip
+from layerflow.tasks import LAYOUTS
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 from layerflow.cli import EXIT_USAGE, main
 from layerflow.config import ConfigError, load_config
-from layerflow.devices import Placement, cpu_threads
+from layerflow.runtime.devices import Placement, cpu_threads
 
 CONFIGS = REPO_ROOT / "configs"
 GEN_RGB = [str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml")]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from layerflow.output_folder import OutputFolder, OutputFolderError
+from layerflow.io.output_folder import OutputFolder, OutputFolderError
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +150,8 @@ def test_broken_sample_is_recorded_and_the_others_finish(tmp_path):
              str(CONFIGS / "tiny.yaml")]
     good = [{"id": f"good-{i}", "prompts": {"fg": f"a {i}", "bg": "b", "blend": "c"},
              "inputs": {"fg": str(tmp_path / "fg.mp4")}} for i in range(2)]
-    from layerflow.synthetic import layered_clip
-    from layerflow.video_writer import write_mp4
+    from layerflow.io.synthetic import layered_clip
+    from layerflow.io.writer import write_mp4
 
     write_mp4(tmp_path / "fg.mp4", layered_clip(16, 64, 96)["fg"])
     manifest.write_text("".join(json.dumps(line) + "\n" for line in [good[0], broken, good[1]]), encoding="utf-8")

@@ -10,8 +10,8 @@ import torch
 from conftest import reference_cases
 from reference import batch_major_context, case_dit_config, case_layout, load_pt
 
-from layerflow.checkpoint import CheckpointError, load_network, read_checkpoint, save_safetensors
-from layerflow.dit import LayerFlowDiT
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.weights.checkpoint import CheckpointError, load_network, read_checkpoint, save_safetensors
 
 CASES = reference_cases()
 
@@ -185,7 +185,7 @@ def test_release_folder_of_another_task_is_refused(reference_dir, tmp_path):
 
 
 def test_safetensors_of_another_task_is_refused(reference_dir, tmp_path):
-    from layerflow.layouts import Task, get_layout
+    from layerflow.tasks import Task, get_layout
 
     case_dir = reference_dir / CASES[0]
     layout = case_layout(case_dir)
@@ -206,7 +206,7 @@ def test_full_engine_file_reports_ignored_components(reference_dir, tmp_path, ca
     state["conditioner.embedders.0.transformer.shared.weight"] = torch.zeros(1)
     target = tmp_path / "engine.pt"
     torch.save({"module": state}, target)
-    with caplog.at_level("INFO", logger="layerflow.checkpoint"):
+    with caplog.at_level("INFO", logger="layerflow.weights.checkpoint"):
         load_network(build(case_dir), target, case_layout(case_dir))
     assert "ignoring 1 VAE keys" in caplog.text and "ignoring 1 T5 text encoder keys" in caplog.text
 

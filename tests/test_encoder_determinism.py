@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from layerflow.video_writer import write_alpha_video, write_mp4
+from layerflow.io.writer import write_alpha_video, write_mp4
 
 WRITERS = {  # file name -> how it is written (frames, path)
     "clip.mp4": "write_mp4(path, np.load(frames)[..., :3])",
@@ -56,7 +56,7 @@ def test_a_process_bound_to_one_cpu_writes_the_same_bytes(tmp_path, frames, name
     script = textwrap.dedent(f"""
         import os
         import numpy as np
-        from layerflow.video_writer import write_alpha_video, write_mp4
+        from layerflow.io.writer import write_alpha_video, write_mp4
         os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
         frames, path = {frames_path!r}, {str(there)!r}
         {WRITERS[name]}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from layerflow.checkpoint import NETWORK_PREFIX
 from layerflow.config import load_config
-from layerflow.dit import LayerFlowDiT
-from layerflow.layouts import LAYOUTS
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.tasks import LAYOUTS
+from layerflow.weights.checkpoint import NETWORK_PREFIX
 
 CONFIGS = [f"{task.value}_{variant.value}" for task, variant in LAYOUTS]
 

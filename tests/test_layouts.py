@@ -8,7 +8,7 @@ from conftest import reference_cases
 from reference import case_config, case_layout
 
 from layerflow.geometry import latent_frames_for
-from layerflow.layouts import LAYOUTS, insert_condition, remove_condition, split_condition
+from layerflow.tasks import LAYOUTS, insert_condition, remove_condition, split_condition
 
 CONDITIONAL = [layout for layout in LAYOUTS.values() if layout.condition is not None]
 

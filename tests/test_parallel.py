@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from conftest import REPO_ROOT
 
 from layerflow.config import ConfigError, load_config
-from layerflow.parallel.layout import GroupLayout, check_layout, token_chunks
+from layerflow.runtime.parallel.layout import GroupLayout, check_layout, token_chunks
 
 CONFIGS = REPO_ROOT / "configs"
 TASK = "fg2bg_rgba"  # the longest tiny sequence (678 text + 408 video tokens) with given latents inserted
@@ -78,8 +78,8 @@ def _worker(rank: int, world: int, store: str, jobs: tuple, result: str) -> None
     everything."""
     import torch.distributed as dist
 
-    from layerflow import distributed, parallel
     from layerflow.pipeline import LayerFlowPipeline
+    from layerflow.runtime import distributed, parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

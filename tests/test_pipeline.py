@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 from layerflow.config import load_config
 from layerflow.pipeline import InputError, LayerFlowPipeline
-from layerflow.weights import prepare_random_weights
+from layerflow.weights.resolve import prepare_random_weights
 
 CONFIGS = REPO_ROOT / "configs"
 PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a green field"}

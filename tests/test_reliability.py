@@ -19,14 +19,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from layerflow.checkpoint import save_sat_checkpoint
 from layerflow.cli import main
 from layerflow.config import load_config
-from layerflow.dit import LayerFlowDiT
-from layerflow.output_folder import LOCK_FILE, SAMPLE_MARKER, OutputFolder, write_marker
-from layerflow.synthetic import layered_clip
-from layerflow.video_writer import write_mp4
-from layerflow.weights import prepare_random_weights
+from layerflow.io.output_folder import LOCK_FILE, SAMPLE_MARKER, OutputFolder, write_marker
+from layerflow.io.synthetic import layered_clip
+from layerflow.io.writer import write_mp4
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.weights.checkpoint import save_sat_checkpoint
+from layerflow.weights.resolve import prepare_random_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FAST = ["--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress"]

@@ -10,9 +10,9 @@ import torch
 from conftest import reference_cases
 from reference import case_config, case_dit_config, case_layout, load_pt
 
-from layerflow.checkpoint import load_network
-from layerflow.dit import LayerFlowDiT
+from layerflow.models.dit import LayerFlowDiT
 from layerflow.sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
+from layerflow.weights.checkpoint import load_network
 
 CASES = reference_cases()
 

@@ -1,6 +1,6 @@
 """T5 text encoder: local-only loading, the original's tokenizer call, per-layer segments, freeing.
 
-The tiny T5 folder comes from ``layerflow.tiny_models.build_tiny_t5``; expected values are computed
+The tiny T5 folder comes from ``layerflow.weights.tiny.build_tiny_t5``; expected values are computed
 independently, with SentencePiece and transformers' ``T5EncoderModel`` called directly.
 """
 
@@ -16,14 +16,14 @@ import transformers.utils.hub
 from transformers import T5EncoderModel
 
 from layerflow.geometry import TOKENS_PER_PROMPT
-from layerflow.text_encoder import (
+from layerflow.models.text_encoder import (
     T5TextEncoder,
     TextEncoderFilesError,
     check_t5_folder,
     layer_prompts,
     unconditional_states,
 )
-from layerflow.tiny_models import build_tiny_t5
+from layerflow.weights.tiny import build_tiny_t5
 
 WIDTH = 32
 PROMPTS = [

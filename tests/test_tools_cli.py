@@ -14,13 +14,13 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
-from layerflow.batch import Sample
+from layerflow.batch.manifest import Sample
+from layerflow.batch.runner import read_given_layers
 from layerflow.config import load_config
 from layerflow.console import SUBCOMMANDS, main
-from layerflow.runner import read_given_layers
-from layerflow.synthetic import layered_clip, write_layered_clip
-from layerflow.video_io import LayerSourceError
-from layerflow.video_reader import layer_provenance, read_clip_frames, resolve_layer_source
+from layerflow.io.pixels import LayerSourceError
+from layerflow.io.reader import layer_provenance, read_clip_frames, resolve_layer_source
+from layerflow.io.synthetic import layered_clip, write_layered_clip
 
 CONFIGS = REPO_ROOT / "configs"
 PICKED = np.linspace(0, 14, 16).astype(int)  # the 16 frames sampling takes from a 16-frame clip

@@ -12,7 +12,9 @@ from conftest import REPO_ROOT
 from PIL import Image
 
 from layerflow.config import ConfigError, OutputSection, load_config
-from layerflow.outputs import write_layer_files
+from layerflow.io.pixels import premultiply, unpremultiply
+from layerflow.io.reader import read_clip_frames
+from layerflow.io.sample_folder import write_layer_files
 from layerflow.tools.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.tools.score import (
     SCORE_KEYS,
@@ -25,8 +27,6 @@ from layerflow.tools.score import (
     ssim_map,
     to_json,
 )
-from layerflow.video_io import premultiply, unpremultiply
-from layerflow.video_reader import read_clip_frames
 
 CONFIGS = REPO_ROOT / "configs"
 

@@ -13,12 +13,11 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
-from layerflow.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, load_network
 from layerflow.config import ConfigError, load_config
-from layerflow.distributed import ensure_model_parallel
-from layerflow.dit import LayerFlowDiT
-from layerflow.layouts import get_layout
-from layerflow.synthetic import layered_clip, write_layered_clip
+from layerflow.io.synthetic import layered_clip, write_layered_clip
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.runtime.distributed import ensure_model_parallel
+from layerflow.tasks import get_layout
 from layerflow.training.cache import CacheError, LatentCache, prepare_cache
 from layerflow.training.checkpointing import SAMPLE_CONFIG_FILE, write_sample_config
 from layerflow.training.config import load_train_config
@@ -26,7 +25,8 @@ from layerflow.training.dataset import SampleError, read_layers, read_manifest
 from layerflow.training.loss import NoisedBatch, alpha_table, diffusion_loss
 from layerflow.training.params import parameter_group, select_trainable
 from layerflow.training.trainer import Trainer, build_network, epoch_order, lr_factor
-from layerflow.weights import prepare_random_weights
+from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, load_network
+from layerflow.weights.resolve import prepare_random_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FIXTURES = Path(__file__).parent / "fixtures" / "training"
@@ -370,9 +370,9 @@ def test_resume_refuses_a_changed_recipe(prepared, tmp_path):
 
 
 def test_start_from_cogvideox_weights(tmp_path):
-    from layerflow.checkpoint import CheckpointError, save_sat_checkpoint
-    from layerflow.random_weights import randomize_
     from layerflow.training.params import load_checkpoint_weights
+    from layerflow.weights.checkpoint import CheckpointError, save_sat_checkpoint
+    from layerflow.weights.random import randomize_
 
     config = load_train_config([CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
                                ["training.layers=[]", "training.init=cogvideox"])

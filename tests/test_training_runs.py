@@ -15,7 +15,7 @@ import torch
 from conftest import REPO_ROOT
 from test_training import PROMPTS, write_manifest, write_still
 
-from layerflow.checkpoint import SAT_MODEL_FILE
+from layerflow.weights.checkpoint import SAT_MODEL_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerflow.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, load_vae
+from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, load_vae
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture README's VAE tolerance
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from layerflow import video_writer
-from layerflow.atomic import NotWritableError, atomic_path, write_text_atomic
-from layerflow.video_io import (
+from layerflow.io import writer as video_writer
+from layerflow.io.atomic import NotWritableError, atomic_path, write_text_atomic
+from layerflow.io.pixels import (
     EncodeError,
     EncoderUnavailableError,
     LayerSourceError,
@@ -32,13 +32,13 @@ from layerflow.video_io import (
     rgba_from_layers,
     to_uint8,
 )
-from layerflow.video_reader import (
+from layerflow.io.reader import (
     read_foreground_layers,
     read_layer_video,
     read_layer_with_alpha,
     sample_frame_indices,
 )
-from layerflow.video_writer import (
+from layerflow.io.writer import (
     CHECKER_SHADES,
     available_alpha_codecs,
     write_alpha_video,

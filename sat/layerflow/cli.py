@@ -24,17 +24,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import distributed, parallel
-from .atomic import NotWritableError
-from .batch import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
-from .checkpoint import CheckpointError
-from .config import ConfigError, LayerFlowConfig, load_config
-from .devices import cpu_threads, resolve_placement
-from .output_folder import OutputFolder, OutputFolderError, check_output_path
-from .text_encoder import TextEncoderFilesError
-from .vae import VAECheckpointError
-from .video_io import LayerSourceError
-from .weights import MissingWeightsError, check_weights, prepare_random_weights
+from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
+from layerflow.config import ConfigError, LayerFlowConfig, load_config
+from layerflow.io.atomic import NotWritableError
+from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path
+from layerflow.io.pixels import LayerSourceError
+from layerflow.models.text_encoder import TextEncoderFilesError
+from layerflow.models.vae import VAECheckpointError
+from layerflow.runtime import distributed, parallel
+from layerflow.runtime.devices import cpu_threads, resolve_placement
+from layerflow.weights.checkpoint import CheckpointError
+from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights
 
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         check_weights(config)
     check_output_path(output)
 
-    from .runner import check_given_layers, merge_failures, run_samples
+    from layerflow.batch.runner import check_given_layers, merge_failures, run_samples
 
     if not args.manifest and config.layout.given_layers:
         check_given_layers(samples[0], config)  # --input files are shared by every sample: a bad one stops the run
@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         raise OutputFolderError(problem)
 
-    from .pipeline import InputError, LayerFlowPipeline
+    from layerflow.pipeline import InputError, LayerFlowPipeline
 
     try:
         with cpu_threads(config.runtime.cpu_threads):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from .dit import DiTConfig
-from .layouts import Task, TaskLayout, Variant, get_layout
+from layerflow.models.dit import DiTConfig
+from layerflow.tasks import Task, TaskLayout, Variant, get_layout
 
 
 class ConfigError(ValueError):
@@ -101,7 +101,7 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    """One video on several processes (see :mod:`layerflow.parallel`): ``cfg`` 2 runs the two
+    """One video on several processes (see :mod:`layerflow.runtime.parallel`): ``cfg`` 2 runs the two
     guidance passes on two ranks; ``ulysses`` k splits the token sequence over k ranks."""
 
     cfg: int = 1
@@ -180,7 +180,7 @@ class LayerFlowConfig:
 
     @property
     def video_size(self) -> tuple[int, int]:
-        from .geometry import VAE_SPATIAL_COMPRESSION
+        from layerflow.geometry import VAE_SPATIAL_COMPRESSION
 
         net = self.model.network
         return net.latent_height * VAE_SPATIAL_COMPRESSION, net.latent_width * VAE_SPATIAL_COMPRESSION

@@ -41,13 +41,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run_generate(argv: list[str]) -> int:
-    from .cli import main
+    from layerflow.cli import main
 
     return main(argv)
 
 
 def run_convert(argv: list[str]) -> int:
-    from .convert import main
+    from layerflow.convert import main
 
     return main(argv)
 
@@ -58,13 +58,13 @@ def run_demo(argv: list[str]) -> int:
     parser.add_argument("output", nargs="?", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("configs", nargs="*", metavar="CONFIG", help="only these, e.g. gen_rgba (default: all 8)")
     args = parser.parse_args(argv)
-    from .demo import run_demo as demo
+    from layerflow.demo import run_demo as demo
 
     return demo(args.output, args.configs or None)
 
 
 def run_compose(argv: list[str]) -> int:
-    from .config import ALPHA_MODES
+    from layerflow.config import ALPHA_MODES
 
     parser = _parser("compose", "Composite a foreground over a background into a sample folder (blend.mp4, the "
                      "layer videos, RGBA exports, preview, contact sheet, scores).",
@@ -82,8 +82,8 @@ def run_compose(argv: list[str]) -> int:
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default="straight", help="RGBA exports to write")
     parser.add_argument("--alpha-video", choices=("prores", "vp9", "none"), default="prores")
     args = parser.parse_args(argv)
-    from .config import OutputSection
-    from .tools.compose import compose
+    from layerflow.config import OutputSection
+    from layerflow.tools.compose import compose
 
     settings = OutputSection(fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode)
     folder = compose(args.fg, args.bg, args.output, mask=args.mask, num_frames=args.frames, size=args.size,
@@ -99,8 +99,8 @@ def run_score(argv: list[str]) -> int:
                      "layerflow score outputs/demo/gen_rgba outputs/demo/seg_rgba")
     parser.add_argument("folders", nargs="+", type=Path, metavar="SAMPLE_DIR")
     args = parser.parse_args(argv)
-    from .tools.folder import read_meta
-    from .tools.score import format_table, score_folder, write_scores
+    from layerflow.io.sample_files import read_meta
+    from layerflow.tools.score import format_table, score_folder, write_scores
 
     for folder in args.folders:
         read_meta(folder)  # every folder must be a sample folder before anything is written
@@ -112,7 +112,7 @@ def run_score(argv: list[str]) -> int:
 
 
 def run_inspect(argv: list[str]) -> int:
-    from .tools.inspect_sample import DEFAULT_REPRODUCE_OUTPUT
+    from layerflow.tools.inspect_sample import DEFAULT_REPRODUCE_OUTPUT
 
     parser = _parser("inspect", "Prompts, task, seed, checkpoint, given-layer sources and scores of a sample "
                      "folder, and the shell command that generates it again (identical frames).",
@@ -121,7 +121,7 @@ def run_inspect(argv: list[str]) -> int:
     parser.add_argument("--output", default=DEFAULT_REPRODUCE_OUTPUT, metavar="DIR",
                         help=f"where the printed command writes (default {DEFAULT_REPRODUCE_OUTPUT})")
     args = parser.parse_args(argv)
-    from .tools.inspect_sample import describe
+    from layerflow.tools.inspect_sample import describe
 
     print(describe(args.folder, args.output))
     return 0

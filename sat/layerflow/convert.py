@@ -14,8 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import NETWORK_PREFIX, CheckpointError, read_checkpoint, save_safetensors, save_sat_checkpoint
-from .layouts import get_layout
+from layerflow.tasks import get_layout
+from layerflow.weights.checkpoint import (
+    NETWORK_PREFIX,
+    CheckpointError,
+    read_checkpoint,
+    save_safetensors,
+    save_sat_checkpoint,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

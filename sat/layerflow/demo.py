@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import main as sample_video
-from .layouts import LAYOUTS
-from .synthetic import write_layered_clip
+from layerflow.cli import main as sample_video
+from layerflow.io.synthetic import write_layered_clip
+from layerflow.tasks import LAYOUTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = {

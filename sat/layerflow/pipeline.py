@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import load_network
-from .config import LayerFlowConfig, SamplingSection
-from .devices import Placement, resolve_placement
-from .dit import LayerFlowDiT
-from .layouts import TaskLayout, insert_condition, split_condition
-from .parallel import groups_for
-from .parallel.guidance import split_guidance_batch
-from .parallel.vae_decode import decode_arguments
-from .random_weights import randomize_
-from .sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
-from .text_encoder import T5TextEncoder, layer_prompt
-from .vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.config import LayerFlowConfig, SamplingSection
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.models.text_encoder import T5TextEncoder, layer_prompt
+from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.runtime.devices import Placement, resolve_placement
+from layerflow.runtime.parallel import groups_for
+from layerflow.runtime.parallel.guidance import split_guidance_batch
+from layerflow.runtime.parallel.vae_decode import decode_arguments
+from layerflow.sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
+from layerflow.tasks import TaskLayout, insert_condition, split_condition
+from layerflow.weights.checkpoint import load_network
+from layerflow.weights.random import randomize_
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The foreground is RGBA PNGs, an alpha video, RGB frames or a video plus a matte,
 sample folder (its straight RGBA export). The background is a video, a frame folder, a still
 image, an earlier sample folder (its ``background.mp4``) or a solid colour (``#204080``,
 ``white``, ``rgb(32,64,128)``). Clips follow the input rules of sampling
-(:mod:`layerflow.video_reader`): frames picked from the first 64, cover-resized and
+(:mod:`layerflow.io.reader`): frames picked from the first 64, cover-resized and
 centre-cropped to the size.
 
 The output folder has the same files as a generated RGBA sample (so ``layerflow score``,
@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 from PIL import ImageColor
 
-from ..atomic import atomic_directory
-from ..config import OutputSection
-from ..output_folder import write_marker
-from ..outputs import code_version, write_layer_files
-from ..video_io import LayerSourceError, alpha_to_layer, matte_foreground
-from ..video_reader import (
+from layerflow.config import OutputSection
+from layerflow.io.atomic import atomic_directory
+from layerflow.io.output_folder import write_marker
+from layerflow.io.pixels import LayerSourceError, alpha_to_layer, matte_foreground
+from layerflow.io.reader import (
     DEFAULT_NUM_FRAMES,
     DEFAULT_SIZE,
     FRAME_SUFFIXES,
@@ -40,8 +39,9 @@ from ..video_reader import (
     read_still_video,
     resolve_layer_source,
 )
-from .folder import META_FILE
-from .score import score_folder, to_json
+from layerflow.io.sample_files import META_FILE
+from layerflow.io.sample_folder import code_version, write_layer_files
+from layerflow.tools.score import score_folder, to_json
 
 
 class ComposeError(ValueError):

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_path
-from ..video_writer import as_uint8_frames, checkerboard, composite_over
+from layerflow.io.atomic import atomic_path
+from layerflow.io.writer import as_uint8_frames, checkerboard, composite_over
 
 COLUMNS = 8  # frames shown per layer
 MAX_CELL_WIDTH = 240  # pixels; wider frames are shrunk

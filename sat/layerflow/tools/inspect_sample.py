@@ -19,8 +19,8 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..config import ConfigError, load_config
-from .folder import SampleFolderError, read_meta
+from layerflow.config import ConfigError, load_config
+from layerflow.io.sample_files import SampleFolderError, read_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPRODUCE_OUTPUT = "outputs/reproduce"

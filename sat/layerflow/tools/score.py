@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_text_atomic
-from ..video_io import rgba_from_layers, uint8_to_model, unpremultiply
-from ..video_reader import read_clip_frames
-from .folder import ALPHA_EXPORTS, SCORES_FILE, SampleFolderError, layer_video
+from layerflow.io.atomic import write_text_atomic
+from layerflow.io.pixels import rgba_from_layers, uint8_to_model, unpremultiply
+from layerflow.io.reader import read_clip_frames
+from layerflow.io.sample_files import ALPHA_EXPORTS, SCORES_FILE, SampleFolderError, layer_video
 
 EDGE_RADIUS = 3  # pixels either side of the matte's 0.5 contour that form the edge band
 SSIM_WINDOW = 11

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..atomic import atomic_path, write_text_atomic
-from ..devices import resolve_placement
-from ..random_weights import randomize_
-from ..text_encoder import T5TextEncoder
-from ..vae import CausalVideoVAE, VAEConfig, load_vae
-from .config import TrainConfig
-from .dataset import SampleError, TrainingSample, stack_clip
+from layerflow.io.atomic import atomic_path, write_text_atomic
+from layerflow.models.text_encoder import T5TextEncoder
+from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.runtime import distributed
+from layerflow.runtime.devices import resolve_placement
+from layerflow.training.config import TrainConfig
+from layerflow.training.dataset import SampleError, TrainingSample, stack_clip
+from layerflow.weights.random import randomize_
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 import yaml
 from torch import nn
 
-from ..atomic import atomic_directory, atomic_path, write_text_atomic
-from ..checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, CheckpointError
-from .config import TrainConfig
+from layerflow.io.atomic import atomic_directory, atomic_path, write_text_atomic
+from layerflow.training.config import TrainConfig
+from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, CheckpointError
 
 TRAINING_STATE_FILE = "training_state.pt"
 SAMPLE_CONFIG_FILE = "sample.yaml"

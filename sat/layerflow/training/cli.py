@@ -21,15 +21,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .. import distributed
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..weights import MissingWeightsError, check_weights, prepare_random_weights
-from .cache import CacheError, prepare_cache
-from .checkpointing import latest_step, write_sample_config
-from .config import TrainConfig, load_train_config
-from .dataset import SampleError, read_manifest
-from .params import describe_trainable
+from layerflow.config import ConfigError
+from layerflow.runtime import distributed
+from layerflow.training.cache import CacheError, prepare_cache
+from layerflow.training.checkpointing import latest_step, write_sample_config
+from layerflow.training.config import TrainConfig, load_train_config
+from layerflow.training.dataset import SampleError, read_manifest
+from layerflow.training.params import describe_trainable
+from layerflow.weights.checkpoint import CheckpointError
+from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights
 
 EXIT_USAGE = 2
 
@@ -78,8 +78,8 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
     """The tiny model's seeded VAE as a ``3d-vae.pt``-style file, so the checkpoint samples like a real one."""
     import torch
 
-    from ..atomic import atomic_path
-    from .cache import build_vae
+    from layerflow.io.atomic import atomic_path
+    from layerflow.training.cache import build_vae
 
     path = folder / "random-vae.pt"
     vae = build_vae(config, torch.device("cpu"), torch.float32)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main_process():
                 print(f"prepared {len(samples)} samples in {config.training.cache_dir}")
             return 0
-        from .trainer import Trainer
+        from layerflow.training.trainer import Trainer
 
         trainer = Trainer(config, samples, show_progress=not args.no_progress)
         if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled

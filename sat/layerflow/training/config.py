@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, LayerFlowConfig, load_config
+from layerflow.config import ConfigError, LayerFlowConfig, load_config
 
 PARAMETER_GROUPS = ("content_lora", "motion_lora", "layer_embedding", "transformer")
 INIT_SOURCES = ("release", "cogvideox")

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..batch import SAFE_ID, content_id
-from ..geometry import PIXEL_FRAMES_PER_LAYER
-from ..layouts import FIRST_FRAME_COPY, TaskLayout
-from ..video_io import matte_foreground, uint8_to_model, uint8_to_unit
-from ..video_reader import (
+from layerflow.batch.manifest import SAFE_ID, content_id
+from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
+from layerflow.io.pixels import matte_foreground, uint8_to_model, uint8_to_unit
+from layerflow.io.reader import (
     FRAME_SUFFIXES,
     LayerSourceError,
     _load_image,
@@ -41,6 +40,7 @@ from ..video_reader import (
     read_layer_with_alpha,
     resize_for_rectangle_crop,
 )
+from layerflow.tasks import FIRST_FRAME_COPY, TaskLayout
 
 LAYER_NAMES = ("fg", "bg", "blend")
 INPUT_NAMES = ("fg", "mask", "bg", "blend")

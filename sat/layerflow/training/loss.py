@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layouts import TaskLayout, remove_condition, split_condition
-from ..sampling import DDPM_STEPS, ZeroSNRSchedule
+from layerflow.sampling import DDPM_STEPS, ZeroSNRSchedule
+from layerflow.tasks import TaskLayout, remove_condition, split_condition
 
 
 @dataclass

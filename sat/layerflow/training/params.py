@@ -26,9 +26,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_network, network_state, read_checkpoint, resolve_checkpoint_file
-from ..config import ConfigError
-from ..layouts import TaskLayout
+from layerflow.config import ConfigError
+from layerflow.tasks import TaskLayout
+from layerflow.weights.checkpoint import (
+    CheckpointError,
+    load_network,
+    network_state,
+    read_checkpoint,
+    resolve_checkpoint_file,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,19 +32,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import distributed
-from ..atomic import write_text_atomic
-from ..devices import Placement, resolve_placement
-from ..dit import LayerFlowDiT
-from ..geometry import TOKENS_PER_PROMPT
-from ..random_weights import randomize_
-from ..sampling import DDPM_STEPS
-from .cache import CachedSample, LatentCache
-from .checkpointing import load_resume_state, run_identity, save_checkpoint
-from .config import TrainConfig
-from .dataset import TrainingSample
-from .loss import NoisedBatch, diffusion_loss
-from .params import describe_trainable, load_checkpoint_weights, select_trainable
+from layerflow.geometry import TOKENS_PER_PROMPT
+from layerflow.io.atomic import write_text_atomic
+from layerflow.models.dit import LayerFlowDiT
+from layerflow.runtime import distributed
+from layerflow.runtime.devices import Placement, resolve_placement
+from layerflow.sampling import DDPM_STEPS
+from layerflow.training.cache import CachedSample, LatentCache
+from layerflow.training.checkpointing import load_resume_state, run_identity, save_checkpoint
+from layerflow.training.config import TrainConfig
+from layerflow.training.dataset import TrainingSample
+from layerflow.training.loss import NoisedBatch, diffusion_loss
+from layerflow.training.params import describe_trainable, load_checkpoint_weights, select_trainable
+from layerflow.weights.random import randomize_
 
 log = logging.getLogger("layerflow.training")
 

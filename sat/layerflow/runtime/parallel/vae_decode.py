@@ -1,6 +1,6 @@
 """The VAE decode of one video split over the ranks of its group.
 
-The region-by-region decoder (:meth:`layerflow.vae.CausalVideoVAE.decode` with chunking) runs one
+The region-by-region decoder (:meth:`layerflow.models.vae.CausalVideoVAE.decode` with chunking) runs one
 decoder layer at a time over (t, h, w) regions of its output, reading each region's causal and
 spatial halo from the whole previous activation. Split over g ranks, member j computes regions
 j, j + g, ... of every layer into a zero tensor and one ``all_reduce`` (sum) per layer gives every
@@ -20,8 +20,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..vae import RegionShare
-from .groups import ParallelGroups
+from layerflow.models.vae import RegionShare
+from layerflow.runtime.parallel.groups import ParallelGroups
 
 
 def _sum_over(out: torch.Tensor, group) -> torch.Tensor:

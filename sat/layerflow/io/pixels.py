@@ -1,6 +1,6 @@
 """How layer pixels map between image files and the model, as the original LayerFlow data code does it.
 
-The readers (:mod:`layerflow.video_reader`) and writers (:mod:`layerflow.video_writer`) share
+The readers (:mod:`layerflow.io.reader`) and writers (:mod:`layerflow.io.writer`) share
 these conventions:
 
 * Model pixels are float32 in [-1, 1], laid out (t, c, h, w): ``x = u8 / 127.5 - 1``.

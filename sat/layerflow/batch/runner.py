@@ -26,20 +26,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, parallel
-from .atomic import write_text_atomic
-from .batch import Sample, shard
-from .config import LayerFlowConfig, apply_sampling_overrides
-from .geometry import PIXEL_FRAMES_PER_LAYER
-from .output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
-from .outputs import write_sample
-from .video_reader import (
+from layerflow.batch.manifest import Sample, shard
+from layerflow.config import LayerFlowConfig, apply_sampling_overrides
+from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
+from layerflow.io.atomic import write_text_atomic
+from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
+from layerflow.io.reader import (
     check_layer_source,
     layer_provenance,
     read_foreground_layers,
     read_layer_video,
     resolve_layer_source,
 )
+from layerflow.io.sample_folder import write_sample
+from layerflow.runtime import distributed, parallel
 
 log = logging.getLogger("layerflow")
 

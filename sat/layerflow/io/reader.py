@@ -9,7 +9,7 @@ and treats them all alike:
    default ``T = 16`` the 16 frames come from 15 source frames, one of them used twice. The
    original draws ``start`` at random; here it is an argument (default 0).
 3. Each frame becomes float32 in [-1, 1] (``u8 / 127.5 - 1``); the foreground is matted over
-   grey with the mask at the source resolution (see :mod:`layerflow.video_io`).
+   grey with the mask at the source resolution (see :mod:`layerflow.io.pixels`).
 4. The stacked clip is resized with bicubic, antialiased interpolation (torchvision ``resize``
    on a tensor) so that it covers the target size with its aspect kept, sizes truncated to int,
    and then centre-cropped with offsets ``(excess_h // 2, excess_w // 2)``. A clip already at the
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from imageio_ffmpeg import get_ffmpeg_exe
 from PIL import Image, UnidentifiedImageError
 
-from .tools.folder import ALPHA_EXPORTS, is_sample_folder, layer_video, read_meta
-from .video_io import LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
-from .video_writer import ALPHA_CODECS
+from layerflow.io.pixels import LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
+from layerflow.io.sample_files import ALPHA_EXPORTS, is_sample_folder, layer_video, read_meta
+from layerflow.io.writer import ALPHA_CODECS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_SOURCE_FRAMES = 64  # the original looks at the first 64 frames of a clip only

@@ -3,9 +3,9 @@
 The folder is written under a temporary name and renamed when every file is in place, with
 ``meta.json`` written last, so a folder that exists is complete (resume relies on this). The
 hidden marker file ``.layerflow-sample`` is written first: it proves the folder is LayerFlow's
-(see :mod:`layerflow.output_folder`).
+(see :mod:`layerflow.io.output_folder`).
 
-Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflow.tools.folder`):
+Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflow.io.sample_files`):
   foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer
   foreground_rgba/0000.png ...                        straight RGBA frames (output.alpha_mode straight, both)
   foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha, straight
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import atomic_directory
-from .config import LayerFlowConfig, OutputSection
-from .output_folder import is_ours, write_marker
-from .tools.contact_sheet import write_contact_sheet
-from .tools.folder import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
-from .tools.score import score_folder, to_json
-from .video_io import premultiply, rgba_from_layers, to_uint8
-from .video_writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
+from layerflow import __version__
+from layerflow.config import LayerFlowConfig, OutputSection
+from layerflow.io.atomic import atomic_directory
+from layerflow.io.output_folder import is_ours, write_marker
+from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
+from layerflow.io.sample_files import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
+from layerflow.io.writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
+from layerflow.tools.contact_sheet import write_contact_sheet
+from layerflow.tools.score import score_folder, to_json
 
 
 def code_version() -> str:
@@ -86,7 +86,7 @@ def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: Layer
 
     The folder appears only when complete. An existing ``folder`` is replaced only when it is a
     sample folder of ours (it has the marker); anything else there is left untouched and
-    :class:`layerflow.atomic.TargetInTheWayError` is raised.
+    :class:`layerflow.io.atomic.TargetInTheWayError` is raised.
     """
     output = config.output
     with atomic_directory(folder, may_replace=is_ours, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layouts import Task, TaskLayout, Variant
+from layerflow.tasks import Task, TaskLayout, Variant
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, layout
     """Write tensors to ``path`` atomically, recording task and variant when known."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from layerflow.io.atomic import atomic_path
 
     metadata = {METADATA_TASK: layout.task.value, METADATA_VARIANT: layout.variant.value} if layout else {}
     tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
@@ -212,7 +212,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, layout
 
 def save_sat_checkpoint(state: Mapping[str, torch.Tensor], folder: str | Path, iteration: int = 1) -> None:
     """Write the original layout: ``latest`` and ``<iteration>/mp_rank_00_model_states.pt``."""
-    from .atomic import atomic_path
+    from layerflow.io.atomic import atomic_path
 
     folder = Path(folder)
     (folder / str(iteration)).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .video_writer import write_mp4
+from layerflow.io.writer import write_mp4
 
 
 def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:

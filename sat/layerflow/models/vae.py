@@ -48,7 +48,7 @@ from einops import rearrange
 from torch import nn
 
 from layerflow.geometry import VAE_SCALE_FACTOR
-from layerflow.vae_blocks import (
+from layerflow.models.vae_blocks import (
     NORM_EPS,
     CausalConv3d,
     Decoder3D,
@@ -316,7 +316,7 @@ def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
 class RegionShare:
     """Worker ``index`` of ``count`` computes regions index, index + count, ... of every decoder layer;
     ``complete`` turns its output (zero outside its regions) into the whole activation, e.g. a sum
-    over the workers (:mod:`layerflow.parallel.vae_decode`)."""
+    over the workers (:mod:`layerflow.runtime.parallel.vae_decode`)."""
 
     index: int
     count: int
@@ -460,7 +460,7 @@ def load_vae(
     config = config or VAEConfig.cogvideox_2b()
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    from .checkpoint import load_pickled_tensors
+    from layerflow.weights.checkpoint import load_pickled_tensors
 
     checkpoint = load_pickled_tensors(path, VAECheckpointError)
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):

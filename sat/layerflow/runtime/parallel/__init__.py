@@ -8,7 +8,7 @@
 * :mod:`.vae_decode` the decoder's regions dealt out over the group.
 """
 
-from .groups import ParallelGroups, current, groups_for, setup
-from .layout import GroupLayout, check_layout
+from layerflow.runtime.parallel.groups import ParallelGroups, current, groups_for, setup
+from layerflow.runtime.parallel.layout import GroupLayout, check_layout
 
 __all__ = ["GroupLayout", "ParallelGroups", "check_layout", "current", "groups_for", "setup"]

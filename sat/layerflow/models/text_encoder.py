@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .geometry import TOKENS_PER_PROMPT
+from layerflow.geometry import TOKENS_PER_PROMPT
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "spiece.model"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, LayerFlowConfig
+from layerflow.config import ConfigError, LayerFlowConfig
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``build_tiny_t5(folder)`` writes a complete transformers-format folder shaped like
 ``CogVideoX-2b-sat/t5-v1_1-xxl`` (``config.json``, ``model.safetensors``, ``spiece.model``,
 ``tokenizer_config.json``, ``special_tokens_map.json``), so the real loading code in
-:mod:`layerflow.text_encoder` runs unchanged on it. Everything is made here, nothing is downloaded:
+:mod:`layerflow.models.text_encoder` runs unchanged on it. Everything is made here, nothing is downloaded:
 
 * the tokenizer is a small SentencePiece unigram model trained on a built-in corpus of
   video-description sentences, with T5's special ids (pad 0, eos 1, unk 2, no bos) and T5's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from layerflow.io.atomic import atomic_path
 
 T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
 T5_EXTRA_IDS = 100  # <extra_id_0..99>, appended after the SentencePiece vocabulary by the tokenizer

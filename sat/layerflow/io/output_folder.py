@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tools.folder import META_FILE
+from layerflow.io.sample_files import META_FILE
 
 SAMPLE_MARKER = ".layerflow-sample"
 LOCK_FILE = ".layerflow.lock"
@@ -41,7 +41,7 @@ LOGS_DIR = "logs"
 FAILURES_FILE = "failures.jsonl"
 RUN_FILES = (LOGS_DIR, FAILURES_FILE)
 
-# Hidden temporary siblings written by layerflow.atomic: ".<stem>.<tag>-<8 hex><suffix>".
+# Hidden temporary siblings written by layerflow.io.atomic: ".<stem>.<tag>-<8 hex><suffix>".
 _TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.(?P<tag>tmp|old|probe)-[0-9a-f]{8}(?P<suffix>.*)$")
 
 

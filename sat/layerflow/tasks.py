@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import PIXEL_FRAMES_PER_LAYER, TOKENS_PER_PROMPT, VAE_TEMPORAL_COMPRESSION
+from layerflow.geometry import PIXEL_FRAMES_PER_LAYER, TOKENS_PER_PROMPT, VAE_TEMPORAL_COMPRESSION
 
 FIRST_FRAME_COPY = "first_frame_copy"
 

@@ -9,15 +9,15 @@ hooked into SAT's transformer (same parameter names as the released checkpoints)
 * ``adaln_layer`` per-layer adaLN modulation with separate text / video shift, scale and gate,
                   and LayerNorm on queries and keys;
 * ``final_layer`` final adaLN and unpatchify;
-* ``lora``        dual LoRA on the attention projections (:mod:`layerflow.lora`).
+* ``lora``        dual LoRA on the attention projections (:mod:`layerflow.models.lora`).
 
 Layers are sub-clips stacked along the latent time axis. The clean latents of a given layer are
-inserted at the place the task layout names (:mod:`layerflow.layouts`) and removed again from
+inserted at the place the task layout names (:mod:`layerflow.tasks`) and removed again from
 the output, so the network returns predictions for the generated frames only.
 
 Sequence parallelism (``forward(..., sequence_parallel=...)``): the embedding hooks keep this
 rank's slice of the tokens, attention exchanges heads with the other ranks, and the final layer
-gathers the slices (:mod:`layerflow.parallel.ulysses`); without it nothing changes.
+gathers the slices (:mod:`layerflow.runtime.parallel.ulysses`); without it nothing changes.
 
 Dimension letters: b batch, T latent frames, c latent channels, H/W latent height/width,
 n tokens (L text + N video), d hidden size, e T5 width, p patch size.
@@ -38,12 +38,12 @@ from sat.model.base_model import BaseMixin, BaseModel
 from sat.model.transformer import BaseTransformer
 from torch import nn
 
-from .distributed import ensure_model_parallel
-from .geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
-from .lora import DualLoraMixin, LoraConfig
+from layerflow.geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
+from layerflow.models.lora import DualLoraMixin, LoraConfig
+from layerflow.runtime.distributed import ensure_model_parallel
 
 if TYPE_CHECKING:
-    from .parallel.ulysses import UlyssesGroup
+    from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
 # The released configs hand SAT a LayerNorm with eps 1e-6, but SAT's transformer passes its own
 # ``layernorm_epsilon`` (1e-5) when it builds the per-layer and final norms; the checkpoints
@@ -369,7 +369,7 @@ class LayerFlowDiT(BaseModel):
         x: (b, T_gen, c, H, W) noisy latents; timesteps: (b,) DDPM indices; context: (b, L, e) with
         prompt k in text rows [226k, 226k + 226); condition: (b, T_cond, c, H, W) clean latents that
         go in at latent frame ``condition_start``. Returns (b, T_gen, c, H, W). With ``sequence_parallel``
-        this rank computes its slice of the tokens (:mod:`layerflow.parallel.ulysses`); every rank of the
+        this rank computes its slice of the tokens (:mod:`layerflow.runtime.parallel.ulysses`); every rank of the
         group returns the whole output.
         """
         x = x.to(self.dtype)

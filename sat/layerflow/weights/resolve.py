@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .checkpoint import CheckpointError, release_folder_name, resolve_checkpoint_file
-from .config import LayerFlowConfig
-from .text_encoder import TextEncoderFilesError, check_t5_folder
+from layerflow.config import LayerFlowConfig
+from layerflow.models.text_encoder import TextEncoderFilesError, check_t5_folder
+from layerflow.weights.checkpoint import CheckpointError, release_folder_name, resolve_checkpoint_file
 
 TASK_WEIGHTS_URL = "https://huggingface.co/zjuJish/LayerFlow (folder {folder})"
 VAE_URL = "https://cloud.tsinghua.edu.cn/f/fdba7608a49c463ba754/?dl=1 (CogVideoX-2B SAT VAE, vae.zip)"
@@ -49,7 +49,7 @@ def check_weights(config: LayerFlowConfig) -> None:
 
 def prepare_random_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE) -> LayerFlowConfig:
     """For ``model.weights: random``: make sure a tiny T5 folder of the configured width exists."""
-    from .tiny_models import build_tiny_t5
+    from layerflow.weights.tiny import build_tiny_t5
 
     width = config.model.network.text_hidden_size
     folder = Path(config.model.text_encoder.path)

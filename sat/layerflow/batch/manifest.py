@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, SamplingSection, apply_sampling_overrides
-from .layouts import TaskLayout
+from layerflow.config import ConfigError, SamplingSection, apply_sampling_overrides
+from layerflow.tasks import TaskLayout
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Names the run itself uses in the output folder; a sample may not take them (in any letter case,

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .. import distributed
-from ..config import ConfigError, ParallelSection
-from .layout import GroupLayout
-from .ulysses import UlyssesGroup
+from layerflow.config import ConfigError, ParallelSection
+from layerflow.runtime import distributed
+from layerflow.runtime.parallel.layout import GroupLayout
+from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
 
 @dataclass(frozen=True)
@@ -104,5 +104,5 @@ def groups_for(section: ParallelSection) -> ParallelGroups:
     if (groups.layout.cfg, groups.layout.ulysses) != (section.cfg, section.ulysses):
         raise ConfigError(f"runtime.parallel is cfg={section.cfg}, ulysses={section.ulysses}, but the process groups "
                           f"were formed for cfg={groups.layout.cfg}, ulysses={groups.layout.ulysses}; call "
-                          f"layerflow.parallel.setup(config.runtime.parallel) on every rank first")
+                          f"layerflow.runtime.parallel.setup(config.runtime.parallel) on every rank first")
     return groups

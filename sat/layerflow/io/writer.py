@@ -1,13 +1,13 @@
 """Writing generated layers: MP4, RGBA PNG sequences, alpha videos and a side-by-side preview.
 
-Every writer goes through :mod:`layerflow.atomic`, so an output appears complete or not at all.
+Every writer goes through :mod:`layerflow.io.atomic`, so an output appears complete or not at all.
 Videos are encoded by the ffmpeg binary that ``imageio-ffmpeg`` ships. The MP4 settings follow
 what the original's ``imageio.get_writer(path, fps=8)`` produced: H.264 (libx264), yuv420p,
 imageio quality 5 (constant rate factor ``int((1 - quality / 10) * 51)`` = 25), 8 fps.
 
 Frames are bytes (t, h, w, c), numpy or torch. Float frames are taken to be in [0, 1] and turned
 into bytes by the original's rule ``uint8(255 * x)``; model outputs in [-1, 1] go through
-:func:`layerflow.video_io.to_uint8` (or :func:`~layerflow.video_io.rgba_from_layers`) first.
+:func:`layerflow.io.pixels.to_uint8` (or :func:`~layerflow.io.pixels.rgba_from_layers`) first.
 
 Legend: t frames, c channels, h height, w width.
 """
@@ -25,8 +25,8 @@ import torch
 from imageio_ffmpeg import get_ffmpeg_exe
 from PIL import Image
 
-from .atomic import atomic_directory, atomic_path
-from .video_io import EncodeError, EncoderUnavailableError, unit_to_uint8
+from layerflow.io.atomic import atomic_directory, atomic_path
+from layerflow.io.pixels import EncodeError, EncoderUnavailableError, unit_to_uint8
 
 DEFAULT_FPS = 8  # the sampling configs' fps
 DEFAULT_MP4_QUALITY = 5  # imageio's default, what the original wrote with

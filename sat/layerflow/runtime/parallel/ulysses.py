@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism (DeepSpeed-Ulysses, arXiv 2309.14509) for the DiT, on torch.distributed.
 
 Each of the k ranks of a Ulysses group holds one contiguous slice of the token sequence (text
-first, then video; :func:`layerflow.parallel.layout.token_chunks`) through every token-wise part
+first, then video; :func:`layerflow.runtime.parallel.layout.token_chunks`) through every token-wise part
 of a block: adaLN, LayerNorms, the projections with their LoRA, the MLP. Position embeddings are
 absolute (a sin-cos table added once at the input), so a slice takes its rows of the table and
 needs nothing else. Around attention, one all-to-all turns sequence-sharded queries, keys and
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .layout import token_chunks
+from layerflow.runtime.parallel.layout import token_chunks
 
 
 def sequence_to_heads(x: torch.Tensor, chunks: tuple[int, ...], group) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Many samples in one run: manifests and prompt files, sharded over ranks, resumable, failures recorded."""

@@ -1,0 +1,1 @@
+"""Where weights come from: release checkpoints, safetensors, seeded random weights, the tiny models."""
