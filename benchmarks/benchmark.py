@@ -8,11 +8,11 @@ each number is the wall time of that stage alone.
 Examples::
 
     # the tiny built-in model on the CPU (seconds)
-    python benchmarks/benchmark.py --base configs/model_rgba.yaml configs/tasks/fg2bg_rgba.yaml \\
+    python benchmarks/benchmark.py --base configs/model.yaml configs/tasks/fg2bg_rgba.yaml \\
         configs/tiny.yaml --repeats 3 --json outputs/bench_tiny.json
 
     # the full-size RGBA model on a GPU, no weights needed
-    python benchmarks/benchmark.py --base configs/model_rgba.yaml configs/tasks/gen_rgba.yaml \\
+    python benchmarks/benchmark.py --base configs/model.yaml configs/tasks/gen_rgba.yaml \\
         --set model.weights=random --repeats 3 --warmup 1 --json outputs/bench_gen_rgba.json
 
 Random weights give valid timings: the work done by every layer depends on the tensor shapes and

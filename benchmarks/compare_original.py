@@ -194,7 +194,7 @@ def build_our_pipeline(case_dir: Path, case: dict, num_steps: int, seed: int,
                   f"model.vae.scale_factor={case['scale_factor']}", "runtime.device=cpu", "runtime.dtype=float32",
                   *extra]
     configs = REPO_ROOT / "configs"
-    config = load_config([configs / f"model_{variant}.yaml", configs / "tasks" / f"{task}_{variant}.yaml",
+    config = load_config([configs / "model.yaml", configs / "tasks" / f"{task}_{variant}.yaml",
                           configs / "tiny.yaml"], overrides)
     return LayerFlowPipeline(config)
 

@@ -17,7 +17,7 @@ height and width are proportional to the latent's).
 
 Example (full size, derived numbers only; add --measure on a GPU)::
 
-    python benchmarks/parallel_estimate.py --base configs/model_rgb.yaml configs/tasks/gen_rgb.yaml
+    python benchmarks/parallel_estimate.py --base configs/model.yaml configs/tasks/gen_rgb.yaml
 """
 
 from __future__ import annotations

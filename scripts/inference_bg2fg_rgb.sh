@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-1}" sat/sample_video.py \
-    --base configs/model_rgb.yaml configs/tasks/bg2fg_rgb.yaml \
+    --base configs/model.yaml configs/tasks/bg2fg_rgb.yaml \
     --prompt-dir examples/prompts/gen --input bg="${BACKGROUND:-examples/inputs/bg.mp4}" "$@"

@@ -15,5 +15,5 @@ source scripts/setup_env.sh
 TASK="${TASK:-gen}"
 VARIANT="${VARIANT:-rgba}"
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-1}" sat/train_video.py \
-    --base "configs/model_${VARIANT}.yaml" "configs/tasks/${TASK}_${VARIANT}.yaml" "configs/train/$stage.yaml" \
+    --base "configs/model.yaml" "configs/tasks/${TASK}_${VARIANT}.yaml" "configs/train/$stage.yaml" \
     --set training.manifest="$MANIFEST" --set training.save="${SAVE:-checkpoints/${TASK}_${VARIANT}_${stage}}" "$@"

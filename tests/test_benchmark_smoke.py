@@ -21,7 +21,7 @@ def report(tmp_path_factory) -> dict:
     out = folder / "bench.json"
     command = [
         sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
-        "--base", str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgba.yaml"),
+        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgba.yaml"),
         str(CONFIGS / "tiny.yaml"),
         "--set", f"sampling.num_steps={NUM_STEPS}", "--set", "output.alpha_video=none",
         "--repeats", "1", "--warmup", "0", "--json", str(out), "--output", str(folder / "samples"),

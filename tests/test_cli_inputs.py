@@ -13,7 +13,7 @@ CONFIGS = REPO_ROOT / "configs"
 
 
 def tiny(task: str, variant: str = "rgb") -> list[str]:
-    return ["--base", str(CONFIGS / f"model_{variant}.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
+    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
             str(CONFIGS / "tiny.yaml")]
 
 
@@ -101,7 +101,7 @@ def test_manifest_ids_must_be_safe_folder_names(tmp_path, capsys, bad_id):
 def test_missing_real_weights_name_every_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prompts = prompt_files(tmp_path / "p")
-    argv = ["--base", str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
+    argv = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
             "--prompt-dir", str(prompts)]
     line = run_failing(capsys, argv, tmp_path / "out", "missing weights")
     assert "ckpts_2b_lora/multi-layer-generation-rgba" in line

@@ -12,7 +12,7 @@ CONFIGS = REPO_ROOT / "configs"
 
 
 def base(task: str = "gen", variant: str = "rgba") -> list:
-    return [CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
+    return [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
 
 
 def test_later_files_and_overrides_win(tmp_path):
@@ -112,3 +112,15 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     assert load_config(base(), ["sampling.guidance_scale=5e0"]).sampling.guidance_scale == 5.0
     with pytest.raises(ConfigError, match="sampling.guidance_scale .*expected a number, got 'five'"):
         load_config(base(), ["sampling.guidance_scale=five"])
+
+
+def test_the_old_twin_model_files_point_to_the_merged_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"model_rgba.yaml: config file not found \(model_rgba.yaml and its twin "
+                                          r"became configs/model.yaml"):
+        load_config([tmp_path / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml"])
+
+
+@pytest.mark.parametrize(("name", "frames"), [("gen_rgb", 49), ("gen_rgba", 64), ("fg2bg_rgba", 65)])
+def test_the_task_file_gives_the_position_table_length(name, frames):
+    task, variant = name.split("_")
+    assert load_config(base(task, variant)).network.num_frames == frames

@@ -28,8 +28,7 @@ NAMES = [layout.name for layout in LAYOUTS.values()]
 
 
 def tiny_config(name: str):
-    variant = name.split("_")[1]
-    return load_config([CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"])
+    return load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"])
 
 
 def decode(path, pix_fmt: str = "rgb24") -> np.ndarray:
@@ -116,7 +115,7 @@ def test_output_folder_not_writable(tmp_path):
         (prompts / f"{layer}.txt").write_text("a thing\n")
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), "--base", *[str(CONFIGS / f) for f in
-         ("model_rgb.yaml", "tasks/gen_rgb.yaml", "tiny.yaml")], "--prompt-dir", str(prompts),
+         ("model.yaml", "tasks/gen_rgb.yaml", "tiny.yaml")], "--prompt-dir", str(prompts),
          "--output", str(blocker / "out"), "--no-progress"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")},

@@ -13,7 +13,7 @@ from layerflow.config import ConfigError, load_config
 from layerflow.runtime.devices import Placement, cpu_threads
 
 CONFIGS = REPO_ROOT / "configs"
-GEN_RGB = [str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml")]
+GEN_RGB = [str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml")]
 
 
 def test_cpu_threads_holds_the_count_for_the_block_and_restores_it():

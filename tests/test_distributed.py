@@ -19,7 +19,7 @@ from layerflow.io.output_folder import OutputFolder, OutputFolderError
 pytestmark = pytest.mark.slow
 
 CONFIGS = REPO_ROOT / "configs"
-BASE = ["--base", str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml")]
+BASE = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml")]
 FAST = ["--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress"]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -146,7 +146,7 @@ def test_broken_sample_is_recorded_and_the_others_finish(tmp_path):
     output = tmp_path / "out"
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
     broken = {"id": "broken", "prompts": {"fg": "a", "bg": "b", "blend": "c"}, "inputs": {"fg": "corrupt.mp4"}}
-    fg2bg = ["--base", str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgb.yaml"),
+    fg2bg = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgb.yaml"),
              str(CONFIGS / "tiny.yaml")]
     good = [{"id": f"good-{i}", "prompts": {"fg": f"a {i}", "bg": "b", "blend": "c"},
              "inputs": {"fg": str(tmp_path / "fg.mp4")}} for i in range(2)]

@@ -17,9 +17,8 @@ CONFIGS = [f"{task.value}_{variant.value}" for task, variant in LAYOUTS]
 
 
 def released_config(name: str):
-    variant = name.split("_")[1]
     configs = REPO_ROOT / "configs"
-    return load_config([configs / f"model_{variant}.yaml", configs / "tasks" / f"{name}.yaml"])
+    return load_config([configs / "model.yaml", configs / "tasks" / f"{name}.yaml"])
 
 
 @pytest.mark.parametrize("name", CONFIGS)

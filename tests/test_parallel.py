@@ -28,8 +28,7 @@ SEED = 11
 
 
 def tiny_config(name: str, *overrides: str):
-    variant = name.split("_")[1]
-    return load_config([CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
+    return load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
                        ["sampling.num_steps=3", *overrides])
 
 
@@ -212,11 +211,11 @@ def test_impossible_layouts_are_refused(overrides, world, message):
 
 
 def test_full_size_heads_allow_the_divisors_of_30():
-    config = load_config([CONFIGS / "model_rgb.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
+    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
                          ["runtime.parallel.ulysses=4"])
     with pytest.raises(ConfigError, match=r"the 30 attention heads .* possible: 1, 2, 3, 5, 6, 10, 15, 30$"):
         check_layout(config, 8)
-    ok = load_config([CONFIGS / "model_rgb.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
+    ok = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
                      ["runtime.parallel.ulysses=5", "runtime.parallel.cfg=2"])
     assert check_layout(ok, 10).num_groups == 1
 
@@ -240,7 +239,7 @@ def test_bad_layout_stops_the_cli_before_loading(capsys, tmp_path):
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n", encoding="utf-8")
-    code = main(["--base", str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+    code = main(["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
                  str(CONFIGS / "tiny.yaml"), "--set", "runtime.parallel.ulysses=3", "--manifest", str(manifest),
                  "--output", str(tmp_path / "out")])
     assert code == 2
@@ -265,7 +264,7 @@ def test_four_ranks_in_two_groups_write_what_one_rank_writes(tmp_path):
 
     manifest = tmp_path / "jobs.jsonl"
     ids = write_manifest(manifest, 3)
-    base = ["--base", str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
+    base = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
             str(CONFIGS / "tiny.yaml"), "--set", "sampling.num_steps=2", "--set", "output.preview=false",
             "--set", "output.alpha_video=none", "--set", "runtime.vae_temporal_chunk=8", "--no-progress",
             "--manifest", str(manifest)]

@@ -17,8 +17,7 @@ PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a 
 
 
 def tiny_pipeline(name: str, *overrides: str) -> LayerFlowPipeline:
-    variant = name.split("_")[1]
-    config = load_config([CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
+    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
                          ["sampling.num_steps=2", *overrides])
     return LayerFlowPipeline(prepare_random_weights(config))
 

@@ -34,7 +34,7 @@ PROMPTS = {"fg": "a ball", "bg": "a field", "blend": "a ball on a field"}
 
 
 def tiny(task: str = "gen", variant: str = "rgb") -> list[str]:
-    return ["--base", str(CONFIGS / f"model_{variant}.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
+    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
             str(CONFIGS / "tiny.yaml")]
 
 

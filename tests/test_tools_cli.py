@@ -28,8 +28,7 @@ SIZE = ["--size", "64x96"]
 
 
 def tiny(name: str) -> list[str]:
-    variant = name.split("_")[1]
-    return ["--base", str(CONFIGS / f"model_{variant}.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"),
+    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"),
             str(CONFIGS / "tiny.yaml")]
 
 

@@ -133,7 +133,7 @@ def test_premultiply_known_values():
 
 
 def test_alpha_mode_is_validated():
-    files = [CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", CONFIGS / "tiny.yaml"]
+    files = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", CONFIGS / "tiny.yaml"]
     assert load_config(files).output.alpha_mode == "straight"
     assert load_config(files, ["output.alpha_mode=both"]).output.alpha_mode == "both"
     with pytest.raises(ConfigError) as error:
@@ -234,7 +234,7 @@ def test_scores_can_be_turned_off(tmp_path):
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")
-    configs = [str(CONFIGS / "model_rgba.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"), str(CONFIGS / "tiny.yaml")]
+    configs = [str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"), str(CONFIGS / "tiny.yaml")]
     common = ["--base", *configs, "--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress",
               "--manifest", str(manifest)]
     assert main([*common, "--set", "output.scores=false", "--output", str(tmp_path / "off")]) == 0

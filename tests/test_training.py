@@ -30,7 +30,7 @@ from layerflow.weights.resolve import prepare_random_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FIXTURES = Path(__file__).parent / "fixtures" / "training"
-FILES = [CONFIGS / "model_rgb.yaml", CONFIGS / "tasks" / "seg_rgb.yaml", CONFIGS / "train" / "content_lora.yaml",
+FILES = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "seg_rgb.yaml", CONFIGS / "train" / "content_lora.yaml",
          CONFIGS / "tiny.yaml"]
 HEIGHT, WIDTH = 32, 48  # pixels of the small test geometry: a 4x6 latent
 SMALL = ["model.network.latent_height=4", "model.network.latent_width=6", "training.layers=[]",
@@ -166,7 +166,7 @@ def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
     assert clip.mean.shape == (layout.latent_frames, 16, 4, 6) and clip.std.shape == clip.mean.shape
     assert clip.context.shape == (layout.text_length, 32) and (clip.std > 0).all()
     assert still.still and not clip.still
-    other = load_train_config([CONFIGS / "model_rgb.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
+    other = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
                               [*SMALL, f"training.cache={prepared.parent / 'cache'}"])
     with pytest.raises(CacheError, match="made for another config"):
         LatentCache(prepare_random_weights(other), samples)
@@ -183,7 +183,7 @@ def test_loss_equals_the_original_on_the_recorded_batch(reference_dir, case):
     record = torch.load(FIXTURES / f"loss_{case}.pt", weights_only=True)
     sizes = json.loads((reference_dir / case / "config.json").read_text())["sizes"]
     task, variant = case.split("_")
-    config = load_config([CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{case}.yaml", CONFIGS / "tiny.yaml"],
+    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{case}.yaml", CONFIGS / "tiny.yaml"],
                          [f"model.network.num_frames={sizes['num_frames']}"])
     network = LayerFlowDiT(config.network)
     load_network(network, reference_dir / case / "ckpt", config.layout)
@@ -225,7 +225,7 @@ def test_perfect_v_prediction_has_zero_loss():
 
 
 def test_parameter_groups_and_layer_selection():
-    config = load_train_config([CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
+    config = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
                                ["training.layers=[1]"])
     network = LayerFlowDiT(config.network)
     names = select_trainable(network, ["content_lora", "layer_embedding"], [1])
@@ -374,7 +374,7 @@ def test_start_from_cogvideox_weights(tmp_path):
     from layerflow.weights.checkpoint import CheckpointError, save_sat_checkpoint
     from layerflow.weights.random import randomize_
 
-    config = load_train_config([CONFIGS / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
+    config = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
                                ["training.layers=[]", "training.init=cogvideox"])
     source = randomize_(LayerFlowDiT(config.network), 5)
     cogvideox = {}
@@ -424,7 +424,7 @@ LAYER_EMBEDDING = 2 * HIDDEN + 2 * HIDDEN  # Linear(1, 1920) and LayerNorm(1920)
 @pytest.mark.parametrize("task", ["gen", "seg", "fg2bg", "bg2fg"])
 @pytest.mark.parametrize("variant", ["rgb", "rgba"])
 def test_stage_files_fit_every_full_size_layout(task, variant):
-    files = [CONFIGS / f"model_{variant}.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
+    files = [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{task}_{variant}.yaml"]
     for stage in ("base", "motion_lora", "content_lora"):
         load_train_config([*files, CONFIGS / "train" / f"{stage}.yaml"])
     config = load_train_config([*files, CONFIGS / "train" / "content_lora.yaml"])

@@ -35,8 +35,7 @@ def train(processes: int, task: str, manifest: Path, save: Path, *overrides: str
     script = str(REPO_ROOT / "sat" / "train_video.py")
     launcher = [sys.executable, script] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", script]
-    variant = task.split("_")[1]
-    base = ["--base", str(CONFIGS / f"model_{variant}.yaml"), str(CONFIGS / "tasks" / f"{task}.yaml"),
+    base = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{task}.yaml"),
             str(CONFIGS / "train" / "content_lora.yaml"), str(CONFIGS / "tiny.yaml")]
     settings = [*SMALL, f"training.manifest={manifest}", f"training.save={save}",
                 f"training.cache={manifest.parent / ('cache_' + task)}", *overrides]
@@ -145,7 +144,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(two_stills, tmp_path):
 
     save = tmp_path / "killed"
     script = str(REPO_ROOT / "sat" / "train_video.py")
-    base = ["--base", str(CONFIGS / "model_rgb.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+    base = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
             str(CONFIGS / "train" / "content_lora.yaml"), str(CONFIGS / "tiny.yaml")]
     overrides = [*SMALL, f"training.manifest={two_stills}", f"training.save={save}",
                  f"training.cache={two_stills.parent / 'cache_gen_rgb'}", *settings]

@@ -2,10 +2,10 @@
 
 Examples::
 
-    python sat/sample_video.py --base configs/model_rgba.yaml configs/tasks/gen_rgba.yaml \\
+    python sat/sample_video.py --base configs/model.yaml configs/tasks/gen_rgba.yaml \\
         --prompt fg=prompts/fg.txt --prompt bg=prompts/bg.txt --prompt blend=prompts/blend.txt
 
-    torchrun --nproc_per_node=8 sat/sample_video.py --base configs/model_rgb.yaml \\
+    torchrun --nproc_per_node=8 sat/sample_video.py --base configs/model.yaml \\
         configs/tasks/seg_rgb.yaml --manifest jobs.jsonl --output outputs/seg
 
 Exit status: 0 when every sample succeeded (or was already complete), 1 when some failed,

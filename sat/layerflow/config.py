@@ -36,6 +36,13 @@ class FieldError(ConfigError):
         self.expected = expected
 
 
+# Config files that were merged into others, so that an old command line says where they went.
+RENAMED_CONFIGS = {
+    name: f" ({name} and its twin became configs/model.yaml; the task file gives the variant)"
+    for name in ("model_rgb.yaml", "model_rgba.yaml")
+}
+
+
 def _require(ok: bool, name: str, expected: str) -> None:
     if not ok:
         raise FieldError(name, expected)
@@ -356,7 +363,8 @@ def load_config(files: Sequence[str | Path], overrides: Sequence[str] = (),
         try:
             text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"{file}: config file not found") from None
+            hint = RENAMED_CONFIGS.get(file.name, "")
+            raise ConfigError(f"{file}: config file not found{hint}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{file}: cannot read config ({error})") from None
         try:

@@ -37,7 +37,7 @@ def run_demo(output: Path, configs: list[str] | None = None) -> int:
     output = Path(output)
     inputs = write_layered_clip(output / "inputs")
     status = 0
-    for (_, variant), layout in LAYOUTS.items():
+    for layout in LAYOUTS.values():
         name = layout.name
         if configs and name not in configs:
             continue
@@ -48,7 +48,7 @@ def run_demo(output: Path, configs: list[str] | None = None) -> int:
         configs_dir = REPO_ROOT / "configs"
         print(f"== {name}", flush=True)
         code = sample_video([
-            "--base", str(configs_dir / f"model_{variant.value}.yaml"), str(configs_dir / "tasks" / f"{name}.yaml"),
+            "--base", str(configs_dir / "model.yaml"), str(configs_dir / "tasks" / f"{name}.yaml"),
             str(configs_dir / "tiny.yaml"), "--manifest", str(manifest), "--output", str(output),
         ])
         status = status or code

@@ -44,7 +44,7 @@ def _base_files(meta: Mapping) -> list[str]:
         return [str(f.resolve()) for f in recorded]
     name = f"{meta['task']}_{meta['variant']}"
     configs = REPO_ROOT / "configs"
-    return [str(configs / f"model_{meta['variant']}.yaml"), str(configs / "tasks" / f"{name}.yaml")]
+    return [str(configs / "model.yaml"), str(configs / "tasks" / f"{name}.yaml")]
 
 
 def config_overrides(recorded: Mapping, base: list[str]) -> list[str]:

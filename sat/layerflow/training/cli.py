@@ -3,7 +3,7 @@
 Examples::
 
     # content LoRA of RGBA multi-layer generation, continuing the released checkpoint
-    torchrun --nproc_per_node=8 sat/train_video.py --base configs/model_rgba.yaml \\
+    torchrun --nproc_per_node=8 sat/train_video.py --base configs/model.yaml \\
         configs/tasks/gen_rgba.yaml configs/train/content_lora.yaml \\
         --set training.manifest=data/train.jsonl --set training.save=checkpoints/gen_rgba_content
 
