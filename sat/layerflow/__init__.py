@@ -4,4 +4,16 @@ The package lives under ``sat/`` of the repository as ``layerflow``; it never sh
 installed SwissArmyTransformer package, which is imported as ``sat``.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# SwissArmyTransformer and DeepSpeed log INFO lines and an accelerator guess when they are imported
+# (before any of our code runs). Their own switches, set only where the user has not: SAT logs
+# warnings and up, and without CUDA DeepSpeed is told it runs on the CPU instead of guessing aloud.
+os.environ.setdefault("SAT_LOGLEVEL", "WARNING")
+if "DS_ACCELERATOR" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

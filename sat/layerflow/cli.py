@@ -198,6 +198,11 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _for_terminal(record: logging.LogRecord) -> bool:
+    """Records marked ``file_only`` (a sample's failure, shown by the progress and the summary) stay in the logs."""
+    return not getattr(record, "file_only", False)
+
+
 class _MessageOnly(logging.Formatter):
     """``warning: text`` on the terminal: one line per record, no traceback (those go to the rank logs)."""
 
@@ -214,11 +219,12 @@ def _configure_logging(debug: bool, no_progress: bool) -> None:
     _TERMINAL.setLevel(logging.DEBUG if debug else logging.WARNING)
     _TERMINAL.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug else _MessageOnly())
     if _TERMINAL not in logging.root.handlers:
+        _TERMINAL.addFilter(_for_terminal)
         logging.root.addHandler(_TERMINAL)
     logging.root.setLevel(logging.WARNING)
     for noisy in ("transformers", "sat", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if no_progress:
+    if no_progress or not sys.stderr.isatty():  # a bar in a log file is a stream of \r fragments
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()

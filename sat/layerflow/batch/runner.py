@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from layerflow.batch.manifest import Sample, shard
+from layerflow.batch.progress import RunProgress
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
 from layerflow.io.atomic import write_text_atomic
@@ -42,6 +42,7 @@ from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
 
 log = logging.getLogger("layerflow")
+FILE_ONLY = {"file_only": True}  # a record for the rank log; the terminal shows it through the progress and summary
 
 
 @dataclass
@@ -164,26 +165,23 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             summary.failed[sample.id] = problem
             if groups.is_leader:
                 failures.append({"id": sample.id, "rank": rank, "error": problem})
-            log.error("sample %s cannot run: %s", sample.id, problem)
+            log.error("sample %s cannot run: %s", sample.id, problem, extra=FILE_ONLY)
     log.info("rank %d/%d: %d samples, %d already complete, %d cannot run", rank, world, len(mine),
              len(summary.skipped), len(summary.failed))
-    bar = None
-    if show_progress and distributed.is_main_process():
-        finished = sum(is_complete(output / s.id) for s in samples)
-        bar = tqdm(total=len(samples), initial=finished, desc="samples", unit="sample", dynamic_ncols=True)
+    finished = sum(is_complete(output / s.id) for s in samples)
+    progress = RunProgress(len(samples), finished, config.sampling.num_steps,
+                           enabled=show_progress and distributed.is_main_process())
     pipeline = pipeline_factory(config) if todo else None
     for sample in todo:
         start = time.perf_counter()
-        step_bar = None
-        if bar is not None:
-            step_bar = tqdm(total=config.sampling.num_steps, desc=f"  {sample.id}", unit="step", leave=False,
-                            dynamic_ncols=True)
+        on_step = progress.start_sample(sample.id)
+        failure = None
         try:
             run_config = sample_config(config, sample)
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
             result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling,
-                                       on_step=_step_updater(step_bar))
+                                       on_step=on_step)
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
                     "checkpoint": run_config.model.checkpoint if run_config.model.weights == "checkpoint" else
                     "random weights", "device": pipeline.placement.device_kind,
@@ -195,29 +193,19 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
-            reason = _reason(error)
-            summary.failed[sample.id] = reason
+            failure = _reason(error)
+            summary.failed[sample.id] = failure
             if groups.is_leader:
-                failures.append({"id": sample.id, "rank": rank, "error": reason})
-            log.exception("sample %s failed: %s", sample.id, reason)
+                failures.append({"id": sample.id, "rank": rank, "error": failure})
+            log.exception("sample %s failed: %s", sample.id, failure, extra=FILE_ONLY)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         finally:
-            if step_bar is not None:
-                step_bar.close()
-        if bar is not None:
-            bar.n = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
-            bar.refresh()
-    if bar is not None:
-        bar.close()
+            finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
+            progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
+    progress.close()
     _record_failures(output, rank, failures)
     return summary
-
-
-def _step_updater(step_bar: tqdm | None) -> Callable[[int, int], None] | None:
-    if step_bar is None:
-        return None
-    return lambda step, total: step_bar.update(1)
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:

@@ -58,6 +58,8 @@ def init_process_group(backend: str | None = None) -> None:
 def ensure_model_parallel() -> None:
     """Make sure SAT's model-parallel group (size 1) exists."""
     init_process_group()
+    # SAT guesses the ranks per node (and says so) unless told; torchrun sets it, a plain process is 1
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1" if not launched_by_torchrun() else str(world_size()))
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
 

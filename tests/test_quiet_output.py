@@ -1,0 +1,40 @@
+"""What a run prints when stderr is a log file, not a terminal: one line per sample and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
+    manifest = tmp_path / "jobs.jsonl"
+    ids = ["first", "second"]
+    broken = {"id": "broken", "prompts": {"fg": "a", "bg": "b", "blend": "c"}, "overrides": {}}
+    manifest.write_text("".join(json.dumps({"id": i, "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n"
+                                for i in ids) + json.dumps(broken) + "\n")
+    (tmp_path / "out" / "broken").mkdir(parents=True)  # in the way: this sample fails before running
+    env = {k: v for k, v in os.environ.items() if k not in ("SAT_LOGLEVEL", "DS_ACCELERATOR", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(REPO_ROOT / "sat")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), "--base", str(CONFIGS / "model.yaml"),
+         str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"), "--set", "sampling.num_steps=2",
+         "--set", "output.preview=false", "--manifest", str(manifest), "--output", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    err = result.stderr.splitlines()
+    assert "\r" not in result.stderr, "progress bars in a log file"
+    noise = [line for line in err if re.search(r"\[INFO\]|\[WARNING\]|DeepSpeed|LOCAL_WORLD_SIZE|accelerator", line)]
+    assert not noise, noise
+    progress = [line for line in err if re.match(r"^\[\d+/3\] ", line)]
+    assert [line.split()[1] for line in progress] == ids, err
+    assert all(re.match(r"^\[\d/3\] \w+ done in \d+\.\d s$", line) for line in progress), progress
+    assert [line for line in err if line.startswith("failed: broken: ")], err
+    assert len(err) == len(progress) + 1, err
+    assert result.stdout.startswith("rank 0: 2 done, 0 skipped (already complete), 1 failed"), result.stdout
