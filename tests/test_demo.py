@@ -13,8 +13,8 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
+from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
-from layerflow.batch.runner import read_given_layers
 from layerflow.config import load_config
 from layerflow.demo import run_demo
 from layerflow.io.output_folder import SAMPLE_MARKER

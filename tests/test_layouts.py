@@ -52,3 +52,16 @@ def test_layout_matches_the_recorded_reference_layout(reference_dir, case):
     for k, name in enumerate(layout.prompt_layers):
         assert f"{name}_prompt" in frames["prompts_in_order"][k]
         assert prefixes[k] == f"{k}, "
+
+
+def test_given_inputs_follow_the_layer_table():
+    for layout in LAYOUTS.values():
+        rgba = layout.variant.value == "rgba"
+        given = {g.layer: g for g in layout.given_inputs}
+        assert set(given) == set(layout.given_layers) - {"alpha"}
+        for name, rule in given.items():
+            assert rule.pixel_frames == layout.span(name).pixel_frames
+            assert rule.needs_alpha == rule.takes_mask == (rgba and name == "fg")
+        assert ("mask" in layout.accepted_inputs) == (rgba and "fg" in given)
+        assert layout.check_input_names(set(given)) == ([], [])
+        assert layout.check_input_names({"alpha", *given}) == ([], ["alpha"]), "alpha comes with the fg file"

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
+from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
-from layerflow.batch.runner import read_given_layers
 from layerflow.config import load_config
 from layerflow.console import SUBCOMMANDS, main
 from layerflow.io.pixels import LayerSourceError

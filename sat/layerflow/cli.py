@@ -147,7 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         check_weights(config)
     check_output_path(output)
 
-    from layerflow.batch.runner import check_given_layers, merge_failures, run_samples
+    from layerflow.batch.given import check_given_layers
+    from layerflow.batch.runner import merge_failures, run_samples
 
     if not args.manifest and config.layout.given_layers:
         check_given_layers(samples[0], config)  # --input files are shared by every sample: a bad one stops the run

@@ -24,13 +24,11 @@ PROMPTS = {
 
 
 def demo_inputs(layout, inputs: dict[str, Path]) -> dict[str, str]:
-    given = {}
-    for name in layout.given_layers:
-        if name == "fg":
-            given["fg"] = str(inputs["fg_rgba"] if layout.variant.value == "rgba" else inputs["fg"])
-        elif name != "alpha":
-            given[name] = str(inputs[name])
-    return given
+    """The synthetic clip's files for the layers ``layout`` takes: RGBA PNGs where the matte is needed."""
+    files = {}
+    for given in layout.given_inputs:
+        files[given.layer] = str(inputs["fg_rgba"] if given.needs_alpha else inputs[given.layer])
+    return files
 
 
 def run_demo(output: Path, configs: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import torch
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER, TOKENS_PER_PROMPT, VAE_TEMPORAL_COMPRESSION
 
 FIRST_FRAME_COPY = "first_frame_copy"
+MASK_INPUT = "mask"  # a separate matte for an RGBA foreground, given as a file of its own
 
 
 class Task(str, enum.Enum):
@@ -61,6 +62,20 @@ class LayerSpan:
     @property
     def pixel_frames(self) -> int:
         return self.pixel_stop - self.pixel_start
+
+
+@dataclass(frozen=True)
+class GivenInput:
+    """One given layer as a user supplies it, and the rules its file must meet.
+
+    ``needs_alpha``: the task also takes the foreground's matte, so the file must carry alpha
+    (RGBA frames) or come with a :data:`MASK_INPUT` file; ``takes_mask`` says that file is accepted.
+    """
+
+    layer: str
+    pixel_frames: int
+    needs_alpha: bool = False
+    takes_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,25 @@ class TaskLayout:
     def video_layers(self) -> tuple[str, ...]:
         """The layers a user sees as videos, in stacking order."""
         return tuple(name for name, _ in self.layers if name != FIRST_FRAME_COPY)
+
+    @property
+    def given_inputs(self) -> tuple[GivenInput, ...]:
+        """The given layers a user supplies as files (the alpha layer comes with the foreground)."""
+        with_matte = "alpha" in self.given_layers
+        return tuple(GivenInput(name, self.span(name).pixel_frames, needs_alpha=with_matte and name == "fg",
+                                takes_mask=with_matte and name == "fg")
+                     for name in self.given_layers if name != "alpha")
+
+    @property
+    def accepted_inputs(self) -> tuple[str, ...]:
+        """Every input name a sample may give: the given layers, plus the mask where it is taken."""
+        names = tuple(given.layer for given in self.given_inputs)
+        return (*names, MASK_INPUT) if any(given.takes_mask for given in self.given_inputs) else names
+
+    def check_input_names(self, names) -> tuple[list[str], list[str]]:
+        """(missing, not used): the required inputs absent from ``names``, and the names this task does not take."""
+        missing = [given.layer for given in self.given_inputs if given.layer not in names]
+        return missing, sorted(set(names) - set(self.accepted_inputs))
 
     @property
     def condition_frames(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerflow.config import ConfigError, SamplingSection, apply_sampling_overrides
-from layerflow.tasks import TaskLayout
+from layerflow.tasks import MASK_INPUT, TaskLayout
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Names the run itself uses in the output folder; a sample may not take them (in any letter case,
@@ -77,13 +77,11 @@ def check_prompts(prompts: Mapping[str, str], layout: TaskLayout, where: str) ->
 
 
 def check_inputs(inputs: Mapping[str, str], layout: TaskLayout, where: str) -> None:
-    allowed = set(layout.given_layers) | ({"mask"} if "alpha" in layout.given_layers else set())
-    required = [name for name in layout.given_layers if name != "alpha"]
-    missing = [name for name in required if name not in inputs]
-    extra = sorted(set(inputs) - allowed)
+    missing, extra = layout.check_input_names(inputs)
     if missing or extra:
-        raise ManifestError(f"{where}: {layout.name} takes input videos for {required}"
-                            f"{' (+ optional alpha or mask)' if 'alpha' in layout.given_layers else ''}; "
+        required = [given.layer for given in layout.given_inputs]
+        mask = " (+ optional mask: the foreground's matte)" if MASK_INPUT in layout.accepted_inputs else ""
+        raise ManifestError(f"{where}: {layout.name} takes input videos for {required}{mask}; "
                             f"missing {missing}, not used {extra}")
 
 

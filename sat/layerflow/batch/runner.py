@@ -25,19 +25,12 @@ from pathlib import Path
 
 import torch
 
+from layerflow.batch.given import check_given_layers, given_layer_sources, read_given_layers
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
-from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
 from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
-from layerflow.io.reader import (
-    check_layer_source,
-    layer_provenance,
-    read_foreground_layers,
-    read_layer_video,
-    resolve_layer_source,
-)
 from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
 
@@ -55,60 +48,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torch.Tensor]:
-    """The sample's given-layer files -> layer videos (16, 3, H, W) in [-1, 1], as the model takes them."""
-    layout, size = config.layout, config.video_size
-    given: dict[str, torch.Tensor] = {}
-    wants_alpha = _wants_alpha(sample, config)
-    for name in layout.given_layers:
-        if name == "alpha":
-            continue
-        source = resolve_layer_source(sample.inputs[name], name, wants_alpha)
-        if name == "fg":
-            video = None if wants_alpha else read_layer_video(source, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-            if video is not None and video.shape[1] == 3:
-                given["fg"] = video  # an RGB foreground without matte is taken as it is
-                continue
-            mask = sample.inputs.get("mask")
-            mask = resolve_layer_source(mask, "mask") if mask is not None else None
-            fg, alpha_layer = read_foreground_layers(source, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-            given["fg"] = fg
-            if "alpha" in layout.given_layers:
-                given["alpha"] = alpha_layer
-        else:
-            video = read_layer_video(source, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-            given[name] = video[:, :3]
-    return given
-
-
-def _wants_alpha(sample: Sample, config: LayerFlowConfig) -> bool:
-    """Whether the given foreground is read with its matte (RGBA task, or a mask given)."""
-    return "alpha" in config.layout.given_layers or "mask" in sample.inputs
-
-
-def given_layer_sources(sample: Sample, config: LayerFlowConfig) -> dict[str, dict]:
-    """Where each given layer came from (absolute path; the file and sample when it is a sample folder)."""
-    wants_alpha = _wants_alpha(sample, config)
-    return {name: layer_provenance(source, name, wants_alpha) for name, source in sample.inputs.items()}
-
-
-def check_given_layers(sample: Sample, config: LayerFlowConfig) -> None:
-    """Cheap checks of a sample's given-layer files, before any model loads (same rules as the reader)."""
-    layout = config.layout
-    wants_alpha = _wants_alpha(sample, config)
-    for name in layout.given_layers:
-        if name == "alpha":
-            continue
-        source = resolve_layer_source(sample.inputs[name], name, wants_alpha)
-        if name == "fg":
-            mask = sample.inputs.get("mask")
-            check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size,
-                               needs_alpha="alpha" in layout.given_layers,
-                               mask=resolve_layer_source(mask, "mask") if mask is not None else None)
-        else:
-            check_layer_source(source, PIXEL_FRAMES_PER_LAYER, config.video_size)
 
 
 def sample_config(config: LayerFlowConfig, sample: Sample) -> LayerFlowConfig:

@@ -39,6 +39,7 @@ from layerflow.io.atomic import write_text_atomic
 from layerflow.io.pixels import rgba_from_layers, uint8_to_model, unpremultiply
 from layerflow.io.reader import read_clip_frames
 from layerflow.io.sample_files import ALPHA_EXPORTS, SCORES_FILE, SampleFolderError, layer_video
+from layerflow.runtime.devices import cpu_threads
 
 EDGE_RADIUS = 3  # pixels either side of the matte's 0.5 contour that form the edge band
 SSIM_WINDOW = 11
@@ -154,9 +155,13 @@ def sample_layers(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np
     return fg, _read(folder, layer_video("bg"))[..., :3], _read(folder, layer_video("blend"))[..., :3]
 
 
+SCORE_THREADS = 1  # the sums round by the CPU thread count: one count, so every caller gets the same digits
+
+
 def score_folder(folder: str | os.PathLike) -> dict[str, float | None]:
-    """The scores of one RGBA sample folder, from its files."""
-    return layer_scores(*sample_layers(folder))
+    """The scores of one RGBA sample folder, from its files (computed with :data:`SCORE_THREADS` threads)."""
+    with cpu_threads(SCORE_THREADS):
+        return layer_scores(*sample_layers(folder))
 
 
 def to_json(scores: Mapping[str, float | None]) -> dict:
