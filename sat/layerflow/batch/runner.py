@@ -40,6 +40,7 @@ from layerflow.io.reader import (
 )
 from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
+from layerflow.sampling import StepCallback
 
 log = logging.getLogger("layerflow")
 
@@ -214,10 +215,10 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
     return summary
 
 
-def _step_updater(step_bar: tqdm | None) -> Callable[[int, int], None] | None:
+def _step_updater(step_bar: tqdm | None) -> StepCallback | None:
     if step_bar is None:
         return None
-    return lambda step, total: step_bar.update(1)
+    return lambda step, x: step_bar.update(1)
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:
