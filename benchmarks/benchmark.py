@@ -159,7 +159,7 @@ def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: P
             mark, stages["vae_encode"] = _lap(clock, mark)
         step_mark = [mark]
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, x: torch.Tensor) -> None:
             step_mark[0], seconds = _lap(clock, step_mark[0])
             steps.append(seconds)
 

@@ -138,8 +138,10 @@ def measure_step(config: LayerFlowConfig, cfg: int, ulysses: int, repeats: int) 
     """Median seconds of one rank's network call at the split sizes (random weights, this device)."""
     from layerflow.models.dit import LayerFlowDiT
     from layerflow.runtime.devices import resolve_placement
+    from layerflow.runtime.distributed import ensure_model_parallel
     from layerflow.weights.random import randomize_
 
+    ensure_model_parallel()
     placement = resolve_placement(config.runtime)
     device, dtype = placement.compute_device, placement.dtype
     net, layout = config.network, config.layout

@@ -29,3 +29,11 @@ def reference_cases() -> list[str]:
     if not path.is_dir():
         return []
     return sorted(p.name for p in path.iterdir() if (p / "config.json").is_file())
+
+
+@pytest.fixture(scope="session")
+def model_parallel() -> None:
+    """SAT's model-parallel group, which building a network needs (the callers create it, as the CLI does)."""
+    from layerflow.runtime.distributed import ensure_model_parallel
+
+    ensure_model_parallel()

@@ -11,6 +11,8 @@ from conftest import reference_cases
 from reference import batch_major_context, case_dit_config, case_layout, load_pt
 
 from layerflow.models.dit import LayerFlowDiT
+from layerflow.pipeline import conditioned_denoiser
+from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.weights.checkpoint import CheckpointError, load_network, read_checkpoint, save_safetensors
 
 CASES = reference_cases()
@@ -21,20 +23,17 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def build(case_dir: Path) -> LayerFlowDiT:
+    ensure_model_parallel()
     return LayerFlowDiT(case_dit_config(case_dir))
 
 
 def run_forward(model: LayerFlowDiT, case_dir: Path, lora_scale) -> torch.Tensor:
+    """The generated frames' v, with the recorded clean latents put in place as the pipeline does."""
     recorded = load_pt(case_dir / "forward.pt")
-    layout = case_layout(case_dir)
     context = batch_major_context(recorded["context"], recorded["x"].shape[0])
-    condition = recorded.get("cond_input")
+    denoise = conditioned_denoiser(model, case_layout(case_dir), recorded.get("cond_input"), lora_scale=lora_scale)
     with torch.no_grad():
-        return model(
-            recorded["x"], recorded["timesteps"], context,
-            condition=condition, condition_start=layout.condition[0] if condition is not None else 0,
-            lora_scale=lora_scale,
-        )
+        return denoise(recorded["x"], recorded["timesteps"], context)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -10,10 +10,13 @@ from conftest import REPO_ROOT
 
 from layerflow.config import load_config
 from layerflow.models.dit import LayerFlowDiT
+from layerflow.pipeline import conditioned_denoiser
 from layerflow.tasks import LAYOUTS
 from layerflow.weights.checkpoint import NETWORK_PREFIX
 
 CONFIGS = [f"{task.value}_{variant.value}" for task, variant in LAYOUTS]
+
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def released_config(name: str):
@@ -58,5 +61,5 @@ def test_meta_forward_shapes_without_weights():
     x = torch.empty(2, layout.generated_frames, 16, net.latent_height, net.latent_width, device="meta")
     condition = torch.empty(2, layout.condition_frames, 16, net.latent_height, net.latent_width, device="meta")
     context = torch.empty(2, net.text_length, net.text_hidden_size, device="meta")
-    out = model(x, torch.zeros(2, device="meta"), context, condition=condition, condition_start=layout.condition[0])
+    out = conditioned_denoiser(model, layout, condition)(x, torch.zeros(2, device="meta"), context)
     assert out.shape == x.shape

@@ -168,7 +168,7 @@ def test_cuda_requested_without_a_gpu(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_release(tmp_path_factory) -> dict[str, Path]:
+def tiny_release(tmp_path_factory, model_parallel) -> dict[str, Path]:
     """A tiny gen_rgb task checkpoint in the release layout, a tiny T5 folder, and a good VAE path."""
     folder = tmp_path_factory.mktemp("weights")
     config = prepare_random_weights(load_config(tiny()[1:]), cache=folder / "cache")

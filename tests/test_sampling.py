@@ -11,6 +11,8 @@ from conftest import reference_cases
 from reference import case_config, case_dit_config, case_layout, load_pt
 
 from layerflow.models.dit import LayerFlowDiT
+from layerflow.pipeline import conditioned_denoiser
+from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
 from layerflow.weights.checkpoint import load_network
 
@@ -18,17 +20,11 @@ CASES = reference_cases()
 
 
 def reference_model_fn(case_dir, recorded):
+    ensure_model_parallel()
     model = LayerFlowDiT(case_dit_config(case_dir))
     layout = case_layout(case_dir)
     load_network(model, case_dir / "ckpt", layout)
-    condition = recorded.get("cond_latent")
-    start = layout.condition[0] if layout.condition is not None else 0
-
-    def model_fn(x, timesteps, text):
-        given = None if condition is None else condition.expand(x.shape[0], *condition.shape[1:])
-        return model(x, timesteps, text, condition=given, condition_start=start)
-
-    return model_fn
+    return conditioned_denoiser(model, layout, recorded.get("cond_latent"))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -36,6 +36,8 @@ HEIGHT, WIDTH = 32, 48  # pixels of the small test geometry: a 4x6 latent
 SMALL = ["model.network.latent_height=4", "model.network.latent_width=6", "training.layers=[]",
          "training.tensorboard=false", "training.gradient_checkpointing=false"]
 
+pytestmark = pytest.mark.usefixtures("model_parallel")
+
 
 def write_still(folder: Path, with_alpha: bool = True) -> dict[str, Path]:
     """A still layered sample at exactly the model's pixel size: RGBA (or RGB + mask) foreground and a background."""
@@ -207,9 +209,10 @@ def test_perfect_v_prediction_has_zero_loss():
     noise = torch.randn(target.shape, generator=generator)
     a = alpha_table()[timesteps].reshape(-1, 1, 1, 1, 1)
 
-    def oracle(x, t, context, condition, condition_start, lora_scale):
-        assert torch.equal(condition, latents[:, :9]) and condition_start == 0 and torch.equal(t, timesteps)
-        return (a * x - target) / (1 - a**2) ** 0.5  # v = a x_t - x0 ... solved for the clean target
+    def oracle(x, t, context, lora_scale):
+        """The whole stack comes in, given frames clean; v = (a x_t - x0) / sqrt(1 - a^2) on every frame."""
+        assert x.shape == latents.shape and torch.equal(x[:, :9], latents[:, :9]) and torch.equal(t, timesteps)
+        return (a * x - latents) / (1 - a**2) ** 0.5
 
     loss = diffusion_loss(oracle, NoisedBatch(latents, torch.zeros(3, 1, 1), timesteps, noise, torch.zeros(3)),
                           layout)

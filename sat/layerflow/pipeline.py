@@ -8,8 +8,9 @@
 3. sample the other latent frames with the VP-SDE DPM-Solver++(2M) sampler and dynamic CFG;
 4. put the given latents back, decode the whole stack and split it into layers.
 
-The sampler knows nothing about layers: step 3 closes the text, the given latents and the task's
-insertion point into the model function it hands over.
+The sampler knows nothing about layers and the network nothing about given layers: step 3 closes
+the given latents and the task layout into the denoise function it hands to the sampler
+(:func:`conditioned_denoiser`), which puts them in place and keeps the generated frames' output.
 
 Legend: b batch, T latent frames, c latent channels (16), h/w latent size, F pixel frames,
 H/W pixel size, L text tokens, e T5 width.
@@ -20,27 +21,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
-from layerflow.models.text_encoder import T5TextEncoder, layer_prompt
+from layerflow.models.text_encoder import T5TextEncoder, layer_prompt, unconditional_states
 from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
 from layerflow.runtime.devices import Placement, resolve_placement
+from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.runtime.parallel import groups_for
 from layerflow.runtime.parallel.guidance import split_guidance_batch
 from layerflow.runtime.parallel.vae_decode import decode_arguments
-from layerflow.sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
-from layerflow.tasks import TaskLayout, insert_condition, split_condition
+from layerflow.sampling import DynamicCFG, ModelFn, StepCallback, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
+from layerflow.tasks import TaskLayout, insert_condition, remove_condition, split_condition
 from layerflow.weights.checkpoint import load_network
 from layerflow.weights.random import randomize_
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
-StepCallback = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -64,6 +68,7 @@ class LayerFlowPipeline:
         self.layout: TaskLayout = config.layout
         self.placement = placement or resolve_placement(config.runtime)
         self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
+        ensure_model_parallel()  # SAT's layers need its model-parallel group before the network is built
         self.network = self._load_network()
         self.vae = self._load_vae()
         self.text_encoder: T5TextEncoder | None = None
@@ -168,9 +173,7 @@ class LayerFlowPipeline:
         vae = self.vae
         with self.placement.on_compute(vae):
             clip = clip.to(self.placement.compute_device, self.placement.vae_dtype)
-            posterior = vae.posterior(clip)
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-            latent = vae.config.scale_factor * (posterior.mean + posterior.std * eps)  # (1, c, T, h, w)
+            latent = vae.encode_to_latent(clip, generator)  # (1, c, T, h, w)
         latent = latent.permute(0, 2, 1, 3, 4)  # (1, T, c, h, w)
         if latent.shape[1] != self.layout.latent_frames:
             raise InputError(f"{self.layout.name}: the stacked clip gave {latent.shape[1]} latent frames, "
@@ -182,30 +185,23 @@ class LayerFlowPipeline:
         """Denoise the generated frames: (1, T_gen, c, h, w). Seeds the global generator like the original."""
         sampling = sampling or self.config.sampling
         layout, net = self.layout, self.config.network
-        device, dtype = self.placement.compute_device, self.placement.dtype
         shape = (1, layout.generated_frames, net.in_channels, net.latent_height, net.latent_width)
         torch.manual_seed(seed)
-        noise = torch.randn(shape).to(device)
-        uncond = torch.zeros_like(context)
-        condition_start = layout.condition[0] if layout.condition is not None else 0
-        network, sequence_parallel = self.network, self.groups.ulysses
-
-        def model_fn(x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            given = None if condition is None else condition.expand(x.shape[0], *condition.shape[1:])
-            return network(x.to(dtype), timesteps, text, condition=given, condition_start=condition_start,
-                           lora_scale=sampling.lora_scale, sequence_parallel=sequence_parallel).float()
-
+        noise = torch.randn(shape).to(self.placement.compute_device)
+        uncond = unconditional_states(context)
+        network = self.network
+        model_fn = conditioned_denoiser(network, layout, condition, lora_scale=sampling.lora_scale,
+                                        sequence_parallel=self.groups.ulysses)
         batched = sampling.guidance_batched
         if self.groups.layout.cfg == 2:  # each rank of the guidance pair runs one half of the batch
             model_fn, batched = split_guidance_batch(model_fn, self.groups.cfg_index, self.groups.cfg_group), True
 
         schedule = ZeroSNRSchedule(num_steps=sampling.num_steps)
         guidance = DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent)
-        callback = None if on_step is None else (lambda step, _x: on_step(step + 1, sampling.num_steps))
         with self.placement.on_compute(network):
             return sample_vpsde_dpmpp_2m(
                 model_fn, noise, context, uncond, schedule, guidance, faithful_rng=sampling.faithful_rng,
-                batched_guidance=batched, callback=callback,
+                batched_guidance=batched, callback=on_step,
             )
 
     def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -249,6 +245,30 @@ class LayerFlowPipeline:
         with clock("vae_decode"):
             layers = self.decode_layers(generated, condition)
         return LayerVideos(layers=layers, seed=seed, timings=timings)
+
+
+def conditioned_denoiser(network: LayerFlowDiT, layout: TaskLayout, condition: torch.Tensor | None, *,
+                         lora_scale: float = 0,
+                         sequence_parallel: UlyssesGroup | None = None) -> ModelFn:
+    """The sampler's ``model_fn(x, timesteps, text) -> v`` for the generated frames x (n, T_gen, c, h, w).
+
+    The clean latents of the given layers, ``condition`` (1 or n, T_cond, c, h, w), go in at the place
+    the layout names; the network predicts every frame of the stack and the given frames' predictions
+    are dropped. With no given layer (``layout.condition`` is None) x is the whole stack.
+    """
+    if (condition is None) != (layout.condition is None):
+        raise ValueError(f"{layout.name}: given latents {'missing' if condition is None else 'not used'}")
+
+    def model_fn(x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        dtype = network.dtype
+        x = x.to(dtype)
+        if condition is not None:
+            given = condition.to(dtype).expand(x.shape[0], *condition.shape[1:])  # (n, T_cond, c, h, w)
+            x = insert_condition(x, given, layout)  # (n, T, c, h, w)
+        v = network(x, timesteps, text, lora_scale=lora_scale, sequence_parallel=sequence_parallel)  # (n, T, ...)
+        return remove_condition(v, layout).float()  # (n, T_gen, c, h, w)
+
+    return model_fn
 
 
 

@@ -38,6 +38,7 @@ SNR_SHIFT = 3.0
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor], None]
+"""Called after each step with the step index (0 .. S-1) and the latents x after that step."""
 
 
 def shifted_alphas_cumprod(shift: float = SNR_SHIFT) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 LayerFlow stacks its layers as sub-clips along the time axis of one video. A task decides which
 of those layers the user gives (they enter the transformer as clean latents) and which are
-generated. All slicing, inserting and splitting in the model, the sampler's caller and the I/O
+generated. All slicing, inserting and splitting in the pipeline, the training loss and the I/O
 goes through :class:`TaskLayout`; no other module knows a frame index.
 
 The table reproduces what the released checkpoints were trained on, quirks included:

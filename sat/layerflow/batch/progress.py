@@ -9,10 +9,11 @@ carriage-return fragments; there each finished or failed sample gives one plain 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import TextIO
 
 from tqdm import tqdm
+
+from layerflow.sampling import StepCallback
 
 
 class RunProgress:
@@ -30,13 +31,13 @@ class RunProgress:
             self.samples_bar = tqdm(total=total, initial=finished, desc="samples", unit="sample",
                                     dynamic_ncols=True, file=self.stream)
 
-    def start_sample(self, sample_id: str) -> Callable[[int, int], None] | None:
-        """Call when a sample starts; returns the per-step callback ``(step, total)``, or None."""
+    def start_sample(self, sample_id: str) -> StepCallback | None:
+        """Call when a sample starts; returns the sampler's per-step callback, or None."""
         if self.mode != "bars":
             return None
         self.steps_bar = tqdm(total=self.num_steps, desc=f"  {sample_id}", unit="step", leave=False,
                               dynamic_ncols=True, file=self.stream)
-        return lambda step, total: self.steps_bar.update(1)
+        return lambda step, x: self.steps_bar.update(1)
 
     def end_sample(self, sample_id: str, finished: int, seconds: float, failure: str | None = None) -> None:
         """Call when a sample ends; ``finished`` counts the samples done or failed so far, on every rank."""

@@ -11,9 +11,13 @@ hooked into SAT's transformer (same parameter names as the released checkpoints)
 * ``final_layer`` final adaLN and unpatchify;
 * ``lora``        dual LoRA on the attention projections (:mod:`layerflow.models.lora`).
 
-Layers are sub-clips stacked along the latent time axis. The clean latents of a given layer are
-inserted at the place the task layout names (:mod:`layerflow.tasks`) and removed again from
-the output, so the network returns predictions for the generated frames only.
+Layers are sub-clips stacked along the latent time axis, and the network sees the whole stack: it
+knows nothing of tasks or given layers. The caller puts the clean latents of the given layers in
+place and drops their predictions (:func:`layerflow.pipeline.conditioned_denoiser`,
+:func:`layerflow.training.loss.diffusion_loss`).
+
+SAT's layers ask its model-parallel group for their size, so the process that builds the network
+first calls :func:`layerflow.runtime.distributed.ensure_model_parallel`.
 
 Sequence parallelism (``forward(..., sequence_parallel=...)``): the embedding hooks keep this
 rank's slice of the tokens, attention exchanges heads with the other ranks, and the final layer
@@ -34,13 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from sat import mpu
 from sat.model.base_model import BaseMixin, BaseModel
 from sat.model.transformer import BaseTransformer
 from torch import nn
 
 from layerflow.geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
 from layerflow.models.lora import DualLoraMixin, LoraConfig
-from layerflow.runtime.distributed import ensure_model_parallel
 
 if TYPE_CHECKING:
     from layerflow.runtime.parallel.ulysses import UlyssesGroup
@@ -317,7 +321,9 @@ class LayerFlowDiT(BaseModel):
     def __init__(self, config: DiTConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if config.text_length <= 0:
             raise ValueError("DiTConfig.text_length is not set (226 tokens per prompt of the task)")
-        ensure_model_parallel()
+        if not mpu.model_parallel_is_initialized():
+            raise RuntimeError("SAT's model-parallel group does not exist yet: call "
+                               "layerflow.runtime.distributed.ensure_model_parallel() before building the network")
         device = torch.device(device)
         with torch.device(device):
             transformer = self._build_transformer(config, device, dtype)
@@ -362,27 +368,22 @@ class LayerFlowDiT(BaseModel):
         return self.mixins.patch_embed.proj.weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
-                condition: torch.Tensor | None = None, condition_start: int = 0,
                 lora_scale: torch.Tensor | float = 0, sequence_parallel: UlyssesGroup | None = None) -> torch.Tensor:
-        """Predict v for the generated frames.
+        """Predict v for every latent frame of the stack.
 
-        x: (b, T_gen, c, H, W) noisy latents; timesteps: (b,) DDPM indices; context: (b, L, e) with
-        prompt k in text rows [226k, 226k + 226); condition: (b, T_cond, c, H, W) clean latents that
-        go in at latent frame ``condition_start``. Returns (b, T_gen, c, H, W). With ``sequence_parallel``
-        this rank computes its slice of the tokens (:mod:`layerflow.runtime.parallel.ulysses`); every rank of the
-        group returns the whole output.
+        x: (b, T, c, H, W) latents, noisy or clean; timesteps: (b,) DDPM indices; context: (b, L, e)
+        with prompt k in text rows [226k, 226k + 226). Returns (b, T, c, H, W). With ``sequence_parallel``
+        this rank computes its slice of the tokens (:mod:`layerflow.runtime.parallel.ulysses`); every rank
+        of the group returns the whole output.
         """
         x = x.to(self.dtype)
-        if condition is not None:
-            condition = condition.to(self.dtype)
-            x = torch.cat([x[:, :condition_start], condition, x[:, condition_start:]], dim=1)  # (b, T, c, H, W)
         b, frames, _, height, width = x.shape
         emb = self.time_embed(timestep_embedding(timesteps, self.config.hidden_size).to(self.dtype))  # (b, ted)
         ones = torch.ones((1, 1), device=x.device, dtype=self.dtype)
         seq_length = frames * height * width // self.config.patch_size**2
         text_length = context.shape[1]
         shard = None if sequence_parallel is None else sequence_parallel.shard(text_length, text_length + seq_length)
-        output = super().forward(
+        return super().forward(
             input_ids=ones,
             position_ids=ones,
             attention_mask=ones,
@@ -394,10 +395,6 @@ class LayerFlowDiT(BaseModel):
             sequence_shard=shard,
             scale=lora_scale,
         )[0]  # (b, T, c, H, W)
-        if condition is not None:
-            stop = condition_start + condition.shape[1]
-            output = torch.cat([output[:, :condition_start], output[:, stop:]], dim=1)
-        return output
 
     def merge_lora_content(self) -> None:
         """Fold the always-on content LoRA into the projections for faster inference."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from layerflow.sampling import DDPM_STEPS, ZeroSNRSchedule
-from layerflow.tasks import TaskLayout, remove_condition, split_condition
+from layerflow.tasks import TaskLayout, insert_condition, remove_condition, split_condition
 
 
 @dataclass
@@ -48,13 +48,15 @@ def diffusion_loss(network, batch: NoisedBatch, layout: TaskLayout) -> torch.Ten
         raise ValueError(f"timesteps must be DDPM indices in [0, {DDPM_STEPS}), got {batch.timesteps.tolist()}")
     latents = batch.latents.float()
     target = remove_condition(latents, layout)  # (b, T_gen, c, h, w)
-    condition = split_condition(latents, layout) if layout.condition is not None else None  # (b, T_cond, ...)
-    start = layout.condition[0] if layout.condition is not None else 0
     a = alpha_table(latents.device)[batch.timesteps].reshape(-1, 1, 1, 1, 1)  # (b, 1, 1, 1, 1)
     sigma = (1 - a**2) ** 0.5
     noised = target * a + batch.noise.float() * sigma  # (b, T_gen, c, h, w)
-    v = network(noised, batch.timesteps, batch.context, condition=condition, condition_start=start,
-                 lora_scale=batch.lora_scale)  # (b, T_gen, c, h, w)
+    if layout.condition is not None:  # the given layers enter clean, at their place in the stack
+        noised_stack = insert_condition(noised, split_condition(latents, layout), layout)  # (b, T, c, h, w)
+    else:
+        noised_stack = noised
+    v = remove_condition(network(noised_stack, batch.timesteps, batch.context, lora_scale=batch.lora_scale),
+                         layout)  # (b, T, c, h, w) -> (b, T_gen, c, h, w)
     denoised = v.float() * -sigma + noised * a
     weight = 1 / (1 - a**2)
     return (weight * (denoised - target) ** 2).reshape(target.shape[0], -1).mean(dim=1)  # (b,)

@@ -105,6 +105,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 def build_network(config: TrainConfig, load_weights: bool = True) -> tuple[LayerFlowDiT, list[str]]:
     """The float32 network with the chosen groups trainable (names returned) and, with ``load_weights``,
     its starting weights (a resumed run fills it from its checkpoint instead)."""
+    distributed.ensure_model_parallel()  # SAT's layers need its model-parallel group
     network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
     if load_weights:
         load_starting_weights(network, config)
