@@ -376,3 +376,11 @@ def test_no_progress_means_no_progress_output(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "\r" not in captured.err and "it/s" not in captured.err and "Loading" not in captured.err, captured.err
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--base", str(CONFIGS / "model.yaml"), "--no-such-flag"])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["sample_video.py: error: unrecognized arguments: --no-such-flag (see sample_video.py --help)"]

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from layerflow.arguments import OneLineParser
 from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
@@ -54,7 +55,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sample_video.py",
         description="LayerFlow: layer-aware video generation (foreground, background, blend).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -18,14 +18,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from layerflow.arguments import OneLineParser
+
 EXIT_USAGE = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line (and exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser(name: str, description: str, example: str) -> OneLineParser:

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from layerflow.arguments import OneLineParser
 from layerflow.tasks import get_layout
 from layerflow.weights.checkpoint import (
     NETWORK_PREFIX,
@@ -25,7 +26,7 @@ from layerflow.weights.checkpoint import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m layerflow.convert", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m layerflow.convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example:\n" + __doc__.split("\n\n")[1])
     parser.add_argument("source", type=Path)

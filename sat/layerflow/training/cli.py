@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from layerflow.arguments import OneLineParser
 from layerflow.config import ConfigError
 from layerflow.runtime import distributed
 from layerflow.training.cache import CacheError, prepare_cache
@@ -35,7 +36,7 @@ EXIT_USAGE = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train_video.py",
         description="LayerFlow training: LoRA / layer embedding / full fine-tuning on layered clips.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
