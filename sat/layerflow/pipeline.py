@@ -100,13 +100,13 @@ class LayerFlowPipeline:
             vae = vae.eval().requires_grad_(False)
         else:
             vae = load_vae(section.path, vae_config)
-        return vae.to(dtype=placement.vae_dtype, device=placement.storage_device)
+        return vae.to(dtype=placement.dtype, device=placement.storage_device)
 
     def _text_encoder(self) -> T5TextEncoder:
         if self.text_encoder is None:
             self.text_encoder = T5TextEncoder.from_folder(
                 self.config.model.text_encoder.path, device=self.placement.compute_device,
-                dtype=self.placement.text_dtype,
+                dtype=self.placement.dtype,
             )
         return self.text_encoder
 
@@ -167,7 +167,7 @@ class LayerFlowPipeline:
         generator = torch.Generator().manual_seed(seed)
         vae = self.vae
         with self.placement.on_compute(vae):
-            clip = clip.to(self.placement.compute_device, self.placement.vae_dtype)
+            clip = clip.to(self.placement.compute_device, self.placement.dtype)
             posterior = vae.posterior(clip)
             eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
             latent = vae.config.scale_factor * (posterior.mean + posterior.std * eps)  # (1, c, T, h, w)
@@ -222,7 +222,7 @@ class LayerFlowPipeline:
         chunking = decode_arguments(chunking, full.shape[1], self.groups)  # regions dealt out over the group
         vae = self.vae
         with self.placement.on_compute(vae):
-            latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.vae_dtype)
+            latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.dtype)
             video = vae.decode_from_latent(latent, **chunking)[0]  # (3, F, H, W)
         video = video.float().clamp(-1, 1).permute(1, 0, 2, 3).cpu()  # (F, 3, H, W)
         return {span.name: video[span.pixel_start: span.pixel_stop]
