@@ -28,7 +28,7 @@ import torch
 from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.models.text_encoder import T5TextEncoder, layer_prompt
-from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.models.vae import CausalVideoVAE, load_vae
 from layerflow.runtime.devices import Placement, resolve_placement
 from layerflow.runtime.parallel import groups_for
 from layerflow.runtime.parallel.guidance import split_guidance_batch
@@ -37,6 +37,7 @@ from layerflow.sampling import DynamicCFG, ZeroSNRSchedule, sample_vpsde_dpmpp_2
 from layerflow.tasks import TaskLayout, insert_condition, split_condition
 from layerflow.weights.checkpoint import load_network
 from layerflow.weights.random import randomize_
+from layerflow.weights.resolve import Weights, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ class LayerVideos:
 class LayerFlowPipeline:
     """Owns the network, text encoder and VAE of one task and runs :meth:`generate`."""
 
-    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None):
+    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None, weights: Weights | None = None):
         self.config = config
         self.layout: TaskLayout = config.layout
         self.placement = placement or resolve_placement(config.runtime)
+        self.weights = weights or resolve_weights(config)
         self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
         self.network = self._load_network()
         self.vae = self._load_vae()
@@ -73,10 +75,10 @@ class LayerFlowPipeline:
     def _load_network(self) -> LayerFlowDiT:
         config, placement = self.config, self.placement
         network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
-        if config.model.weights == "random":
+        if self.weights.random:
             randomize_(network, config.sampling.seed)
         else:
-            load_network(network, config.model.checkpoint, self.layout)
+            load_network(network, self.weights.checkpoint, self.layout)
         if config.runtime.merge_lora:
             network.merge_lora_content()
         network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
@@ -84,29 +86,20 @@ class LayerFlowPipeline:
             network.compile(dynamic=False)  # compiled lazily at the first call, reused for every step
         return network.to(placement.compute_device) if not placement.offload else network
 
-    def _vae_config(self) -> VAEConfig:
-        section = self.config.model.vae
-        return VAEConfig(
-            ch=section.ch, ch_mult=tuple(section.ch_mult), num_res_blocks=section.num_res_blocks,
-            z_channels=section.z_channels, scale_factor=section.scale_factor,
-        )
-
     def _load_vae(self) -> CausalVideoVAE:
-        section, placement = self.config.model.vae, self.placement
-        vae_config = self._vae_config()
-        if self.config.model.weights == "random":
-            vae = CausalVideoVAE(vae_config)
+        sizes = self.config.model.vae.sizes
+        if self.weights.random:
+            vae = CausalVideoVAE(sizes)
             randomize_(vae, self.config.sampling.seed + 1)
             vae = vae.eval().requires_grad_(False)
         else:
-            vae = load_vae(section.path, vae_config)
-        return vae.to(dtype=placement.dtype, device=placement.storage_device)
+            vae = load_vae(self.weights.vae, sizes)
+        return vae.to(dtype=self.placement.dtype, device=self.placement.storage_device)
 
     def _text_encoder(self) -> T5TextEncoder:
         if self.text_encoder is None:
             self.text_encoder = T5TextEncoder.from_folder(
-                self.config.model.text_encoder.path, device=self.placement.compute_device,
-                dtype=self.placement.dtype,
+                self.weights.text_encoder, device=self.placement.compute_device, dtype=self.placement.dtype,
             )
         return self.text_encoder
 
@@ -120,7 +113,7 @@ class LayerFlowPipeline:
                              f"missing or empty: {missing}")
         encoder = self._text_encoder()
         if encoder.width != self.config.network.text_hidden_size:
-            raise InputError(f"{self.config.model.text_encoder.path}: T5 width {encoder.width} does not match "
+            raise InputError(f"{self.weights.text_encoder}: T5 width {encoder.width} does not match "
                              f"model.network.text_hidden_size {self.config.network.text_hidden_size}")
         for index, name in enumerate(self.layout.prompt_layers):
             count = encoder.token_count(layer_prompt(index, prompts[name]))

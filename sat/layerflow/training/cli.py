@@ -29,7 +29,7 @@ from layerflow.training.config import TrainConfig, load_train_config
 from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.params import describe_trainable
 from layerflow.weights.checkpoint import CheckpointError
-from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights
+from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
 EXIT_USAGE = 2
 
@@ -54,11 +54,9 @@ def _checked_config(args: argparse.Namespace) -> TrainConfig:
     config = load_train_config(args.base, args.set)
     if not config.training.manifest:
         raise ConfigError("training.manifest is not set (a JSONL of layered samples; see the README, 'Training')")
-    if config.model.weights == "random":
-        return prepare_random_weights(config)
     resuming = latest_step(Path(config.training.save)) is not None
-    if not resuming or not Path(config.training.cache_dir / "index.json").is_file():
-        check_weights(config)
+    cached = resuming and Path(config.training.cache_dir / "index.json").is_file()
+    resolve_weights(config, check=not cached)  # builds the tiny T5 of random weights, names missing files
     return config
 
 
