@@ -168,7 +168,7 @@ def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: P
         try:
             write_sample(folder, result.layers, config, meta, given)
             mark, stages["write_outputs"] = _lap(clock, mark)
-        except RuntimeError as error:  # no ffmpeg, or an encoder it lacks: the timings stand without it
+        except (OSError, RuntimeError) as error:  # no ffmpeg, an encoder it lacks: the timings stand without it
             run["write_error"] = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     stages["total"] = mark - start
     return run
