@@ -57,15 +57,15 @@ class CachedSample:
 
 def fingerprint(config: TrainConfig) -> dict:
     """What the encodings depend on; a cache made with other values cannot be used."""
-    net, model = config.network, config.model
+    net, weights = config.network, resolve_weights(config, check=False)
     return {
         "task": config.layout.name,
         "latent_frames": config.layout.latent_frames,
         "latent_size": [net.latent_height, net.latent_width],
         "text_length": net.text_length,
         "text_width": net.text_hidden_size,
-        "vae": "random" if model.weights == "random" else str(Path(model.vae.path).resolve()),
-        "text_encoder": str(resolve_weights(config, check=False).text_encoder.resolve()),
+        "vae": "random" if weights.random else str(Path(weights.vae).resolve()),
+        "text_encoder": str(weights.text_encoder.resolve()),
     }
 
 
