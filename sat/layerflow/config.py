@@ -64,7 +64,7 @@ class VAESection:
     scale_factor: float = VAEConfig.scale_factor
 
     def __post_init__(self) -> None:
-        self.sizes  # noqa: B018 -- VAEConfig checks the sizes; an error names model.vae
+        _ = self.sizes  # building it checks the sizes (load_config names model.vae in the error)
 
     @property
     def sizes(self) -> VAEConfig:
