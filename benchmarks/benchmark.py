@@ -1,9 +1,10 @@
 """Time every stage of one LayerFlow run and record its peak memory.
 
-The configuration is given exactly as for ``sample_video.py``; the benchmark drives the pipeline's
-own steps one after another (T5 encoding, VAE encoding of the given layers, each denoising step,
-VAE decoding, writing the output folder) and synchronises the accelerator at every boundary, so
-each number is the wall time of that stage alone.
+The configuration is given exactly as for ``sample_video.py``; the benchmark runs
+``LayerFlowPipeline.generate``, whose stage clock (T5 encoding, VAE encoding of the given layers,
+denoising, VAE decoding) synchronises the accelerator at every boundary, times each denoising step
+from its callback, then times writing the output folder (``--no-write`` skips it; without a
+working ffmpeg the run notes it in one line and the JSON has the other stages).
 
 Examples::
 
@@ -44,7 +45,7 @@ from layerflow.io.sample_folder import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
 from layerflow.runtime.devices import cpu_threads  # noqa: E402
 from layerflow.tasks import TaskLayout  # noqa: E402
-from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights  # noqa: E402
+from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights  # noqa: E402
 
 RANDOM_WEIGHTS_NOTE = ("random weights give valid timings: the work of every layer depends on shapes and "
                        "configuration, not on weight values")
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement to this JSON file")
     parser.add_argument("--output", type=Path, metavar="DIR",
                         help="where the sample folders are written (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true",
+                        help="time the pipeline only, write no files (for a machine without ffmpeg)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be at least 1 and --warmup at least 0")
@@ -140,38 +143,35 @@ class StageClock:
         return time.perf_counter()
 
 
-def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: Path, seed: int) -> dict:
-    """One sample through every stage; returns seconds per stage and per denoising step."""
+def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: Path | None, seed: int) -> dict:
+    """One sample through :meth:`LayerFlowPipeline.generate` (its own stage timings) and, unless
+    ``folder`` is None, :func:`write_sample`; returns seconds per stage and per denoising step.
+
+    A step's time runs from the previous step's callback to its own; the first step also holds the
+    sampler's setup and the work after the last callback (so the steps add up to ``denoise``).
+    ``write_error`` is set, and ``write_outputs`` left out, when the files could not be written.
+    """
     layout = config.layout
     clock = StageClock(pipeline.placement.compute_device)
     prompts = benchmark_prompts(layout)
     given = benchmark_given_layers(layout, config.video_size) if layout.given_layers else None
-    stages: dict[str, float] = {}
-    steps: list[float] = []
-    with torch.no_grad():
-        start = clock.now()
-        mark = start
-        context = pipeline.encode_prompts(prompts)
-        mark, stages["text_encoder"] = _lap(clock, mark)
-        condition = None
-        if given is not None:
-            condition = pipeline.encode_given_layers(given, seed)
-            mark, stages["vae_encode"] = _lap(clock, mark)
-        step_mark = [mark]
-
-        def on_step(step: int, x: torch.Tensor) -> None:
-            step_mark[0], seconds = _lap(clock, step_mark[0])
-            steps.append(seconds)
-
-        generated = pipeline.sample_latents(context, condition, seed, on_step=on_step)
-        mark, stages["denoise"] = _lap(clock, mark)
-        layers = pipeline.decode_layers(generated, condition)
-        mark, stages["vae_decode"] = _lap(clock, mark)
-    meta = {"id": folder.name, "prompts": prompts, "seed": seed, "benchmark": True}
-    write_sample(folder, layers, config, meta, given)
-    mark, stages["write_outputs"] = _lap(clock, mark)
+    marks: list[float] = []
+    start = clock.now()
+    result = pipeline.generate(prompts, given, seed=seed, on_step=lambda step, x: marks.append(clock.now()))
+    mark = clock.now()
+    stages = dict(result.timings)
+    steps = [later - earlier for earlier, later in zip(marks, marks[1:], strict=False)]
+    steps.insert(0, stages["denoise"] - sum(steps))
+    run: dict = {"stages": stages, "steps": steps}
+    if folder is not None:
+        meta = {"id": folder.name, "prompts": prompts, "seed": seed, "benchmark": True}
+        try:
+            write_sample(folder, result.layers, config, meta, given)
+            mark, stages["write_outputs"] = _lap(clock, mark)
+        except (OSError, RuntimeError) as error:  # no ffmpeg, an encoder it lacks: the timings stand without it
+            run["write_error"] = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     stages["total"] = mark - start
-    return {"stages": stages, "steps": steps}
+    return run
 
 
 def _lap(clock: StageClock, since: float) -> tuple[float, float]:
@@ -223,41 +223,49 @@ def format_table(summary: dict, num_steps: int) -> str:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def prepare_config(args: argparse.Namespace) -> tuple[LayerFlowConfig, str]:
-    """The validated config and a note on which text encoder is timed."""
+def prepare_config(args: argparse.Namespace) -> tuple[LayerFlowConfig, Weights, str]:
+    """The validated config, where its weights come from, and a note on which text encoder is timed."""
     config = load_config(args.base, args.set)
-    if config.model.weights != "random":
-        check_weights(config)
-        return config, f"released T5 from {config.model.text_encoder.path}"
-    configured = config.model.text_encoder.path
-    config = prepare_random_weights(config)
-    if config.model.text_encoder.path == configured:
-        return config, f"T5 from {configured}"
+    weights = resolve_weights(config)
+    if not weights.random:
+        return config, weights, f"released T5 from {weights.text_encoder}"
+    if not weights.stand_in_t5:
+        return config, weights, f"T5 from {weights.text_encoder}"
     width = config.model.network.text_hidden_size
-    return config, (f"small stand-in T5 of width {width} ({configured} not found): "
-                    "text_encoder times are not those of T5-XXL")
+    return config, weights, (f"small stand-in T5 of width {width} ({config.model.text_encoder.path} not found): "
+                             "text_encoder times are not those of T5-XXL")
 
 
-def run_benchmark(config: LayerFlowConfig, repeats: int, warmup: int, output: Path,
+def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmup: int, output: Path | None,
                   progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Load once, then ``warmup`` untimed and ``repeats`` timed runs; ``output`` None writes no files."""
     start = time.perf_counter()
-    pipeline = LayerFlowPipeline(config)
+    pipeline = LayerFlowPipeline(config, weights=weights)
     device = pipeline.placement.compute_device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - start
-    seed = config.sampling.seed
-    for index in range(warmup):
-        progress(f"warmup {index + 1}/{warmup}")
-        time_one_run(pipeline, config, output / f"warmup_{index}", seed)
+    seed, write_error = config.sampling.seed, None
     runs, peaks = [], []
-    for index in range(repeats):
-        progress(f"run {index + 1}/{repeats}")
-        if device.type == "cuda":
+    for index in range(warmup + repeats):
+        timed = index >= warmup
+        name = f"run_{index - warmup}" if timed else f"warmup_{index}"
+        progress(f"run {index - warmup + 1}/{repeats}" if timed else f"warmup {index + 1}/{warmup}")
+        if timed and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        runs.append(time_one_run(pipeline, config, output / f"run_{index}", seed))
-        peaks.append(peak_memory(device))
+        run = time_one_run(pipeline, config, None if output is None or write_error else output / name, seed)
+        if "write_error" in run:
+            write_error = run.pop("write_error")
+            print(f"note: the outputs could not be written ({write_error}); timing without write_outputs",
+                  file=sys.stderr)
+            for earlier in runs:  # keep every timed run alike
+                earlier["stages"]["total"] -= earlier["stages"].pop("write_outputs")
+        if timed:
+            runs.append(run)
+            peaks.append(peak_memory(device))
     return {
+        "write_outputs": "not measured: " + (write_error or "--no-write") if output is None or write_error else
+        "measured",
         "machine": machine_info(device),
         "dtype": str(pipeline.placement.dtype).removeprefix("torch."),
         "load_seconds": load_seconds,
@@ -272,18 +280,20 @@ def run_benchmark(config: LayerFlowConfig, repeats: int, warmup: int, output: Pa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config, text_encoder_note = prepare_config(args)
+        config, weights, text_encoder_note = prepare_config(args)
     except (ConfigError, MissingWeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report_progress = lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True)
     with cpu_threads(config.runtime.cpu_threads):  # the thread count sample_video.py runs with
-        if args.output is not None:
+        if args.no_write:
+            result = run_benchmark(config, weights, args.repeats, args.warmup, None, report_progress)
+        elif args.output is not None:
             args.output.mkdir(parents=True, exist_ok=True)
-            result = run_benchmark(config, args.repeats, args.warmup, args.output, report_progress)
+            result = run_benchmark(config, weights, args.repeats, args.warmup, args.output, report_progress)
         else:
             with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
-                result = run_benchmark(config, args.repeats, args.warmup, Path(folder), report_progress)
+                result = run_benchmark(config, weights, args.repeats, args.warmup, Path(folder), report_progress)
     result.update({
         "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
         "config_files": list(config.sources),

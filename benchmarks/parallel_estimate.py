@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
 from layerflow.config import LayerFlowConfig, load_config  # noqa: E402
-from layerflow.models.vae import CausalVideoVAE, RegionShare, VAEConfig  # noqa: E402
+from layerflow.models.vae import CausalVideoVAE, RegionShare  # noqa: E402
 from layerflow.runtime.parallel.layout import check_layout, sequence_length, token_chunks  # noqa: E402
 
 GUIDANCE_BATCH = 2  # unconditional + conditional
@@ -88,8 +88,7 @@ def rank_cost(config: LayerFlowConfig, cfg: int, ulysses: int, element_bytes: in
 def vae_activation_bytes(config: LayerFlowConfig, element_bytes: int) -> float:
     """Bytes of every decoder activation the split decode all-reduces, summed over the layers."""
     section = config.model.vae
-    vae = CausalVideoVAE(VAEConfig(ch=section.ch, ch_mult=tuple(section.ch_mult), num_res_blocks=section.num_res_blocks,
-                                   z_channels=section.z_channels)).eval()
+    vae = CausalVideoVAE(section.sizes).eval()
     net = config.network
     counted = []
 

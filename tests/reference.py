@@ -9,6 +9,7 @@ import torch
 
 from layerflow.models.dit import DiTConfig
 from layerflow.models.lora import LoraConfig
+from layerflow.models.vae import VAEConfig
 from layerflow.tasks import TaskLayout, get_layout
 
 
@@ -39,7 +40,6 @@ def case_dit_config(case_dir: Path) -> DiTConfig:
         patch_size=sizes["patch_size"],
         latent_height=sizes["latent_height"],
         latent_width=sizes["latent_width"],
-        time_compressed_rate=sizes["time_compressed_rate"],
         learnable_txt_embed=options["learnable_txt_embed"],
         learnable_pos_embed=options["learnable_pos_embed"],
         height_interpolation=options["height_interpolation"],
@@ -64,3 +64,19 @@ def batch_major_context(context: torch.Tensor, batch: int) -> torch.Tensor:
     """(b*n, 226, e) batch-major, as the reference passes it -> (b, n*226, e)."""
     n = context.shape[0] // batch
     return context.reshape(batch, n * context.shape[1], context.shape[2])
+
+
+def vae_config_from_json(path: Path) -> VAEConfig:
+    """The VAE sizes of a fixture's ``vae.json`` (the original's encoder and decoder ``params``)."""
+    data = json.loads(Path(path).read_text())
+    encoder, decoder = data["encoder"]["params"], data["decoder"]["params"]
+    for key in ("ch", "ch_mult", "num_res_blocks", "z_channels"):
+        assert encoder[key] == decoder[key], f"{path}: encoder and decoder differ in {key}"
+    return VAEConfig(
+        ch=encoder["ch"], ch_mult=tuple(encoder["ch_mult"]), num_res_blocks=encoder["num_res_blocks"],
+        z_channels=encoder["z_channels"], in_channels=encoder["in_channels"], out_channels=decoder["out_ch"],
+        temporal_compress_times=encoder.get("temporal_compress_times", 4),
+        encoder_gather_norm=bool(encoder.get("gather_norm", False)),
+        decoder_gather_norm=bool(decoder.get("gather_norm", False)),
+        scale_factor=data["scale_factor_used_by_engine"],
+    )

@@ -4,6 +4,7 @@ recorded. No timing is asserted (CI machines differ); only that the harness meas
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,25 @@ def test_one_table_and_the_sample_folder_is_written(report):
     assert stdout.count("median s") == 1
     assert "random weights give valid timings" in stdout
     assert (report["samples"] / "run_0" / "meta.json").is_file()
+
+
+def test_without_ffmpeg_one_note_and_the_json_without_write_outputs(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
+        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"),
+        "--set", f"sampling.num_steps={NUM_STEPS}", "--repeats", "2", "--warmup", "0", "--json", str(out),
+        "--output", str(tmp_path / "samples"),
+    ]
+    environment = {**os.environ, "IMAGEIO_FFMPEG_EXE": str(tmp_path / "no-ffmpeg")}
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note: the outputs could not be written")]
+    assert len(notes) == 1 and "no-ffmpeg" in notes[0]
+    data = json.loads(out.read_text())
+    stages = data["summary"]["stages"]
+    assert "write_outputs" not in stages and data["write_outputs"].startswith("not measured")
+    assert sum(stages[name]["median"] for name in ("text_encoder", "denoise", "vae_decode")) <= \
+        stages["total"]["median"] * 1.001
+    assert not any((tmp_path / "samples").iterdir())

@@ -10,7 +10,6 @@ from conftest import REPO_ROOT
 
 from layerflow.config import load_config
 from layerflow.pipeline import InputError, LayerFlowPipeline
-from layerflow.weights.resolve import prepare_random_weights
 
 CONFIGS = REPO_ROOT / "configs"
 PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a green field"}
@@ -19,7 +18,7 @@ PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a 
 def tiny_pipeline(name: str, *overrides: str) -> LayerFlowPipeline:
     config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
                          ["sampling.num_steps=2", *overrides])
-    return LayerFlowPipeline(prepare_random_weights(config))
+    return LayerFlowPipeline(config)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from layerflow.io.synthetic import layered_clip
 from layerflow.io.writer import write_mp4
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.weights.checkpoint import save_sat_checkpoint
-from layerflow.weights.resolve import prepare_random_weights
+from layerflow.weights.resolve import resolve_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FAST = ["--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress"]
@@ -171,11 +171,12 @@ def test_cuda_requested_without_a_gpu(tmp_path, capsys):
 def tiny_release(tmp_path_factory, model_parallel) -> dict[str, Path]:
     """A tiny gen_rgb task checkpoint in the release layout, a tiny T5 folder, and a good VAE path."""
     folder = tmp_path_factory.mktemp("weights")
-    config = prepare_random_weights(load_config(tiny()[1:]), cache=folder / "cache")
+    config = load_config(tiny()[1:])
+    t5 = resolve_weights(config, cache=folder / "cache").text_encoder
     network = LayerFlowDiT(config.network)
     save_sat_checkpoint({f"model.diffusion_model.{k}": v for k, v in network.state_dict().items()},
                         folder / "multi-layer-generation-rgb")
-    return {"checkpoint": folder / "multi-layer-generation-rgb", "t5": Path(config.model.text_encoder.path)}
+    return {"checkpoint": folder / "multi-layer-generation-rgb", "t5": t5}
 
 
 def with_weights(release: dict[str, Path], vae: Path, checkpoint: Path | None = None) -> list[str]:

@@ -214,7 +214,7 @@ def test_offload_then_encode_gives_the_same_states(t5_folder):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offload_moves_the_weights_off_the_gpu(t5_folder):
-    encoder = T5TextEncoder.from_folder(t5_folder, device="cuda")
+    encoder = T5TextEncoder.from_folder(t5_folder, device="cuda", dtype=torch.bfloat16)
     assert {p.device.type for p in encoder.model.parameters()} == {"cuda"}
     assert encoder.encode(PROMPTS[:2]).dtype == torch.bfloat16
     encoder.offload()

@@ -26,7 +26,7 @@ from layerflow.training.loss import NoisedBatch, alpha_table, diffusion_loss
 from layerflow.training.params import parameter_group, select_trainable
 from layerflow.training.trainer import Trainer, build_network, epoch_order, lr_factor
 from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, load_network
-from layerflow.weights.resolve import prepare_random_weights
+from layerflow.weights.resolve import resolve_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FIXTURES = Path(__file__).parent / "fixtures" / "training"
@@ -81,7 +81,8 @@ def train_config(manifest: Path, save: Path, *overrides: str):
     cache = manifest.parent / "cache"
     config = load_train_config(FILES, [*SMALL, f"training.manifest={manifest}", f"training.cache={cache}",
                                        f"training.save={save}", *overrides])
-    return prepare_random_weights(config)
+    resolve_weights(config)  # builds the tiny T5 once
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
     other = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
                               [*SMALL, f"training.cache={prepared.parent / 'cache'}"])
     with pytest.raises(CacheError, match="made for another config"):
-        LatentCache(prepare_random_weights(other), samples)
+        LatentCache(other, samples)
     edited = [dataclasses.replace(samples[0], prompts={**samples[0].prompts, "fg": "a blue disc"}), samples[1]]
     with pytest.raises(CacheError, match=r"\['clip'\] of the manifest are not cached \(or changed since\)"):
         LatentCache(config, edited)

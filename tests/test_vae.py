@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import vae_config_from_json
 
 from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, load_vae
 
@@ -20,7 +21,7 @@ def vae_dir(reference_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def config(vae_dir: Path) -> VAEConfig:
-    return VAEConfig.from_json(vae_dir / "vae.json")
+    return vae_config_from_json(vae_dir / "vae.json")
 
 
 @pytest.fixture(scope="module")

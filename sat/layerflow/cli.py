@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -35,7 +36,7 @@ from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement
 from layerflow.weights.checkpoint import CheckpointError
-from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights
+from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2
@@ -142,10 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     samples = collect_samples(args, config)
     output = args.output or Path("outputs") / config.layout.name
-    if config.model.weights == "random":
-        config = prepare_random_weights(config)
-    else:
-        check_weights(config)
+    weights = resolve_weights(config)
     check_output_path(output)
 
     from layerflow.batch.given import check_given_layers
@@ -172,7 +170,8 @@ def _run(args: argparse.Namespace) -> int:
         with cpu_threads(config.runtime.cpu_threads):
             distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
             parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
-            summary = run_samples(config, samples, output, LayerFlowPipeline, show_progress=not args.no_progress)
+            pipeline = functools.partial(LayerFlowPipeline, weights=weights)
+            summary = run_samples(config, samples, output, pipeline, show_progress=not args.no_progress)
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():
             folder.discard_created()

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from layerflow.models.dit import DiTConfig
+from layerflow.models.vae import VAEConfig
 from layerflow.tasks import Task, TaskLayout, Variant, get_layout
 
 
@@ -60,12 +61,23 @@ class TaskSection:
 
 @dataclass(frozen=True)
 class VAESection:
+    """``model.vae``: the checkpoint file and the sizes of :class:`VAEConfig` (its defaults: CogVideoX-2B)."""
+
     path: str = "CogVideoX-2b-sat/vae/3d-vae.pt"
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
-    num_res_blocks: int = 3
-    z_channels: int = 16
-    scale_factor: float = 1.15258426
+    ch: int = VAEConfig.ch
+    ch_mult: tuple[int, ...] = VAEConfig.ch_mult
+    num_res_blocks: int = VAEConfig.num_res_blocks
+    z_channels: int = VAEConfig.z_channels
+    scale_factor: float = VAEConfig.scale_factor
+
+    def __post_init__(self) -> None:
+        _ = self.sizes  # building it checks the sizes (load_config names model.vae in the error)
+
+    @property
+    def sizes(self) -> VAEConfig:
+        """The one place a :class:`VAEConfig` is built from the YAML keys."""
+        return VAEConfig(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+                         z_channels=self.z_channels, scale_factor=self.scale_factor)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ checks that say what is wrong when a size does not fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 VAE_TEMPORAL_COMPRESSION = 4  # 4 pixel frames -> 1 latent frame (the first frame of an odd clip alone)
 VAE_SPATIAL_COMPRESSION = 8  # 8x8 pixels -> 1 latent pixel
 LATENT_CHANNELS = 16
@@ -15,7 +13,6 @@ PATCH_SIZE = 2  # 2x2 latent pixels -> 1 transformer token
 TOKENS_PER_PROMPT = 226  # T5 tokens per layer prompt
 VAE_SCALE_FACTOR = 1.15258426  # latent = VAE_SCALE_FACTOR * posterior sample
 PIXEL_FRAMES_PER_LAYER = 16  # every layer is a 16-frame sub-clip
-PIXEL_SIZE = (480, 720)  # (height, width) of the released models
 
 
 def latent_frames_for(pixel_frames: int) -> int:
@@ -35,40 +32,3 @@ def pos_embed_frames(num_frames: int) -> int:
     """Latent frames covered by the position table for a config's ``num_frames``."""
     return (num_frames - 1) // VAE_TEMPORAL_COMPRESSION + 1
 
-
-@dataclass(frozen=True)
-class LatentGrid:
-    """Latent spatial size and the patch grid the transformer sees."""
-
-    height: int
-    width: int
-
-    def __post_init__(self) -> None:
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value <= 0 or value % PATCH_SIZE:
-                raise ValueError(
-                    f"latent {name} must be a positive multiple of the patch size {PATCH_SIZE}, got {value}"
-                )
-
-    @classmethod
-    def from_pixels(cls, height: int, width: int) -> LatentGrid:
-        step = VAE_SPATIAL_COMPRESSION * PATCH_SIZE
-        if height % step or width % step:
-            raise ValueError(f"video size must be a multiple of {step} pixels, got {height}x{width}")
-        return cls(height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION)
-
-    @property
-    def patch_rows(self) -> int:
-        return self.height // PATCH_SIZE
-
-    @property
-    def patch_cols(self) -> int:
-        return self.width // PATCH_SIZE
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.patch_rows * self.patch_cols
-
-    @property
-    def pixel_size(self) -> tuple[int, int]:
-        return self.height * VAE_SPATIAL_COMPRESSION, self.width * VAE_SPATIAL_COMPRESSION

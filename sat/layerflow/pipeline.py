@@ -30,7 +30,7 @@ import torch
 from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.models.text_encoder import T5TextEncoder, layer_prompt, unconditional_states
-from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.models.vae import CausalVideoVAE, load_vae
 from layerflow.runtime.devices import Placement, resolve_placement
 from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.runtime.parallel import groups_for
@@ -40,6 +40,7 @@ from layerflow.sampling import DynamicCFG, ModelFn, StepCallback, ZeroSNRSchedul
 from layerflow.tasks import TaskLayout, insert_condition, remove_condition, split_condition
 from layerflow.weights.checkpoint import load_network
 from layerflow.weights.random import randomize_
+from layerflow.weights.resolve import Weights, resolve_weights
 
 if TYPE_CHECKING:
     from layerflow.runtime.parallel.ulysses import UlyssesGroup
@@ -63,10 +64,11 @@ class LayerVideos:
 class LayerFlowPipeline:
     """Owns the network, text encoder and VAE of one task and runs :meth:`generate`."""
 
-    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None):
+    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None, weights: Weights | None = None):
         self.config = config
         self.layout: TaskLayout = config.layout
         self.placement = placement or resolve_placement(config.runtime)
+        self.weights = weights or resolve_weights(config)
         self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
         ensure_model_parallel()  # SAT's layers need its model-parallel group before the network is built
         self.network = self._load_network()
@@ -78,10 +80,10 @@ class LayerFlowPipeline:
     def _load_network(self) -> LayerFlowDiT:
         config, placement = self.config, self.placement
         network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
-        if config.model.weights == "random":
+        if self.weights.random:
             randomize_(network, config.sampling.seed)
         else:
-            load_network(network, config.model.checkpoint, self.layout)
+            load_network(network, self.weights.checkpoint, self.layout)
         if config.runtime.merge_lora:
             network.merge_lora_content()
         network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
@@ -89,29 +91,20 @@ class LayerFlowPipeline:
             network.compile(dynamic=False)  # compiled lazily at the first call, reused for every step
         return network.to(placement.compute_device) if not placement.offload else network
 
-    def _vae_config(self) -> VAEConfig:
-        section = self.config.model.vae
-        return VAEConfig(
-            ch=section.ch, ch_mult=tuple(section.ch_mult), num_res_blocks=section.num_res_blocks,
-            z_channels=section.z_channels, scale_factor=section.scale_factor,
-        )
-
     def _load_vae(self) -> CausalVideoVAE:
-        section, placement = self.config.model.vae, self.placement
-        vae_config = self._vae_config()
-        if self.config.model.weights == "random":
-            vae = CausalVideoVAE(vae_config)
+        sizes = self.config.model.vae.sizes
+        if self.weights.random:
+            vae = CausalVideoVAE(sizes)
             randomize_(vae, self.config.sampling.seed + 1)
             vae = vae.eval().requires_grad_(False)
         else:
-            vae = load_vae(section.path, vae_config)
-        return vae.to(dtype=placement.vae_dtype, device=placement.storage_device)
+            vae = load_vae(self.weights.vae, sizes)
+        return vae.to(dtype=self.placement.dtype, device=self.placement.storage_device)
 
     def _text_encoder(self) -> T5TextEncoder:
         if self.text_encoder is None:
             self.text_encoder = T5TextEncoder.from_folder(
-                self.config.model.text_encoder.path, device=self.placement.compute_device,
-                dtype=self.placement.text_dtype,
+                self.weights.text_encoder, device=self.placement.compute_device, dtype=self.placement.dtype,
             )
         return self.text_encoder
 
@@ -125,7 +118,7 @@ class LayerFlowPipeline:
                              f"missing or empty: {missing}")
         encoder = self._text_encoder()
         if encoder.width != self.config.network.text_hidden_size:
-            raise InputError(f"{self.config.model.text_encoder.path}: T5 width {encoder.width} does not match "
+            raise InputError(f"{self.weights.text_encoder}: T5 width {encoder.width} does not match "
                              f"model.network.text_hidden_size {self.config.network.text_hidden_size}")
         for index, name in enumerate(self.layout.prompt_layers):
             count = encoder.token_count(layer_prompt(index, prompts[name]))
@@ -172,7 +165,7 @@ class LayerFlowPipeline:
         generator = torch.Generator().manual_seed(seed)
         vae = self.vae
         with self.placement.on_compute(vae):
-            clip = clip.to(self.placement.compute_device, self.placement.vae_dtype)
+            clip = clip.to(self.placement.compute_device, self.placement.dtype)
             latent = vae.encode_to_latent(clip, generator)  # (1, c, T, h, w)
         latent = latent.permute(0, 2, 1, 3, 4)  # (1, T, c, h, w)
         if latent.shape[1] != self.layout.latent_frames:
@@ -218,7 +211,7 @@ class LayerFlowPipeline:
         chunking = decode_arguments(chunking, full.shape[1], self.groups)  # regions dealt out over the group
         vae = self.vae
         with self.placement.on_compute(vae):
-            latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.vae_dtype)
+            latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.dtype)
             video = vae.decode_from_latent(latent, **chunking)[0]  # (3, F, H, W)
         video = video.float().clamp(-1, 1).permute(1, 0, 2, 3).cpu()  # (F, 3, H, W)
         return {span.name: video[span.pixel_start: span.pixel_stop]

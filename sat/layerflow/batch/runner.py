@@ -122,8 +122,7 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling,
                                        on_step=on_step)
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
-                    "checkpoint": run_config.model.checkpoint if run_config.model.weights == "checkpoint" else
-                    "random weights", "device": pipeline.placement.device_kind,
+                    "checkpoint": pipeline.weights.description, "device": pipeline.placement.device_kind,
                     "cpu_threads": torch.get_num_threads(), "timings_s": result.timings,
                     "given_sources": given_layer_sources(sample, run_config)}
             if groups.is_leader:

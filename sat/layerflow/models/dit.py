@@ -76,7 +76,6 @@ class DiTConfig:
     patch_size: int = PATCH_SIZE
     latent_height: int = 60
     latent_width: int = 90
-    time_compressed_rate: int = 4
     learnable_txt_embed: bool = False
     learnable_pos_embed: bool = False
     height_interpolation: float = 1.875
@@ -109,10 +108,6 @@ class DiTConfig:
     @property
     def patch_grid(self) -> tuple[int, int]:
         return self.latent_height // self.patch_size, self.latent_width // self.patch_size
-
-    @property
-    def num_prompts(self) -> int:
-        return self.text_length // TOKENS_PER_PROMPT
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -115,11 +115,6 @@ def check_t5_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on an accelerator (the original's inference precision), float32 on the CPU."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
 class T5TextEncoder:
     """A frozen T5 encoder and its tokenizer: prompts in, (n, 226, e) text states out.
 
@@ -137,10 +132,10 @@ class T5TextEncoder:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, max_length: int = TOKENS_PER_PROMPT) -> T5TextEncoder:
+                    dtype: torch.dtype = torch.float32, max_length: int = TOKENS_PER_PROMPT) -> T5TextEncoder:
         """Load tokenizer and encoder from a local transformers folder such as ``CogVideoX-2b-sat/t5-v1_1-xxl``.
 
-        ``dtype`` defaults to :func:`default_dtype`. Every parameter ends up in ``dtype``, including the
+        Every parameter ends up in ``dtype`` (the pipeline passes the placement's), including the
         feed-forward output projections (``wo``) that transformers would otherwise keep in float32:
         the original casts its whole engine, T5 included.
         """
@@ -148,7 +143,6 @@ class T5TextEncoder:
 
         path = check_t5_folder(folder)
         device = torch.device(device)
-        dtype = dtype or default_dtype(device)
         tokenizer = T5Tokenizer.from_pretrained(path, local_files_only=True)
         model = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

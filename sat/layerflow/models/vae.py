@@ -37,7 +37,6 @@ t'/h'/w' the same in latents.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -61,10 +60,6 @@ from layerflow.models.vae_blocks import (
 )
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped to this range
-
-
-def _as_tuple(value):
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 class VAECheckpointError(ValueError):
@@ -113,38 +108,6 @@ class VAEConfig:
     def cogvideox_2b(cls) -> VAEConfig:
         """The released CogVideoX-2B VAE (``vae/3d-vae.pt``)."""
         return cls()
-
-    @classmethod
-    def from_params(cls, encoder: Mapping, decoder: Mapping, scale_factor: float = VAE_SCALE_FACTOR) -> VAEConfig:
-        """From the ``params`` of the original encoder_config and decoder_config."""
-        shared = ("ch", "ch_mult", "num_res_blocks", "z_channels")
-        differ = [k for k in shared if _as_tuple(encoder.get(k)) != _as_tuple(decoder.get(k))]
-        if differ:
-            raise ValueError(f"encoder and decoder configs differ in {differ}; this VAE needs them equal")
-        if not encoder.get("double_z", True) or encoder.get("attn_resolutions") or decoder.get("attn_resolutions"):
-            raise ValueError("only double_z=True and empty attn_resolutions are supported (as in CogVideoX)")
-        return cls(
-            ch=encoder["ch"],
-            ch_mult=tuple(encoder["ch_mult"]),
-            num_res_blocks=encoder["num_res_blocks"],
-            z_channels=encoder["z_channels"],
-            in_channels=encoder["in_channels"],
-            out_channels=decoder["out_ch"],
-            temporal_compress_times=encoder.get("temporal_compress_times", 4),
-            encoder_gather_norm=bool(encoder.get("gather_norm", False)),
-            decoder_gather_norm=bool(decoder.get("gather_norm", False)),
-            scale_factor=scale_factor,
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> VAEConfig:
-        """From a JSON file with ``encoder.params`` and ``decoder.params`` (e.g. the fixture's vae.json)."""
-        data = json.loads(Path(path).read_text())
-        try:
-            encoder, decoder = data["encoder"]["params"], data["decoder"]["params"]
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{path}: expected 'encoder.params' and 'decoder.params', missing {err}") from None
-        return cls.from_params(encoder, decoder, data.get("scale_factor_used_by_engine", VAE_SCALE_FACTOR))
 
 
 @dataclass

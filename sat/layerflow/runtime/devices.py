@@ -37,14 +37,6 @@ class Placement:
             return f"cuda ({torch.cuda.get_device_name(self.compute_device)})"
         return self.compute_device.type
 
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return self.dtype
-
-    @property
-    def text_dtype(self) -> torch.dtype:
-        return self.dtype
-
     def synchronize(self) -> None:
         """Wait for queued GPU work, so that stage timings measure the work and not its launch."""
         if self.compute_device.type == "cuda":

@@ -26,12 +26,13 @@ import torch
 
 from layerflow.io.atomic import atomic_path, write_text_atomic
 from layerflow.models.text_encoder import T5TextEncoder
-from layerflow.models.vae import CausalVideoVAE, VAEConfig, load_vae
+from layerflow.models.vae import CausalVideoVAE, load_vae
 from layerflow.runtime import distributed
 from layerflow.runtime.devices import resolve_placement
 from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import SampleError, TrainingSample, stack_clip
 from layerflow.weights.random import randomize_
+from layerflow.weights.resolve import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +57,24 @@ class CachedSample:
 
 def fingerprint(config: TrainConfig) -> dict:
     """What the encodings depend on; a cache made with other values cannot be used."""
-    net, model = config.network, config.model
+    net, weights = config.network, resolve_weights(config, check=False)
     return {
         "task": config.layout.name,
         "latent_frames": config.layout.latent_frames,
         "latent_size": [net.latent_height, net.latent_width],
         "text_length": net.text_length,
         "text_width": net.text_hidden_size,
-        "vae": "random" if model.weights == "random" else str(Path(model.vae.path).resolve()),
-        "text_encoder": str(Path(model.text_encoder.path).resolve()),
+        "vae": "random" if weights.random else str(Path(weights.vae).resolve()),
+        "text_encoder": str(weights.text_encoder.resolve()),
     }
 
 
 def build_vae(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> CausalVideoVAE:
-    section = config.model.vae
-    vae_config = VAEConfig(ch=section.ch, ch_mult=tuple(section.ch_mult), num_res_blocks=section.num_res_blocks,
-                           z_channels=section.z_channels, scale_factor=section.scale_factor)
-    if config.model.weights == "random":
-        vae = randomize_(CausalVideoVAE(vae_config), config.sampling.seed + 1)  # the sampling pipeline's tiny VAE
+    weights, sizes = resolve_weights(config, check=False), config.model.vae.sizes
+    if weights.random:
+        vae = randomize_(CausalVideoVAE(sizes), config.sampling.seed + 1)  # the sampling pipeline's tiny VAE
     else:
-        vae = load_vae(section.path, vae_config)
+        vae = load_vae(weights.vae, sizes)
     return vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
@@ -119,7 +118,8 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
         placement = resolve_placement(config.runtime)
         device, dtype = placement.compute_device, placement.dtype
         vae = build_vae(config, device, dtype)
-        encoder = T5TextEncoder.from_folder(config.model.text_encoder.path, device=device, dtype=dtype)
+        encoder = T5TextEncoder.from_folder(resolve_weights(config, check=False).text_encoder, device=device,
+                                             dtype=dtype)
         layout, scale = config.layout, config.model.vae.scale_factor
         for number, sample in enumerate(todo, start=1):
             try:

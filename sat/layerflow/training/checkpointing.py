@@ -27,6 +27,7 @@ from torch import nn
 from layerflow.io.atomic import atomic_directory, atomic_path, write_text_atomic
 from layerflow.training.config import TrainConfig
 from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, CheckpointError
+from layerflow.weights.resolve import resolve_weights
 
 TRAINING_STATE_FILE = "training_state.pt"
 SAMPLE_CONFIG_FILE = "sample.yaml"
@@ -116,7 +117,7 @@ def write_sample_config(config: TrainConfig, folder: Path, vae_path: str | None 
     data["model"]["weights"] = "checkpoint"
     data["model"]["checkpoint"] = str(folder.resolve())
     data["model"]["vae"]["path"] = vae_path or str(Path(data["model"]["vae"]["path"]).resolve())
-    data["model"]["text_encoder"]["path"] = str(Path(data["model"]["text_encoder"]["path"]).resolve())
+    data["model"]["text_encoder"]["path"] = str(resolve_weights(config, check=False).text_encoder.resolve())
     path = folder / SAMPLE_CONFIG_FILE
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -30,7 +30,7 @@ from layerflow.training.config import TrainConfig, load_train_config
 from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.params import describe_trainable
 from layerflow.weights.checkpoint import CheckpointError
-from layerflow.weights.resolve import MissingWeightsError, check_weights, prepare_random_weights
+from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights
 
 EXIT_USAGE = 2
 
@@ -51,16 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _checked_config(args: argparse.Namespace) -> TrainConfig:
+def _checked_config(args: argparse.Namespace) -> tuple[TrainConfig, Weights]:
     config = load_train_config(args.base, args.set)
     if not config.training.manifest:
         raise ConfigError("training.manifest is not set (a JSONL of layered samples; see the README, 'Training')")
-    if config.model.weights == "random":
-        return prepare_random_weights(config)
     resuming = latest_step(Path(config.training.save)) is not None
-    if not resuming or not Path(config.training.cache_dir / "index.json").is_file():
-        check_weights(config)
-    return config
+    cached = resuming and Path(config.training.cache_dir / "index.json").is_file()
+    return config, resolve_weights(config, check=not cached)  # builds a tiny T5, or names missing files
 
 
 def _setup_logging(save: Path) -> None:
@@ -92,7 +89,7 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = _checked_config(args)
+        config, weights = _checked_config(args)
         layout = config.layout
         samples = read_manifest(config.training.manifest, layout)
     except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(config, samples, show_progress=not args.no_progress)
         if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
-            vae_path = export_random_vae(config, save) if config.model.weights == "random" else None
+            vae_path = export_random_vae(config, save) if weights.random else None
             sample_config = write_sample_config(config, save, vae_path)
             print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
                   f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "

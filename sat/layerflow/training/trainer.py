@@ -45,6 +45,7 @@ from layerflow.training.dataset import TrainingSample
 from layerflow.training.loss import NoisedBatch, diffusion_loss
 from layerflow.training.params import describe_trainable, load_checkpoint_weights, select_trainable
 from layerflow.weights.random import randomize_
+from layerflow.weights.resolve import resolve_weights
 
 log = logging.getLogger("layerflow.training")
 
@@ -114,10 +115,11 @@ def build_network(config: TrainConfig, load_weights: bool = True) -> tuple[Layer
 
 
 def load_starting_weights(network: LayerFlowDiT, config: TrainConfig) -> None:
-    if config.model.weights == "random":
+    weights = resolve_weights(config, check=False)
+    if weights.random:
         randomize_(network, config.sampling.seed)  # the same tiny network the sampling pipeline builds
     else:
-        load_checkpoint_weights(network, config.model.checkpoint, config.training.init, config.layout)
+        load_checkpoint_weights(network, weights.checkpoint, config.training.init, config.layout)
 
 
 def _place(network: LayerFlowDiT, placement: Placement) -> None:

@@ -1,12 +1,14 @@
 """Where the weights come from: the released files, or seeded random weights for the tiny model.
 
+:func:`resolve_weights` is the one place that decides it; the loaders take its :class:`Weights`.
+
 Real weights are never downloaded by this program (no hub calls); when a file is missing the
 error names every missing path and where the original release publishes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerflow.config import LayerFlowConfig
@@ -23,7 +25,7 @@ class MissingWeightsError(FileNotFoundError):
     """Weights files are missing; the message lists each one and where to get it."""
 
 
-def missing_weights(config: LayerFlowConfig) -> list[str]:
+def _missing_weights(config: LayerFlowConfig) -> list[str]:
     model = config.model
     problems = []
     try:
@@ -41,21 +43,53 @@ def missing_weights(config: LayerFlowConfig) -> list[str]:
     return problems
 
 
-def check_weights(config: LayerFlowConfig) -> None:
-    problems = missing_weights(config)
-    if problems:
-        raise MissingWeightsError("missing weights (see README, 'Real weights'): " + " | ".join(problems))
+@dataclass(frozen=True)
+class Weights:
+    """Where each model's weights come from, decided once by :func:`resolve_weights`.
+
+    ``random``: seeded random network and VAE (no files); otherwise ``checkpoint`` (a release
+    folder or a ``.safetensors`` file) and ``vae`` are read. ``text_encoder`` is the T5 folder to
+    load in both cases; ``stand_in_t5`` says it is the tiny built-in one, not the configured folder.
+    """
+
+    random: bool
+    checkpoint: str
+    vae: str
+    text_encoder: Path
+    stand_in_t5: bool = False
+
+    @property
+    def description(self) -> str:
+        """What ``meta.json`` records as the checkpoint."""
+        return "random weights" if self.random else self.checkpoint
 
 
-def prepare_random_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE) -> LayerFlowConfig:
-    """For ``model.weights: random``: make sure a tiny T5 folder of the configured width exists."""
+def resolve_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE, check: bool = True) -> Weights:
+    """Decide where the weights of ``config`` come from; the config itself is never changed.
+
+    ``model.weights: random`` uses the configured T5 folder when it exists, else a tiny T5 of the
+    configured width under ``cache`` (built once). Otherwise, with ``check``, every missing file
+    is named in one :class:`MissingWeightsError` line (``check=False``: a resumed training run
+    whose encodings are all cached needs no VAE or T5 files).
+    """
+    model = config.model
+    configured = Path(model.text_encoder.path)
+    if model.weights == "random":
+        if (configured / "config.json").is_file():
+            return Weights(random=True, checkpoint="", vae="", text_encoder=configured)
+        return Weights(random=True, checkpoint="", vae="", stand_in_t5=True,
+                       text_encoder=_tiny_t5(cache, model.network.text_hidden_size))
+    if check:
+        problems = _missing_weights(config)
+        if problems:
+            raise MissingWeightsError("missing weights (see README, 'Real weights'): " + " | ".join(problems))
+    return Weights(random=False, checkpoint=model.checkpoint, vae=model.vae.path, text_encoder=configured)
+
+
+def _tiny_t5(cache: Path, width: int) -> Path:
     from layerflow.weights.tiny import build_tiny_t5
 
-    width = config.model.network.text_hidden_size
-    folder = Path(config.model.text_encoder.path)
+    folder = cache / f"tiny-t5-d{width}"
     if not (folder / "config.json").is_file():
-        folder = cache / f"tiny-t5-d{width}"
-        if not (folder / "config.json").is_file():
-            build_tiny_t5(folder, d_model=width)
-    text_encoder = dataclasses.replace(config.model.text_encoder, path=str(folder))
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, text_encoder=text_encoder))
+        build_tiny_t5(folder, d_model=width)
+    return folder
