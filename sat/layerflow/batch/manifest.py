@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +134,23 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def jsonl_entries(path: Path, kind: str, error_type: type[Exception] = ManifestError) -> Iterator[tuple[str, object]]:
+    """``("file:line", value)`` for every non-blank line of a JSONL file; unreadable text or JSON is one
+    ``error_type`` line naming the file (and line) and calling the file a ``kind``."""
+    try:
+        text = _read_text(path, kind)
+    except ManifestError as error:
+        raise error_type(str(error)) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise error_type(f"{where}: invalid JSON ({error.msg})") from None
+
+
 def samples_from_manifest(path: Path, layout: TaskLayout, sampling: SamplingSection | None = None) -> list[Sample]:
     """JSONL: one object per line with ``prompts`` {layer: text}, optional ``inputs`` {layer: path}
     (relative to the manifest), ``id``, ``seed`` and ``overrides`` {sampling.key: value}.
@@ -143,14 +160,7 @@ def samples_from_manifest(path: Path, layout: TaskLayout, sampling: SamplingSect
     """
     path = Path(path)
     samples, seen = [], set()
-    for number, line in enumerate(_read_text(path, "manifest").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"{where}: invalid JSON ({error.msg})") from None
+    for where, entry in jsonl_entries(path, "manifest"):
         if not isinstance(entry, dict) or "prompts" not in entry:
             raise ManifestError(f"{where}: expected an object with a 'prompts' mapping")
         unknown = sorted(set(entry) - {"id", "prompts", "inputs", "seed", "overrides"})

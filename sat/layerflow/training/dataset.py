@@ -20,7 +20,6 @@ Legend: F pixel frames, H/W pixel size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerflow.batch.manifest import SAFE_ID, content_id
+from layerflow.batch.manifest import SAFE_ID, content_id, jsonl_entries
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
 from layerflow.io.pixels import matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.reader import (
@@ -100,25 +99,12 @@ def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> Tr
 def read_manifest(path: str | Path, layout: TaskLayout) -> list[TrainingSample]:
     """Every sample of a JSONL training manifest (paths relative to the manifest); ids are unique."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SampleError(f"{path}: training manifest not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SampleError(f"{path}: cannot read the training manifest ({error})") from None
     samples, seen = [], {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SampleError(f"{where}: invalid JSON ({error.msg})") from None
+    for where, entry in jsonl_entries(path, "training manifest", SampleError):
         sample = _parse_line(entry, where, path.parent, layout)
         if sample.id in seen:
-            raise SampleError(f"{where}: duplicate id {sample.id!r} (first on line {seen[sample.id]})")
-        seen[sample.id] = number
+            raise SampleError(f"{where}: duplicate id {sample.id!r} (first at {seen[sample.id]})")
+        seen[sample.id] = where
         samples.append(sample)
     if not samples:
         raise SampleError(f"{path}: no samples (expected one JSON object per line)")
