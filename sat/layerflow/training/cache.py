@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +139,8 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
             with atomic_path(_sample_path(cache, sample)) as tmp:
                 torch.save(record, tmp)
             if show_progress:
-                print(f"\rprepare: {number}/{len(todo)} samples encoded on rank {rank}", end="", flush=True)
-        if show_progress:
-            print()
-    failed = _count_on_all_ranks(int(error is not None))
+                print(f"prepare: {number}/{len(todo)} samples encoded on rank {rank}", file=sys.stderr, flush=True)
+    failed = distributed.sum_over_ranks(int(error is not None))
     if error is not None:
         raise error
     if failed:
@@ -150,20 +149,8 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
         index = {"format": CACHE_FORMAT, "fingerprint": expected,
                  "samples": [_sample_path(cache, s).name for s in samples]}
         write_text_atomic(cache / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    _count_on_all_ranks(0)  # every rank waits until the index is written
+    distributed.sum_over_ranks(0)  # every rank waits until the index is written
     return cache
-
-
-def _count_on_all_ranks(value: int) -> int:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        total = total.cuda()
-    dist.all_reduce(total)
-    return int(total.item())
 
 
 class LatentCache:
