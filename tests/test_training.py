@@ -447,3 +447,24 @@ def test_keep_checkpoints_prunes_old_iterations_only(tmp_path):
     (tmp_path / "latest").write_text("11")
     _prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "11", "cache", "latest", "tensorboard"]
+
+
+def test_checkpoints_never_replace_or_prune_folders_the_trainer_did_not_write(tmp_path):
+    from layerflow.io.atomic import TargetInTheWayError
+    from layerflow.training.checkpointing import save_checkpoint
+
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(network.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    (tmp_path / "2024").mkdir()
+    (tmp_path / "2024" / "photos.txt").write_text("the user's")
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "notes.txt").write_text("also the user's")
+    for step in (1, 2, 4):
+        save_checkpoint(tmp_path, step, network, optimizer, scheduler, {}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["2024", "3", "4"]
+    assert (tmp_path / "2024" / "photos.txt").read_text() == "the user's"
+    with pytest.raises(TargetInTheWayError):
+        save_checkpoint(tmp_path, 3, network, optimizer, scheduler, {})
+    assert sorted(p.name for p in (tmp_path / "3").iterdir()) == ["notes.txt"]
+    save_checkpoint(tmp_path, 4, network, optimizer, scheduler, {})  # its own iteration may be rewritten

@@ -14,9 +14,9 @@ The tool only ever creates, replaces or deletes what it can prove it made:
   (an OS lock, released by the kernel when the process ends, even after ``kill -9``); a second
   run stops at once with a one-line error naming the holder. It does not wait: a queue of
   silent waiters on a cluster is harder to understand than a clear refusal.
-* Leftovers of killed runs (hidden ``.<name>.tmp-XXXXXXXX`` folders holding the marker, and
+* Leftovers of killed runs (hidden ``.<name>.tmp-<8 hex digits>`` folders holding the marker, and
   temporary copies of the run's own files) are removed by the next run once it holds the lock. A
-  ``.<id>.old-XXXXXXXX`` folder (a run killed while swapping a finished sample in) is put back when
+  ``.<id>.old-<8 hex digits>`` folder (a run killed while swapping a finished sample in) is put back when
   the sample itself is missing.
 """
 

@@ -61,7 +61,7 @@ def save_checkpoint(folder: Path, step: int, network: nn.Module, optimizer: torc
     training_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "identity": dict(identity)}
     target = folder / str(step)
-    with atomic_directory(target) as staging:
+    with atomic_directory(target, may_replace=is_training_checkpoint) as staging:
         torch.save({"module": module}, staging / SAT_MODEL_FILE)
         torch.save(training_state, staging / TRAINING_STATE_FILE)
     write_text_atomic(folder / "latest", str(step))
@@ -70,8 +70,13 @@ def save_checkpoint(folder: Path, step: int, network: nn.Module, optimizer: torc
     return target
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """An iteration folder this trainer wrote (it holds the training state); only those are replaced or pruned."""
+    return path.is_dir() and not path.is_symlink() and (path / TRAINING_STATE_FILE).is_file()
+
+
 def _prune(folder: Path, keep: int) -> None:
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_training_checkpoint(p))
     for step in steps[:-keep]:
         shutil.rmtree(folder / str(step), ignore_errors=True)
 
