@@ -440,10 +440,12 @@ def test_stage_files_fit_every_full_size_layout(task, variant):
 
 
 def test_keep_checkpoints_prunes_old_iterations_only(tmp_path):
-    from layerflow.training.checkpointing import _prune
+    from layerflow.training.checkpointing import TRAINING_STATE_FILE, _prune
 
     for name in ("1", "2", "10", "11", "cache", "tensorboard"):
         (tmp_path / name).mkdir()
+        if name.isdigit():
+            (tmp_path / name / TRAINING_STATE_FILE).write_bytes(b"state")  # iterations the trainer wrote
     (tmp_path / "latest").write_text("11")
     _prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "11", "cache", "latest", "tensorboard"]
