@@ -34,7 +34,7 @@ from layerflow.io.pixels import LayerSourceError
 from layerflow.models.text_encoder import TextEncoderFilesError
 from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
-from layerflow.runtime.devices import cpu_threads, resolve_placement
+from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
@@ -138,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.base, overrides)
     parallel.check_layout(config, distributed.world_size())
     try:
-        resolve_placement(config.runtime)
+        placement = resolve_placement(config.runtime)
+        resolve_speed(config.runtime, placement, config.network.head_dim)  # a named kernel must run here
     except ValueError as error:
         raise ConfigError(str(error)) from None
     samples = collect_samples(args, config)

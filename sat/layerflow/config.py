@@ -21,6 +21,7 @@ import yaml
 
 from layerflow.models.dit import DiTConfig
 from layerflow.models.vae import VAEConfig
+from layerflow.runtime.attention import ATTENTION_CHOICES
 from layerflow.tasks import Task, TaskLayout, Variant, get_layout
 
 
@@ -145,12 +146,23 @@ class RuntimeSection:
     vae_temporal_chunk: int = 0
     vae_spatial_tile: int = 0
     model_cpu_offload: bool = False
-    merge_lora: bool = False
-    compile: bool = False
+    # The inference path (layerflow.runtime.devices.resolve_speed). ``None`` is written ``auto`` in YAML:
+    # faithful on the CPU (the original's numbers), fast on a GPU (merged LoRA, compiled blocks and
+    # the fastest exact attention kernel installed).
+    faithful: bool | None = None
+    attention: str = "auto"
+    merge_lora: bool | None = None
+    compile: bool | None = None
     cpu_threads: int = 1  # fixed per process so every process count gives the same bytes (devices.cpu_threads)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def __post_init__(self) -> None:
+        _require(self.attention in ATTENTION_CHOICES, "attention", f"one of {', '.join(ATTENTION_CHOICES)}")
+        if self.faithful:
+            _require(self.attention == "auto", "attention",
+                     "auto while runtime.faithful is true (the faithful path runs the original's attention)")
+            _require(not self.merge_lora, "merge_lora", "false or auto while runtime.faithful is true")
+            _require(not self.compile, "compile", "false or auto while runtime.faithful is true")
         _require(self.cpu_threads >= 0, "cpu_threads", "a thread count, or 0 for torch's choice")
         _require(bool(DEVICE_PATTERN.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
@@ -256,8 +268,10 @@ def _convert(value, hint, path: str, origins: dict):
         return _build(hint, value, path + ".", origins)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
+        if value is None or (options == [bool] and value == "auto"):
+            return None  # an optional switch left to the program: ``auto`` in YAML
+        if options == [bool] and not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true, false or auto, got {value!r}")
         return _convert(value, options[0], path, origins)
     if isinstance(hint, type) and issubclass(hint, (Task, Variant)):
         try:

@@ -31,7 +31,7 @@ from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.models.text_encoder import T5TextEncoder, layer_prompt, unconditional_states
 from layerflow.models.vae import CausalVideoVAE, load_vae
-from layerflow.runtime.devices import Placement, resolve_placement
+from layerflow.runtime.devices import Placement, resolve_placement, resolve_speed
 from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.runtime.parallel import groups_for
 from layerflow.runtime.parallel.guidance import split_guidance_batch
@@ -70,6 +70,7 @@ class LayerFlowPipeline:
         self.placement = placement or resolve_placement(config.runtime)
         self.weights = weights or resolve_weights(config)
         self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
+        self.speed = resolve_speed(config.runtime, self.placement, config.network.head_dim)
         ensure_model_parallel()  # SAT's layers need its model-parallel group before the network is built
         self.network = self._load_network()
         self.vae = self._load_vae()
@@ -84,11 +85,13 @@ class LayerFlowPipeline:
             randomize_(network, config.sampling.seed)
         else:
             load_network(network, self.weights.checkpoint, self.layout)
-        if config.runtime.merge_lora:
+        speed = self.speed
+        if speed.merge_lora:
             network.merge_lora_content()
         network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
-        if config.runtime.compile:
-            network.compile(dynamic=False)  # compiled lazily at the first call, reused for every step
+        network.use_attention(speed.attention)
+        if speed.compile:
+            network.compile_blocks()  # compiled lazily at the first call, reused by every layer and step
         return network.to(placement.compute_device) if not placement.offload else network
 
     def _load_vae(self) -> CausalVideoVAE:

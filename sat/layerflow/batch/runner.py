@@ -111,6 +111,10 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
     progress = RunProgress(len(samples), finished, config.sampling.num_steps,
                            enabled=show_progress and distributed.is_main_process())
     pipeline = pipeline_factory(config) if todo else None
+    if pipeline is not None:
+        passed_over = "; ".join(pipeline.speed.passed_over)
+        log.info("speed path: %s%s", pipeline.speed.describe(),
+                 f" (attention auto passed over {passed_over})" if passed_over else "")
     for sample in todo:
         start = time.perf_counter()
         on_step = progress.start_sample(sample.id)
@@ -123,7 +127,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                                        on_step=on_step)
             meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
                     "checkpoint": pipeline.weights.description, "device": pipeline.placement.device_kind,
-                    "cpu_threads": torch.get_num_threads(), "timings_s": result.timings,
+                    "cpu_threads": torch.get_num_threads(), "speed": pipeline.speed.describe(),
+                    "timings_s": result.timings,
                     "given_sources": given_layer_sources(sample, run_config)}
             if groups.is_leader:
                 write_sample(output / sample.id, result.layers, run_config, meta, given)

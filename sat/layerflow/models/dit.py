@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from sat import mpu
 from sat.model.base_model import BaseMixin, BaseModel
@@ -44,7 +43,8 @@ from sat.model.transformer import BaseTransformer
 from torch import nn
 
 from layerflow.geometry import LATENT_CHANNELS, PATCH_SIZE, TOKENS_PER_PROMPT, pos_embed_frames
-from layerflow.models.lora import DualLoraMixin, LoraConfig
+from layerflow.models.lora import DualLoraLinear, DualLoraMixin, LoraConfig
+from layerflow.runtime.attention import FAITHFUL, HEADS_FIRST, AttentionKernel
 
 if TYPE_CHECKING:
     from layerflow.runtime.parallel.ulysses import UlyssesGroup
@@ -219,7 +219,11 @@ class PatchEmbedding(BaseMixin):
 
 
 class AdaLNLayers(BaseMixin):
-    """Per-layer adaLN with separate text/video modulation, and q/k LayerNorm per head."""
+    """Per-layer adaLN with separate text/video modulation, and q/k LayerNorm per head.
+
+    SAT calls ``layer_forward`` for every layer; it runs that layer's :class:`DiTBlock`, which reads
+    the parameters where SAT and this mixin keep them (the checkpoint's names).
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -233,14 +237,54 @@ class AdaLNLayers(BaseMixin):
                            elementwise_affine=config.elementwise_affine)
             self.query_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
             self.key_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
+        self.blocks: list[DiTBlock] = []  # a plain list: the blocks own no parameters of their own
+
+    def block(self, layer_id: int) -> DiTBlock:
+        if not self.blocks:
+            layers = self.transformer.layers
+            self.blocks = [
+                DiTBlock(layers[i], self.adaLN_modulations[i],
+                         self.query_layernorm_list[i] if self.qk_ln else None,
+                         self.key_layernorm_list[i] if self.qk_ln else None)
+                for i in range(len(self.adaLN_modulations))
+            ]
+        return self.blocks[layer_id]
 
     def layer_forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, *args, **kw_args) -> torch.Tensor:
-        """One block on (b, L + N, d): modulated attention then modulated MLP, text and video apart."""
-        text_length = kw_args["text_length"]
-        layer = self.transformer.layers[kw_args["layer_id"]]
-        modulation = self.adaLN_modulations[kw_args["layer_id"]](kw_args["emb"]).chunk(12, dim=1)  # 12 x (b, d)
+        return self.block(kw_args["layer_id"])(hidden_states, kw_args["emb"], kw_args["text_length"],
+                                               kw_args.get("scale", 0), kw_args.get("sequence_shard"))
+
+
+def _project(linear: nn.Module, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """An attention projection, passing the motion-LoRA switch to it when it has LoRA branches."""
+    return linear(x, scale) if isinstance(linear, DualLoraLinear) else linear(x)
+
+
+class DiTBlock(nn.Module):
+    """One DiT block on (b, L + N, d): modulated attention then modulated MLP, text and video apart.
+
+    ``attention`` (a :class:`~layerflow.runtime.attention.AttentionKernel`) decides the memory layout
+    of queries, keys and values: heads first is the original's order and numbers, tokens first skips
+    the permute copies (see :mod:`layerflow.runtime.attention`). The block holds references to
+    parameters that live in the network; since blocks differ only in those, ``torch.compile`` of each
+    block compiles the code once and reuses it for all (regional compilation).
+    """
+
+    def __init__(self, layer: nn.Module, modulation: nn.Module, query_norm: nn.Module | None,
+                 key_norm: nn.Module | None):
+        super().__init__()
+        self.layer = layer
+        self.modulation = modulation
+        self.query_norm = query_norm
+        self.key_norm = key_norm
+        self.attention = FAITHFUL
+
+    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, text_length: int,
+                scale: torch.Tensor | float = 0, shard=None) -> torch.Tensor:
+        layer = self.layer
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp, text_gate_mlp) = modulation
+         text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp,
+         text_gate_mlp) = self.modulation(emb).chunk(12, dim=1)  # 12 x (b, d)
         text, video = hidden_states[:, :text_length], hidden_states[:, text_length:]  # (b, L, d), (b, N, d)
 
         attention_input = torch.cat(
@@ -250,7 +294,7 @@ class AdaLNLayers(BaseMixin):
             ],
             dim=1,
         )
-        attention_output = layer.attention(attention_input, mask, **kw_args)  # (b, L + N, d)
+        attention_output = self.attend(attention_input, scale, shard)  # (b, L + N, d)
         text = text + text_gate_msa.unsqueeze(1) * attention_output[:, :text_length]
         video = video + gate_msa.unsqueeze(1) * attention_output[:, text_length:]
 
@@ -261,26 +305,34 @@ class AdaLNLayers(BaseMixin):
             ],
             dim=1,
         )
-        mlp_output = layer.mlp(mlp_input, **kw_args)  # (b, L + N, d)
+        mlp = layer.mlp
+        mlp_output = mlp.dense_4h_to_h(mlp.activation_func(mlp.dense_h_to_4h(mlp_input)))  # (b, L + N, d)
         text = text + text_gate_mlp.unsqueeze(1) * mlp_output[:, :text_length]
         video = video + gate_mlp.unsqueeze(1) * mlp_output[:, text_length:]
         return torch.cat([text, video], dim=1)
 
-    def attention_fn(self, query_layer, key_layer, value_layer, attention_mask, attention_dropout=None,
-                     **kw_args) -> torch.Tensor:
-        """LayerNorm over each head's queries and keys, then full attention: (b, h, n, e) -> (b, h, n, e).
+    def attend(self, x: torch.Tensor, scale: torch.Tensor | float, shard) -> torch.Tensor:
+        """Self-attention with LayerNorm over each head's queries and keys: (b, n, d) -> (b, n, d).
 
-        The DiT attends over all tokens without a mask, so this calls PyTorch's fused attention
-        directly (flash / memory-efficient kernels on GPU) instead of SAT's default, which inspects
-        the mask with host-device syncs on every layer.
+        No mask: every token attends to every token. With ``shard`` (Ulysses) the heads are exchanged
+        with the group's other ranks around PyTorch's attention, in the heads-first layout.
         """
-        if self.qk_ln:
-            query_layer = self.query_layernorm_list[kw_args["layer_id"]](query_layer)
-            key_layer = self.key_layernorm_list[kw_args["layer_id"]](key_layer)
-        shard = kw_args.get("sequence_shard")
-        if shard is not None:  # Ulysses: all-to-all over heads around the same attention
-            return shard.attention(query_layer, key_layer, value_layer)
-        return F.scaled_dot_product_attention(query_layer, key_layer, value_layer)
+        attention = self.layer.attention
+        b, n, d = x.shape
+        heads = (b, n, -1, attention.hidden_size_per_attention_head)
+        query, key, value = _project(attention.query_key_value, x, scale).chunk(3, dim=-1)  # 3 x (b, n, d)
+        query, key, value = query.view(heads), key.view(heads), value.view(heads)  # (b, n, h, e) views
+        if self.attention.layout == HEADS_FIRST or shard is not None:
+            query, key, value = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # (b, h, n, e)
+        if self.query_norm is not None:
+            query, key = self.query_norm(query), self.key_norm(key)
+        if shard is not None:
+            context = shard.attention(query, key, value).permute(0, 2, 1, 3)  # (b, n, h, e)
+        elif self.attention.layout == HEADS_FIRST:
+            context = self.attention(query, key, value).permute(0, 2, 1, 3)  # (b, h, n, e) -> (b, n, h, e)
+        else:
+            context = self.attention(query, key, value)  # (b, n, h, e)
+        return _project(attention.dense, context.reshape(b, n, d), scale)
 
 
 class FinalLayer(BaseMixin):
@@ -390,6 +442,21 @@ class LayerFlowDiT(BaseModel):
             sequence_shard=shard,
             scale=lora_scale,
         )[0]  # (b, T, c, H, W)
+
+    def blocks(self) -> list[DiTBlock]:
+        adaln = self.mixins.adaln_layer
+        return [adaln.block(i) for i in range(self.config.num_layers)]
+
+    def use_attention(self, kernel: AttentionKernel) -> None:
+        """Run every block's attention with ``kernel`` (default: the original's, :data:`FAITHFUL`)."""
+        for block in self.blocks():
+            block.attention = kernel
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block (regional compilation): the blocks share their code, so it is
+        compiled once, at the first call, and reused by every layer and step."""
+        for block in self.blocks():
+            block.compile(dynamic=False)
 
     def merge_lora_content(self) -> None:
         """Fold the always-on content LoRA into the projections for faster inference."""

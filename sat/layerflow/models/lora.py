@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from sat.model.base_model import BaseMixin
-from sat.mpu.utils import split_tensor_along_last_dim
-from sat.transformer_defaults import attention_fn_default
 from torch import nn
 
 
@@ -94,8 +92,8 @@ class DualLoraLinear(nn.Module):
 
 
 class DualLoraMixin(BaseMixin):
-    """Replaces each layer's attention projections with :class:`DualLoraLinear` and routes the
-    per-sample motion switch ``scale`` to them through SAT's ``attention_forward`` hook."""
+    """Replaces each layer's attention projections with :class:`DualLoraLinear`; the DiT block
+    (:class:`layerflow.models.dit.DiTBlock`) passes the per-sample motion switch ``scale`` to them."""
 
     def __init__(self, num_layers: int, config: LoraConfig):
         super().__init__()
@@ -122,20 +120,3 @@ class DualLoraMixin(BaseMixin):
                 if linear.bias is not None:
                     adapted.original.bias.copy_(linear.bias)
         return adapted
-
-    def attention_forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, **kw_args) -> torch.Tensor:
-        """SAT self-attention with the LoRA switch passed to both projections.
-
-        hidden_states: (b, n, d) -> (b, n, d); heads h, head size e, d = h * e.
-        """
-        attention = self.transformer.layers[kw_args["layer_id"]].attention
-        scale = kw_args.get("scale", 0)
-        mixed = attention.query_key_value(hidden_states, scale)  # (b, n, 3d)
-        query, key, value = split_tensor_along_last_dim(mixed, attention.stride)
-        query = attention._transpose_for_scores(query)  # (b, h, n, e)
-        key = attention._transpose_for_scores(key)
-        value = attention._transpose_for_scores(value)
-        attention_fn = attention.hooks.get("attention_fn", attention_fn_default)
-        context = attention_fn(query, key, value, mask, None, **kw_args)  # (b, h, n, e)
-        context = context.permute(0, 2, 1, 3).reshape(*hidden_states.shape[:2], -1)  # (b, n, d)
-        return attention.dense(context, scale)

@@ -1,4 +1,4 @@
-"""Device, dtype, offload and CPU-thread decisions, made in one place from the runtime config."""
+"""Device, dtype, offload, CPU-thread and speed-path decisions, made in one place from the runtime config."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layerflow.runtime.attention import FAITHFUL, AttentionKernel, select_attention
 from layerflow.runtime.distributed import local_rank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,3 +89,48 @@ def resolve_placement(runtime) -> Placement:
     else:
         dtype = DTYPES[runtime.dtype]
     return Placement(compute_device=device, dtype=dtype, offload=runtime.model_cpu_offload)
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How the network runs: the faithful path (the original's numbers) or a faster one.
+
+    The faithful path keeps the content LoRA as a separate branch, runs every block eagerly and
+    computes attention as the original does (:data:`layerflow.runtime.attention.FAITHFUL`). The fast
+    path folds the content LoRA into the projections (``merge_lora``), compiles the repeated block
+    once (``compile``) and runs ``attention``; its outputs differ from the faithful ones by rounding.
+    """
+
+    faithful: bool
+    attention: AttentionKernel
+    merge_lora: bool
+    compile: bool
+    passed_over: tuple[str, ...] = ()  # kernels ``auto`` did not take, with the reason
+
+    def describe(self) -> dict:
+        """What ran, for meta.json and the logs."""
+        return {"faithful": self.faithful, "attention": self.attention.name, "merge_lora": self.merge_lora,
+                "compile": self.compile}
+
+
+def resolve_speed(runtime, placement: Placement, head_dim: int) -> SpeedPlan:
+    """``runtime.faithful/attention/merge_lora/compile`` (``auto`` = None) -> the plan for this device.
+
+    ``faithful: auto`` is the faithful path on the CPU, unless a fast-path switch is set, and the fast
+    path on a GPU. On the fast path ``merge_lora: auto`` is on and ``compile: auto`` is on for GPUs
+    only (compiling for the CPU takes minutes). Raises AttentionUnavailable for a named kernel that
+    cannot run here.
+    """
+    device = placement.compute_device
+    asks_fast = runtime.attention != "auto" or runtime.merge_lora or runtime.compile
+    faithful = runtime.faithful if runtime.faithful is not None else device.type != "cuda" and not asks_fast
+    if faithful:
+        return SpeedPlan(faithful=True, attention=FAITHFUL, merge_lora=False, compile=False)
+    kernel, passed_over = select_attention(runtime.attention, device, placement.dtype, head_dim)
+    return SpeedPlan(
+        faithful=False,
+        attention=kernel,
+        merge_lora=runtime.merge_lora if runtime.merge_lora is not None else True,
+        compile=runtime.compile if runtime.compile is not None else device.type == "cuda",
+        passed_over=passed_over,
+    )
