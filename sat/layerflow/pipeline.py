@@ -91,7 +91,9 @@ class LayerFlowPipeline:
         network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
         network.use_attention(speed.attention)
         if speed.compile:
-            network.compile_blocks()  # compiled lazily at the first call, reused by every layer and step
+            # compiled lazily at the first call and reused by every layer and step; under ``auto`` a
+            # compiler failure falls back to eager blocks rather than stopping the run
+            network.compile_blocks(strict=config.runtime.compile is True)
         return network.to(placement.compute_device) if not placement.offload else network
 
     def _load_vae(self) -> CausalVideoVAE:

@@ -452,9 +452,12 @@ class LayerFlowDiT(BaseModel):
         for block in self.blocks():
             block.attention = kernel
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, strict: bool = True) -> None:
         """``torch.compile`` each block (regional compilation): the blocks share their code, so it is
-        compiled once, at the first call, and reused by every layer and step."""
+        compiled once, at the first call, and reused by every layer and step. With ``strict`` off a
+        block that fails to compile runs eagerly (TorchDynamo logs a warning) instead of stopping."""
+        if not strict:
+            torch._dynamo.config.suppress_errors = True
         for block in self.blocks():
             block.compile(dynamic=False)
 
