@@ -6,6 +6,7 @@ that cannot run here must say why in one line; ``auto`` must say which kernels i
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -237,3 +238,20 @@ def test_cli_refuses_a_kernel_that_cannot_run_here(tmp_path, capsys):
     assert code == 2
     assert one_error(lines).startswith("error: runtime.attention = flash-attn-4: not installed")
     assert not output.exists()
+
+
+def test_fast_path_run_records_its_kernel_and_what_auto_passed_over(tmp_path, capsys):
+    prompts = []
+    for layer, text in PROMPTS.items():
+        path = tmp_path / f"{layer}.txt"
+        path.write_text(text)
+        prompts += ["--prompt", f"{layer}={path}"]
+    output = tmp_path / "out"
+    code, lines = cli(capsys, *tiny(), *FAST, *prompts, "--output", str(output), "--set", "runtime.faithful=false",
+                      "--set", "output.png_sequence=false")
+    assert code == 0, lines
+    (sample,) = [p for p in output.iterdir() if (p / "meta.json").is_file()]
+    meta = json.loads((sample / "meta.json").read_text())
+    assert meta["speed"] == {"faithful": False, "attention": "flash", "merge_lora": True, "compile": False}
+    log_text = (output / "logs" / "rank0.log").read_text()
+    assert "attention auto passed over flash-attn-4: not installed; cudnn: needs a CUDA GPU" in log_text
