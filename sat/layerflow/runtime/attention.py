@@ -129,6 +129,9 @@ def _find(module: str):
         return None
 
 
+# Kernels from other packages run their own compiled code: torch.compile calls them as they are
+# (a clean graph break) instead of tracing into them.
+@torch.compiler.disable
 def _flash_attn_4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     from flash_attn.cute import flash_attn_func
 
@@ -136,6 +139,7 @@ def _flash_attn_4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     return out[0] if isinstance(out, tuple) else out  # (b, n, h, e); newer releases also return the LSE
 
 
+@torch.compiler.disable
 def _sage(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
