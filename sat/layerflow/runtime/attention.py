@@ -65,11 +65,21 @@ _CPU_BACKENDS = {SDPBackend.FLASH_ATTENTION, SDPBackend.MATH}
 
 
 def _sdpa_tokens_first(backend: SDPBackend | None):
-    """PyTorch SDPA on (b, n, h, e) tensors, restricted to ``backend`` (None: PyTorch's own choice)."""
+    """PyTorch SDPA on (b, n, h, e) tensors, restricted to ``backend`` (None: PyTorch's own choice).
+
+    q and k arrive contiguous from the per-head LayerNorm; v is a view into the packed projection
+    (token stride 3d) and is copied to the same (b, n, h, e) layout (~0.1 ms at full size). With all
+    three alike, the stride check PyTorch has applied to cuDNN (``check_cudnn_layout``: q, k, v all
+    in this layout, or in the packed-QKV one) accepts them. The original's mix (contiguous
+    heads-first q/k beside a packed v) matches neither layout as a whole; whether that is what kept
+    the model off cuDNN's kernel on the H100 is not yet confirmed: ``benchmarks/attention.py`` prints
+    PyTorch's own reasons on a GPU.
+    """
     def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         restrict = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         with restrict:
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                 value.contiguous().transpose(1, 2))
         return out.transpose(1, 2)  # (b, h, n, e) -> (b, n, h, e), a view
     return run
 
