@@ -257,7 +257,7 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - start
     seed, write_error = config.sampling.seed, None
-    runs, peaks = [], []
+    runs, peaks, warmups = [], [], []
     for index in range(warmup + repeats):
         timed = index >= warmup
         name = f"run_{index - warmup}" if timed else f"warmup_{index}"
@@ -272,12 +272,15 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         if timed:
             runs.append(run)
             peaks.append(peak_memory(device, run["stage_peak_bytes"]))
+        else:  # the first call also compiles (runtime.compile) and tunes kernels: its excess over a timed run
+            warmups.append({"total": run["stages"]["total"], "denoise": run["stages"]["denoise"]})
     return {
         "write_outputs": "not measured: " + (write_error or "--no-write") if output is None or write_error else
         "measured",
         "machine": machine_info(device),
         "dtype": str(pipeline.placement.dtype).removeprefix("torch."),
         "load_seconds": load_seconds,
+        "warmup_seconds": warmups,
         "repeats": repeats,
         "warmup": warmup,
         "num_steps": config.sampling.num_steps,
@@ -322,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = result["peak_memory"]
     in_stage = f", in {peak['stage']}" if "stage" in peak else ""
     print(f"peak memory: {gib(peak['bytes'])} GiB ({peak['kind']}{in_stage}); load {result['load_seconds']:.2f} s")
+    if result["warmup_seconds"]:
+        first = result["warmup_seconds"][0]
+        print(f"first (warm-up) run: total {first['total']:.2f} s, denoise {first['denoise']:.2f} s "
+              f"(compilation and kernel tuning happen there)")
     if not result["summary"]["stage_peak_bytes"]:
         print(f"per-stage peak memory: {result['stage_peak_memory']}")
     print(f"text encoder: {text_encoder_note}")
