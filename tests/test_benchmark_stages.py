@@ -8,6 +8,7 @@ allocations the test makes itself, with the expected peaks worked out by hand be
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -147,3 +148,22 @@ def test_benchmark_table_on_the_cpu_has_no_peak_column():
     assert summary["stage_peak_bytes"] == {}
     assert "peak" not in benchmark.format_table(summary, num_steps=2)
     assert benchmark.peak_memory(torch.device("cpu"), {})["kind"].startswith("max RSS")
+
+
+@pytest.mark.slow
+def test_sample_meta_records_the_stage_peaks_when_there_are_some(tmp_path):
+    from layerflow.batch.manifest import Sample
+    from layerflow.batch.runner import run_samples
+
+    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", CONFIGS / "tiny.yaml"],
+                         ["sampling.num_steps=2", "output.preview=false"])
+    pipeline = LayerFlowPipeline(config)
+    memory = CountingMemory()
+    memory.use(3 * 2**29)  # 1.5 GiB resident through every stage, which allocate nothing more
+    pipeline.memory = memory
+    summary = run_samples(config, [Sample(id="one", prompts=PROMPTS, seed=1)], tmp_path, lambda _: pipeline,
+                          show_progress=False)
+    assert summary.done == ["one"]
+    meta = json.loads((tmp_path / "one" / "meta.json").read_text())
+    assert meta["peak_allocated_gib"] == {"text_encoder": 1.5, "denoise": 1.5, "vae_decode": 1.5}
+    assert list(meta["timings_s"]) == ["text_encoder", "denoise", "vae_decode"]
