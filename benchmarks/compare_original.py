@@ -482,9 +482,12 @@ def format_report(result: dict) -> str:
                  f"(a load above {result['torch_threads']} means other processes shared the cores)")
     lines.append(f"max |ours - original| of the final latent: {result['max_abs_diff_final_latent']:.3e} "
                  f"(max |original| {result['max_abs_final_latent']:.3e})")
-    if result.get("weights_not_equal_after_loading"):
-        lines.append("WARNING: weights that differ between the two: "
-                     + ", ".join(result["weights_not_equal_after_loading"][:8]))
+    differing = result.get("weights_not_equal_after_loading")
+    if differing:
+        merged = all(key.endswith("original.weight") for key in differing)
+        lines.append(f"ours holds {len(differing)} weight tensors other than the copied ones ("
+                     + ("the projections its merged content LoRA changed" if merged else
+                        "WARNING: not only merged projections: " + ", ".join(differing[:4])) + ")")
     if "load_s" in result:
         lines.append(f"load: original {result['load_s']['original']:.1f} s, ours {result['load_s']['ours']:.1f} s")
     if "peak_allocated_gib_both_loaded" in result:
