@@ -36,6 +36,7 @@ if [[ $part == prepare ]]; then
     (cd "$source" && tar cf - --exclude=__pycache__ sat) | tar xf - -C .device/original.tmp
   else
     git --git-dir="$source" archive HEAD sat | tar xf - -C .device/original.tmp
+    find .device/original.tmp -name __pycache__ -type d -prune -exec rm -rf {} +  # the original commits some
   fi
   if [[ ! -f .device/original.tmp/sat/diffusion_video.py ]]; then
     rm -rf .device/original.tmp
