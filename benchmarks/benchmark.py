@@ -2,8 +2,9 @@
 
 The configuration is given exactly as for ``sample_video.py``; the benchmark runs
 ``LayerFlowPipeline.generate``, whose stage clock (T5 encoding, VAE encoding of the given layers,
-denoising, VAE decoding) synchronises the accelerator at every boundary, times each denoising step
-from its callback, then times writing the output folder (``--no-write`` skips it; without a
+denoising, VAE decoding) synchronises the accelerator at every boundary and, on CUDA, records each
+stage's peak allocated memory (so the peak has a name); it times each denoising step from its
+callback, then times writing the output folder (``--no-write`` skips it; without a
 working ffmpeg the run notes it in one line and the JSON has the other stages).
 
 Examples::
@@ -162,7 +163,7 @@ def time_one_run(pipeline: LayerFlowPipeline, config: LayerFlowConfig, folder: P
     stages = dict(result.timings)
     steps = [later - earlier for earlier, later in zip(marks, marks[1:], strict=False)]
     steps.insert(0, stages["denoise"] - sum(steps))
-    run: dict = {"stages": stages, "steps": steps}
+    run: dict = {"stages": stages, "steps": steps, "stage_peak_bytes": dict(result.peak_bytes)}
     if folder is not None:
         meta = {"id": folder.name, "prompts": prompts, "seed": seed, "benchmark": True}
         try:
@@ -179,10 +180,12 @@ def _lap(clock: StageClock, since: float) -> tuple[float, float]:
     return now, now - since
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak accelerator memory since the last reset, or the process's peak resident set on the CPU."""
+def peak_memory(device: torch.device, stage_peaks: dict[str, int]) -> dict:
+    """The run's peak: on CUDA the largest stage peak of the pipeline (it resets the mark at every
+    stage), on the CPU the process's peak resident set (no per-stage figure exists there)."""
     if device.type == "cuda":
-        return {"kind": "torch.cuda.max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
+        stage = max(stage_peaks, key=stage_peaks.get)
+        return {"kind": "torch.cuda.max_memory_allocated", "bytes": stage_peaks[stage], "stage": stage}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return {"kind": "max RSS of the process (resource.getrusage)", "bytes": rss * scale}
@@ -193,11 +196,17 @@ def summarize(values: list[float]) -> dict:
 
 
 def summarize_runs(runs: list[dict], num_steps: int) -> dict:
-    """Per stage and per step position: median, min, max over the timed runs."""
+    """Per stage and per step position: median, min, max over the timed runs; per stage the largest
+    peak of any run (empty where the device reports none)."""
     stages = {name: summarize([run["stages"][name] for run in runs]) for name in STAGES if name in runs[0]["stages"]}
     per_step = [summarize([run["steps"][i] for run in runs]) for i in range(num_steps)]
     step_means = [statistics.fmean(run["steps"]) for run in runs]
-    return {"stages": stages, "steps": per_step, "step_mean": summarize(step_means)}
+    peaks = {name: max(run["stage_peak_bytes"][name] for run in runs) for name in runs[0]["stage_peak_bytes"]}
+    return {"stages": stages, "steps": per_step, "step_mean": summarize(step_means), "stage_peak_bytes": peaks}
+
+
+def gib(count: int) -> str:
+    return f"{count / 2**30:.2f}"
 
 
 def _cells(values: dict) -> tuple[str, str, str]:
@@ -205,15 +214,17 @@ def _cells(values: dict) -> tuple[str, str, str]:
 
 
 def format_table(summary: dict, num_steps: int) -> str:
-    rows = [("stage", "median s", "min s", "max s")]
+    """Seconds per stage and step; a ``peak GiB`` column when the stages have peaks (CUDA)."""
+    peaks = summary["stage_peak_bytes"]
+    rows = [("stage", "median s", "min s", "max s", *(("peak GiB",) if peaks else ()))]
     for name, values in summary["stages"].items():
-        rows.append((name, *_cells(values)))
+        rows.append((name, *_cells(values), *((gib(peaks[name]) if name in peaks else "",) if peaks else ())))
         if name == "denoise":
             mean = summary["step_mean"]
-            rows.append((f"  per step (mean of {num_steps})", *_cells(mean)))
+            rows.append((f"  per step (mean of {num_steps})", *_cells(mean), *(("",) if peaks else ())))
             for index, step in enumerate(summary["steps"]):
-                rows.append((f"  step {index + 1}", *_cells(step)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                rows.append((f"  step {index + 1}", *_cells(step), *(("",) if peaks else ())))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -246,13 +257,11 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - start
     seed, write_error = config.sampling.seed, None
-    runs, peaks = [], []
+    runs, peaks, warmups = [], [], []
     for index in range(warmup + repeats):
         timed = index >= warmup
         name = f"run_{index - warmup}" if timed else f"warmup_{index}"
         progress(f"run {index - warmup + 1}/{repeats}" if timed else f"warmup {index + 1}/{warmup}")
-        if timed and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         run = time_one_run(pipeline, config, None if output is None or write_error else output / name, seed)
         if "write_error" in run:
             write_error = run.pop("write_error")
@@ -262,17 +271,22 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
                 earlier["stages"]["total"] -= earlier["stages"].pop("write_outputs")
         if timed:
             runs.append(run)
-            peaks.append(peak_memory(device))
+            peaks.append(peak_memory(device, run["stage_peak_bytes"]))
+        else:  # the first call also compiles (runtime.compile) and tunes kernels: its excess over a timed run
+            warmups.append({"total": run["stages"]["total"], "denoise": run["stages"]["denoise"]})
     return {
         "write_outputs": "not measured: " + (write_error or "--no-write") if output is None or write_error else
         "measured",
         "machine": machine_info(device),
         "dtype": str(pipeline.placement.dtype).removeprefix("torch."),
         "load_seconds": load_seconds,
+        "warmup_seconds": warmups,
         "repeats": repeats,
         "warmup": warmup,
         "num_steps": config.sampling.num_steps,
         "peak_memory": max(peaks, key=lambda peak: peak["bytes"]),
+        "stage_peak_memory": "torch.cuda.max_memory_allocated per stage, reset at each stage's start"
+        if device.type == "cuda" else f"not measured: PyTorch keeps no allocator statistics on {device.type}",
         "summary": summarize_runs(runs, config.sampling.num_steps),
     }
 
@@ -309,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
           f"on {where}; torch {machine['torch']}; median of {args.repeats} runs after {args.warmup} warmup")
     print(format_table(result["summary"], result["num_steps"]))
     peak = result["peak_memory"]
-    print(f"peak memory: {peak['bytes'] / 2**30:.2f} GiB ({peak['kind']}); load {result['load_seconds']:.2f} s")
+    in_stage = f", in {peak['stage']}" if "stage" in peak else ""
+    print(f"peak memory: {gib(peak['bytes'])} GiB ({peak['kind']}{in_stage}); load {result['load_seconds']:.2f} s")
+    if result["warmup_seconds"]:
+        first = result["warmup_seconds"][0]
+        print(f"first (warm-up) run: total {first['total']:.2f} s, denoise {first['denoise']:.2f} s "
+              f"(compilation and kernel tuning happen there)")
+    if not result["summary"]["stage_peak_bytes"]:
+        print(f"per-stage peak memory: {result['stage_peak_memory']}")
     print(f"text encoder: {text_encoder_note}")
     if config.model.weights == "random":
         print(f"note: {RANDOM_WEIGHTS_NOTE}")

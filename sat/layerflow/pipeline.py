@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -58,7 +58,8 @@ class LayerVideos:
 
     layers: dict[str, torch.Tensor]
     seed: int
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in the order they ran
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # peak allocated per stage (CUDA only; empty on CPU)
 
 
 class LayerFlowPipeline:
@@ -75,6 +76,8 @@ class LayerFlowPipeline:
         self.network = self._load_network()
         self.vae = self._load_vae()
         self.text_encoder: T5TextEncoder | None = None
+        self.memory: PeakMemory | None = (CudaPeakMemory(self.placement.compute_device)
+                                          if self.placement.compute_device.type == "cuda" else None)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -229,7 +232,8 @@ class LayerFlowPipeline:
         """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring."""
         seed = self.config.sampling.seed if seed is None else seed
         timings: dict[str, float] = {}
-        clock = _StageClock(self.placement, timings)
+        peaks: dict[str, int] = {}
+        clock = _StageClock(self.placement, timings, peaks, self.memory)
         with clock("text_encoder"):
             context = self.encode_prompts(prompts)
         condition = None
@@ -242,7 +246,7 @@ class LayerFlowPipeline:
             generated = self.sample_latents(context, condition, seed, on_step, sampling)
         with clock("vae_decode"):
             layers = self.decode_layers(generated, condition)
-        return LayerVideos(layers=layers, seed=seed, timings=timings)
+        return LayerVideos(layers=layers, seed=seed, timings=timings, peak_bytes=peaks)
 
 
 def conditioned_denoiser(network: LayerFlowDiT, layout: TaskLayout, condition: torch.Tensor | None, *,
@@ -269,18 +273,50 @@ def conditioned_denoiser(network: LayerFlowDiT, layout: TaskLayout, condition: t
     return model_fn
 
 
+class PeakMemory(Protocol):
+    """Where :class:`_StageClock` reads peak memory: ``reset()`` starts a stage, ``peak()`` is its high-water mark."""
+
+    def reset(self) -> None: ...
+
+    def peak(self) -> int: ...
+
+
+class CudaPeakMemory:
+    """Peak bytes allocated by PyTorch's caching allocator on one CUDA device since the last reset.
+
+    The reset lowers the mark to what is allocated at that moment, so a stage's peak includes the
+    models and tensors that stay resident through it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
 
 class _StageClock:
-    """``with clock("name"):`` records the seconds of a stage, waiting for the GPU at both ends."""
+    """``with clock("name"):`` records the seconds of a stage, waiting for the GPU at both ends, and,
+    given a memory source, the stage's peak allocated bytes (the mark is reset when a stage starts)."""
 
-    def __init__(self, placement: Placement, timings: dict[str, float]):
+    def __init__(self, placement: Placement, timings: dict[str, float], peaks: dict[str, int] | None = None,
+                 memory: PeakMemory | None = None):
         self.placement = placement
         self.timings = timings
+        self.peaks = peaks if peaks is not None else {}
+        self.memory = memory
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self.placement.synchronize()
+        if self.memory is not None:
+            self.memory.reset()
         start = time.perf_counter()
         yield
         self.placement.synchronize()
         self.timings[name] = time.perf_counter() - start
+        if self.memory is not None:
+            self.peaks[name] = self.memory.peak()

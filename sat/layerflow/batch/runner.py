@@ -130,6 +130,8 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
                     "cpu_threads": torch.get_num_threads(), "speed": pipeline.speed.describe(),
                     "timings_s": result.timings,
                     "given_sources": given_layer_sources(sample, run_config)}
+            if result.peak_bytes:  # CUDA only: the peak allocated memory of each stage
+                meta["peak_allocated_gib"] = {stage: round(n / 2**30, 3) for stage, n in result.peak_bytes.items()}
             if groups.is_leader:
                 write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)
