@@ -120,7 +120,12 @@ case $part in
     bench fg2bg_rgba_default_10 150 fg2bg_rgba 10 1 1
     ;;
   attention)
-    for kernel in auto sdpa cudnn flash efficient math; do
+    # every kernel on the attention shape alone, and PyTorch's reasons for refusing a fused kernel
+    tokens=()
+    [[ $size == tiny ]] && tokens=(--tokens 512 --device cpu)
+    measure attention_kernels 60 "$python" benchmarks/attention.py --base configs/model.yaml \
+      configs/tasks/gen_rgba.yaml "${tokens[@]}" --json "$out/attention_kernels.json"
+    for kernel in auto sdpa cudnn flash efficient math flash-attn-4; do
       bench "gen_rgba_attention_${kernel}_5" 90 gen_rgba 5 1 1 --set "runtime.attention=$kernel"
     done
     ;;

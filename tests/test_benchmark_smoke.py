@@ -89,3 +89,18 @@ def test_without_ffmpeg_one_note_and_the_json_without_write_outputs(tmp_path):
     assert sum(stages[name]["median"] for name in ("text_encoder", "denoise", "vae_decode")) <= \
         stages["total"]["median"] * 1.001
     assert not any((tmp_path / "samples").iterdir())
+
+
+def test_a_kernel_this_machine_lacks_is_one_line_before_any_model_loads(tmp_path):
+    command = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
+        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"),
+        "--set", "runtime.attention=efficient", "--no-write", "--json", str(tmp_path / "bench.json"),
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: runtime.attention = efficient: needs a CUDA GPU (this run is on the CPU); "
+                      "usable here: auto, sdpa, flash, math"]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "bench.json").exists()
