@@ -125,7 +125,7 @@ case $part in
     [[ $size == tiny ]] && tokens=(--tokens 512 --device cpu)
     measure attention_kernels 60 "$python" benchmarks/attention.py --base configs/model.yaml \
       configs/tasks/gen_rgba.yaml "${tokens[@]}" --json "$out/attention_kernels.json"
-    for kernel in auto sdpa cudnn flash efficient math flash-attn-4; do
+    for kernel in auto sdpa cudnn flash efficient math flash-attn-4 flash-attn-3; do
       bench "gen_rgba_attention_${kernel}_5" 90 gen_rgba 5 1 1 --set "runtime.attention=$kernel"
     done
     ;;

@@ -21,6 +21,7 @@ Legend: b batch, h heads, n tokens, e head size.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,10 +117,18 @@ def _always_available(device: torch.device, dtype: torch.dtype, head_dim: int) -
 
 # -- optional packages -------------------------------------------------------------------------------
 
-def _package_unavailable(module: str, min_capability: tuple[int, int], exact_dtypes: tuple[torch.dtype, ...]):
+def _package_unavailable(module: str, function: str, min_capability: tuple[int, int],
+                         exact_dtypes: tuple[torch.dtype, ...]):
     def unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         if _find(module) is None:
             return "not installed"
+        if device.type == "cuda":  # importing may load CUDA code; only worth it where it could run
+            try:
+                loaded = importlib.import_module(module)
+            except Exception as error:  # a broken build: say so rather than stop
+                return f"installed but cannot be imported ({type(error).__name__}: {str(error).splitlines()[0]})"
+            if not hasattr(loaded, function):
+                return f"installed, but {module} has no {function}"
         if device.type != "cuda":
             return "needs a CUDA GPU (this run is on the CPU)"
         if torch.cuda.get_device_capability(device) < min_capability:
@@ -150,6 +159,14 @@ def _flash_attn_4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 
 
 @torch.compiler.disable
+def _flash_attn_3(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(query, key, value)
+    return out[0] if isinstance(out, tuple) else out  # (b, n, h, e)
+
+
+@torch.compiler.disable
 def _sage(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
@@ -166,16 +183,20 @@ KERNELS: dict[str, AttentionKernel] = {
         for name, backend in _TORCH_BACKENDS.items()
     },
     "flash-attn-4": AttentionKernel("flash-attn-4", TOKENS_FIRST, True, _flash_attn_4,
-                                    _package_unavailable("flash_attn.cute", (9, 0), _HALF),
+                                    _package_unavailable("flash_attn.cute", "flash_attn_func", (9, 0), _HALF),
                                     install="pip install flash-attn-4 --pre"),
+    "flash-attn-3": AttentionKernel("flash-attn-3", TOKENS_FIRST, True, _flash_attn_3,
+                                    _package_unavailable("flash_attn_interface", "flash_attn_func", (9, 0), _HALF),
+                                    install="build flash-attention's hopper/ folder: python setup.py install"),
     "sage": AttentionKernel("sage", TOKENS_FIRST, False, _sage,
-                            _package_unavailable("sageattention", (8, 0), _HALF),
+                            _package_unavailable("sageattention", "sageattn", (8, 0), _HALF),
                             install="pip install sageattention"),
 }
 # ``auto``: fastest exact kernel first. On an H100, cuDNN's kernel beat PyTorch's flash kernel
-# (428 against 329 TFLOP/s for one call of the model's shape); FlashAttention-4 targets Hopper and
-# Blackwell and is tried first when installed.
-AUTO_ORDER = ("flash-attn-4", "cudnn", "flash", "efficient", "sdpa")
+# (428 against 329 TFLOP/s for one call of the model's shape). FlashAttention-4 (Hopper and
+# Blackwell) and FlashAttention-3 (Hopper) are tried first when installed; their order among the
+# others is from their authors' reports, not yet from a measurement of ours.
+AUTO_ORDER = ("flash-attn-4", "flash-attn-3", "cudnn", "flash", "efficient", "sdpa")
 ATTENTION_CHOICES = ("auto", *KERNELS)
 
 
