@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from layerflow.geometry import VAE_SCALE_FACTOR
 from layerflow.models.vae_blocks import (
@@ -256,40 +257,81 @@ class _Regions:
         return itertools.product(*spans)
 
 
-def _index_map(resize: Callable[[torch.Tensor], torch.Tensor], n: int, dim: int) -> torch.Tensor:
-    """For a nearest-neighbour ``resize``, the source position of every output position along ``dim``."""
+def _index_map(resize: Callable[[torch.Tensor], torch.Tensor], n: int, dim: int) -> list[int]:
+    """For a nearest-neighbour ``resize``, the source position of every output position along ``dim``.
+
+    Positions depend on sizes only, so they are computed on real tensors even when the model runs under
+    FakeTensorMode (``benchmarks/memory_estimate.py``); every other index here is plain Python integers.
+    """
     shape = [1, 1, 1, 1, 1]
     shape[dim] = n
-    out = resize(torch.arange(n, dtype=torch.float64).view(shape))
-    return out[tuple(slice(None) if d == dim else 0 for d in range(5))].long()
+    with unset_fake_temporarily():
+        out = resize(torch.arange(n, dtype=torch.float64).view(shape))
+        return out[tuple(slice(None) if d == dim else 0 for d in range(5))].long().tolist()
 
 
-def _lookup(index_map: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _lookup(index_map: list[int], positions: range) -> list[int]:
     """index_map[positions], with -1 (zero padding) for positions outside the map."""
-    inside = (positions >= 0) & (positions < len(index_map))
-    return torch.where(inside, index_map[positions.clamp(0, len(index_map) - 1)], -1)
+    return [index_map[p] if 0 <= p < len(index_map) else -1 for p in positions]
 
 
-def _window(x: torch.Tensor, index: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
-    """x[:, :, ti][:, :, :, hi][..., wi] on ``device``; out-of-range positions read the nearest edge."""
-    view, local = x, []
+def _window(x: torch.Tensor | _Upsampled, index: tuple[list[int], ...], device: torch.device) -> torch.Tensor:
+    """x[:, :, ti][:, :, :, hi][..., wi] on ``device``; out-of-range positions read the nearest edge.
+
+    Read-only when every position is in range and none repeats (then it may be a view of x); a
+    fresh tensor otherwise, which ``_zero_outside`` may fill in place.
+    """
+    box, local, plain = [], [], True
     for dim, positions in zip((2, 3, 4), index, strict=True):
-        clamped = positions.clamp(0, x.shape[dim] - 1)
-        lo, hi = int(clamped.min()), int(clamped.max())
-        view = view.narrow(dim, lo, hi - lo + 1)
-        local.append(clamped - lo)
-    win = view.to(device)
+        clamped = [min(max(p, 0), x.shape[dim] - 1) for p in positions]
+        lo, hi = min(clamped), max(clamped)
+        box.append(slice(lo, hi + 1))
+        local.append([c - lo for c in clamped])
+        plain = plain and clamped == positions and local[-1] == list(range(hi - lo + 1))
+    win = _read(x, *box, device=device)
+    if plain:
+        return win
     for dim, positions in zip((2, 3, 4), local, strict=True):
-        win = win.index_select(dim, positions.to(device))
+        win = win.index_select(dim, torch.tensor(positions, device=device))
     return win
 
 
-def _zero_outside(win: torch.Tensor, index: tuple[torch.Tensor, ...], thw: tuple[int, ...]) -> torch.Tensor:
+def _read(x: torch.Tensor | _Upsampled, rt: slice, rh: slice, rw: slice, device: torch.device) -> torch.Tensor:
+    """The box x[:, :, rt, rh, rw] on ``device`` (a view when x is there already)."""
+    if isinstance(x, _Upsampled):
+        return x.box(rt, rh, rw)
+    return x[:, :, rt, rh, rw].to(device)
+
+
+class _Upsampled:
+    """The output of an Upsample3D that is never stored whole: every read computes its box from the
+    input (nearest source positions, then the 3x3 conv with its 1-pixel halo). Its input is 2x or 4x
+    smaller, so the largest activation of the decoder (256 channels at full size) never exists."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor, device: torch.device):
+        b, c, t, h, w = x.shape
+        resize = partial(upsample_nearest, compress_time=layer.compress_time)
+        self.maps = [_index_map(resize, n, d) for n, d in ((t, 2), (h, 3), (w, 4))]
+        self.shape = (b, c, *(len(m) for m in self.maps))
+        self.dtype = x.dtype
+        self.layer, self.x, self.device = layer, x, device
+
+    def box(self, rt: slice, rh: slice, rw: slice) -> torch.Tensor:
+        index = (
+            self.maps[0][rt],
+            _lookup(self.maps[1], range(rh.start - 1, rh.stop + 1)),
+            _lookup(self.maps[2], range(rw.start - 1, rw.stop + 1)),
+        )
+        win = _zero_outside(_window(self.x, index, self.device), index, tuple(self.x.shape[2:]))
+        return _per_frame(win, self.layer.conv)  # b c t_r h_r w_r
+
+
+def _zero_outside(win: torch.Tensor, index: tuple[list[int], ...], thw: tuple[int, ...]) -> torch.Tensor:
     """Zero the positions of a fresh ``_window`` result whose index lies outside 0..n-1 (zero padding)."""
     for dim, positions, n in zip((2, 3, 4), index, thw, strict=True):
-        outside = ((positions < 0) | (positions >= n)).nonzero().flatten()
-        if len(outside):
-            win.index_fill_(dim, outside.to(win.device), 0)
+        outside = [i for i, p in enumerate(positions) if not 0 <= p < n]
+        if outside:
+            win.index_fill_(dim, torch.tensor(outside, device=win.device), 0)
     return win
 
 
@@ -299,11 +341,12 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm of a region with whole-activation statistics mean, rstd (b, g)."""
+    """GroupNorm of a region with whole-activation statistics mean, rstd (b, g); one working copy of x."""
     b, c = x.shape[:2]
     dtype = _norm_dtype(x.dtype)
-    y = (x.to(dtype).reshape(b, norm.num_groups, -1) - mean[..., None]) * rstd[..., None]
-    y = y.reshape(x.shape) * norm.weight.to(dtype).view(1, c, 1, 1, 1) + norm.bias.to(dtype).view(1, c, 1, 1, 1)
+    y = x.to(dtype, copy=True).reshape(b, norm.num_groups, -1)  # b g (c/g t h w)
+    y.sub_(mean[..., None]).mul_(rstd[..., None])
+    y = y.reshape(x.shape).mul_(norm.weight.to(dtype).view(1, c, 1, 1, 1)).add_(norm.bias.to(dtype).view(1, c, 1, 1, 1))
     return y.to(x.dtype)
 
 
@@ -385,12 +428,13 @@ class _StreamedNet:
         h = self.resnet_block(encoder.mid.block_2, self.resnet_block(encoder.mid.block_1, h))
         return self.conv(encoder.conv_out, h, encoder.norm_out)
 
-    def resnet_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def resnet_block(self, block: nn.Module, x: torch.Tensor | _Upsampled) -> torch.Tensor:
         h = self.conv(block.conv1, x, block.norm1)
-        into = x if block.nin_shortcut is None and self.share is None else None
+        stored = isinstance(x, torch.Tensor)
+        into = x if stored and block.nin_shortcut is None and self.share is None else None
         return self.conv(block.conv2, h, block.norm2, shortcut=(x, block.nin_shortcut), into=into)
 
-    def conv(self, layer: CausalConv3d, x: torch.Tensor, norm: nn.Module | None = None,
+    def conv(self, layer: CausalConv3d, x: torch.Tensor | _Upsampled, norm: nn.Module | None = None,
              shortcut: tuple[torch.Tensor, nn.Module | None] | None = None,
              into: torch.Tensor | None = None) -> torch.Tensor:
         """layer(swish(norm(x))) (or layer(x) without a norm), plus the block's shortcut when given;
@@ -401,9 +445,9 @@ class _StreamedNet:
         out = into if into is not None else self._new_output(b, layer.conv.out_channels, t, h, w, dtype=x.dtype)
         for rt, rh, rw in self._owned(self.regions((t, h, w))):
             index = (
-                torch.arange(rt.start - kt, rt.stop).clamp(min=0),  # causal: frame 0 repeats in front
-                torch.arange(rh.start - p, rh.stop + p),
-                torch.arange(rw.start - p, rw.stop + p),
+                [max(i, 0) for i in range(rt.start - kt, rt.stop)],  # causal: frame 0 repeats in front
+                list(range(rh.start - p, rh.stop + p)),
+                list(range(rw.start - p, rw.stop + p)),
             )
             win = _window(x, index, self.device)  # b c (t_r+kt) (h_r+2p) (w_r+2p)
             if prologue is not None:
@@ -412,12 +456,12 @@ class _StreamedNet:
             del win
             if shortcut is not None:
                 x_in, nin = shortcut
-                r = x_in[:, :, rt, rh, rw].to(self.device)
+                r = _read(x_in, rt, rh, rw, self.device)
                 y = (r if nin is None else nin(r)) + y
             out[:, :, rt, rh, rw] = y.to(out.device)
         return self._joined(out)
 
-    def norm_swish(self, norm: nn.Module, x: torch.Tensor) -> Callable:
+    def norm_swish(self, norm: nn.Module, x: torch.Tensor | _Upsampled) -> Callable:
         """The function (win, index) -> swish(norm(win)) for windows of x, with x's whole GroupNorm statistics;
         a SpatialNorm3D also reads the latent at the window's positions."""
         group_norm = norm.norm_layer if isinstance(norm, SpatialNorm3D) else norm
@@ -432,69 +476,60 @@ class _StreamedNet:
             z_maps.append(_index_map(partial(resize_latent_to, size=tuple(size)), self.z.shape[2 + d], 2 + d))
 
         def apply(win: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            z_index = tuple(m[i.clamp(0, n - 1)] for m, i, n in zip(z_maps, index, thw, strict=True))
+            z_index = tuple([m[min(max(i, 0), n - 1)] for i in positions]
+                            for m, positions, n in zip(z_maps, index, thw, strict=True))
             zq = _window(self.z, z_index, self.device)  # b z (window's t h w)
-            normed = _group_norm_with(win, mean, rstd, group_norm)
-            return swish(normed * norm.conv_y(zq) + norm.conv_b(zq))
+            y = norm.conv_y(zq).mul_(_group_norm_with(win, mean, rstd, group_norm)).add_(norm.conv_b(zq))
+            return torch.sigmoid(y).mul_(y)  # swish(norm(win) * conv_y(zq) + conv_b(zq)), in place
 
         return apply
 
-    def group_statistics(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (sample, group) mean and 1/sqrt(var + eps) over all of x, accumulated region by region."""
+    def group_statistics(self, x: torch.Tensor | _Upsampled, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (sample, group) mean and 1/sqrt(var + eps) over all of x: each region's mean and variance
+        (in the norm's precision, no bigger working copy than the region) combined in float64."""
         b = x.shape[0]
         total = torch.zeros(b, groups, dtype=torch.float64, device=self.device)
         total_sq = torch.zeros_like(total)
+        dtype = _norm_dtype(x.dtype)
         for rt, rh, rw in self.regions(tuple(x.shape[2:])):
-            v = x[:, :, rt, rh, rw].to(self.device).to(torch.float64).reshape(b, groups, -1)
-            total += v.sum(-1)
-            total_sq += (v * v).sum(-1)
-        n = x[0].numel() // groups
+            v = _read(x, rt, rh, rw, self.device).reshape(b, groups, -1).to(dtype)  # b g (region elements)
+            size = v.shape[-1]
+            var, mean = (m.double() for m in torch.var_mean(v, dim=-1, correction=0))  # b g each
+            del v
+            total += mean * size
+            total_sq += (var + mean * mean) * size
+        n = math.prod(x.shape[1:]) // groups
         mean = total / n
         var = (total_sq / n - mean * mean).clamp(min=0)
-        dtype = _norm_dtype(x.dtype)
         return mean.to(dtype), torch.rsqrt(var + NORM_EPS).to(dtype)
 
-    def upsample(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Upsample3D region by region: nearest source positions, then the 3x3 conv (its 1-pixel halo)."""
-        b, c, t, h, w = x.shape
-        resize = partial(upsample_nearest, compress_time=layer.compress_time)
-        maps = [_index_map(resize, n, d) for n, d in ((t, 2), (h, 3), (w, 4))]
-        out_thw = tuple(len(m) for m in maps)
-        out = self._new_output(b, c, *out_thw, dtype=x.dtype)
-        for rt, rh, rw in self._owned(self.regions(out_thw)):
-            index = (
-                maps[0][rt],
-                _lookup(maps[1], torch.arange(rh.start - 1, rh.stop + 1)),
-                _lookup(maps[2], torch.arange(rw.start - 1, rw.stop + 1)),
-            )
-            win = _zero_outside(_window(x, index, self.device), index, (t, h, w))  # b c t_r (h_r+2) (w_r+2)
-            out[:, :, rt, rh, rw] = _per_frame(win, layer.conv).to(out.device)
-        return self._joined(out)
+    def upsample(self, layer: nn.Module, x: torch.Tensor) -> _Upsampled:
+        """Upsample3D, computed region by region whenever the next layers read it (see _Upsampled)."""
+        return _Upsampled(layer, x, self.device)
 
     def downsample(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Downsample3D region by region: the frame pairs it averages, then the stride-2 3x3 conv whose
         right/bottom zero padding is the window's out-of-range row and column."""
         b, c, t, h, w = x.shape
-        pairs = _time_pairs(t, layer.compress_time)  # t_out 2: the source frames of every output frame
+        pairs = _time_pairs(t, layer.compress_time)  # the source frames of every output frame
         out_thw = (len(pairs), (h - 2) // 2 + 1, (w - 2) // 2 + 1)
         out = self._new_output(b, c, *out_thw, dtype=x.dtype)
         for rt, rh, rw in self._owned(self.regions(out_thw)):
-            index = (pairs[rt].flatten(), torch.arange(2 * rh.start, 2 * rh.stop + 1),
-                     torch.arange(2 * rw.start, 2 * rw.stop + 1))
+            index = ([f for pair in pairs[rt] for f in pair], list(range(2 * rh.start, 2 * rh.stop + 1)),
+                     list(range(2 * rw.start, 2 * rw.stop + 1)))
             win = _zero_outside(_window(x, index, self.device), index, (t, h, w))  # b c 2t_r (2h_r+1) (2w_r+1)
             win = (win[:, :, 0::2] + win[:, :, 1::2]) / 2  # b c t_r (2h_r+1) (2w_r+1)
             out[:, :, rt, rh, rw] = _per_frame(win, layer.conv).to(out.device)
         return self._joined(out)
 
 
-def _time_pairs(t: int, compress_time: bool) -> torch.Tensor:
-    """(t_out, 2) source frames averaged into each output frame by Downsample3D's time pooling:
-    pairs (2j, 2j+1); with an odd count frame 0 alone (as the pair (0, 0)); no pooling: (j, j)."""
+def _time_pairs(t: int, compress_time: bool) -> list[tuple[int, int]]:
+    """The source frames averaged into each output frame by Downsample3D's time pooling: pairs
+    (2j, 2j+1); with an odd count frame 0 alone (as the pair (0, 0)); no pooling: (j, j)."""
     if not compress_time or t == 1:
-        return torch.arange(t)[:, None].expand(t, 2)
-    if t % 2:
-        return torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.arange(1, t).view(-1, 2)])
-    return torch.arange(t).view(-1, 2)
+        return [(j, j) for j in range(t)]
+    first = [(0, 0)] if t % 2 else []
+    return first + [(j, j + 1) for j in range(t % 2, t, 2)]
 
 
 def _per_frame(win: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
