@@ -271,8 +271,9 @@ def _index_map(resize: Callable[[torch.Tensor], torch.Tensor], n: int, dim: int)
 
 
 def _lookup(index_map: list[int], positions: range) -> list[int]:
-    """index_map[positions], with -1 (zero padding) for positions outside the map."""
-    return [index_map[p] if 0 <= p < len(index_map) else -1 for p in positions]
+    """index_map[positions]; positions outside the map become source positions just outside the source
+    on the same side (-1 or past the last), which ``_zero_outside`` zeroes (the conv's zero padding)."""
+    return [index_map[p] if 0 <= p < len(index_map) else (-1 if p < 0 else index_map[-1] + 1) for p in positions]
 
 
 def _window(x: torch.Tensor | _Upsampled, index: tuple[list[int], ...], device: torch.device) -> torch.Tensor:
