@@ -6,7 +6,8 @@ the compute device until it is garbage (a weakref finalizer on the storage). A s
 largest sum of live bytes on the compute device during the stage: the resident weights (all models
 the pipeline keeps there, or only the running one under ``runtime.model_cpu_offload``), the stage's
 inputs and every activation, in the order the code allocates and frees them. Host<->device copies
-are counted in bytes, the speed proxy of a run that parks activations in CPU memory.
+are counted in bytes, the speed proxy of a run that parks activations in CPU memory, and the
+stage's floating-point operations (``FlopCounterMode``) show what recomputation costs.
 
 In the fake world the compute device is ``cpu`` and CPU memory is ``meta`` (fake CUDA tensors cannot be
 indexed without a CUDA build). What this does not see: the caching allocator's rounding and
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "sat"))
@@ -118,12 +120,13 @@ class StageEstimate:
     weights_bytes: int
     to_device_bytes: int
     from_device_bytes: int
+    flops: int  # floating-point operations of the matmuls, convolutions and attention (FlopCounterMode)
     seconds: float  # how long the estimate took on this machine (not a GPU time)
 
     def as_dict(self) -> dict:
         gib = {k: round(v / GIB, 2) for k, v in dataclasses.asdict(self).items() if k.endswith("_bytes")}
         return {"name": self.name, **{k.replace("_bytes", "_gib"): v for k, v in gib.items()},
-                "seconds_to_estimate": round(self.seconds, 1)}
+                "tflop": round(self.flops / 1e12, 1), "seconds_to_estimate": round(self.seconds, 1)}
 
 
 def _weights(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
@@ -190,10 +193,10 @@ class Estimator:
         with self.fake, torch.no_grad():
             tracker.adopt(iter(_weights(modules)))
             weights = tracker.live
-            with tracker:
+            with FlopCounterMode(display=False) as counter, tracker:
                 yield
         results.append(StageEstimate(name, tracker.peak, weights, tracker.to_device, tracker.from_device,
-                                     time.perf_counter() - start))
+                                     counter.get_total_flops(), time.perf_counter() - start))
 
     def _streaming(self) -> dict:
         streaming = dict(self.config.runtime.vae_streaming)

@@ -21,11 +21,12 @@ latent frame, that scheme does not equal the one-call decode, and we do not repr
 
 Memory-bounded decoding and encoding. ``decode(latent, temporal_chunk=..., spatial_tile=...)`` runs the
 decoder layer by layer, each layer over (t, h, w) regions of its output: a causal conv reads its region
-plus a halo (the previous k-1 frames, one pixel around), the nearest upsamplers read the source positions
-of the region, and every GroupNorm uses statistics gathered over the whole activation in a first pass
-(float64 sums). Only the activations between layers are held whole (on ``buffer_device``, e.g. the CPU,
-except for the first ``device_budget`` bytes that fit on the compute device); the per-layer temporaries
-shrink to one region. A residual block that keeps its width adds its result into its input in place.
+plus a halo (the previous k-1 frames, one pixel around), and every GroupNorm uses statistics gathered
+over the whole activation in a first pass (each region's mean and variance, combined in float64). Only
+the activations between layers are held whole (on ``buffer_device``, e.g. the CPU, except for those that
+fit in ``device_budget`` bytes on the compute device); the per-layer temporaries shrink to one region. A
+residual block that keeps its width adds its result into its input in place, and an upsampler's output
+is never held whole: every read computes its box from the upsampler's 2-4x smaller input.
 ``encode(video, temporal_chunk=..., spatial_tile=...)`` runs the encoder the same way (the downsamplers
 read the frame pairs they average and the 3x3 stride-2 window of the region); region sizes are given in
 latent units in both directions. Nothing is blended: the result is the one-call decode (encode) up to
@@ -430,16 +431,20 @@ class _StreamedNet:
         return self.conv(encoder.conv_out, h, encoder.norm_out)
 
     def resnet_block(self, block: nn.Module, x: torch.Tensor | _Upsampled) -> torch.Tensor:
+        """x + conv2(norm2(conv1(norm1(x)))), with a 1x1x1 shortcut on a width change. The output is placed
+        before the intermediate: under a budget the activation that lives on gets the device first."""
+        if isinstance(x, torch.Tensor) and block.nin_shortcut is None and self.share is None:
+            out = x  # each region reads its shortcut before its result replaces it
+        else:
+            out = self._new_output(x.shape[0], block.conv2.conv.out_channels, *x.shape[2:], dtype=x.dtype)
         h = self.conv(block.conv1, x, block.norm1)
-        stored = isinstance(x, torch.Tensor)
-        into = x if stored and block.nin_shortcut is None and self.share is None else None
-        return self.conv(block.conv2, h, block.norm2, shortcut=(x, block.nin_shortcut), into=into)
+        return self.conv(block.conv2, h, block.norm2, shortcut=(x, block.nin_shortcut), into=out)
 
     def conv(self, layer: CausalConv3d, x: torch.Tensor | _Upsampled, norm: nn.Module | None = None,
              shortcut: tuple[torch.Tensor, nn.Module | None] | None = None,
              into: torch.Tensor | None = None) -> torch.Tensor:
         """layer(swish(norm(x))) (or layer(x) without a norm), plus the block's shortcut when given;
-        written into ``into`` when given (it may be the shortcut's input: each region reads its own)."""
+        written into ``into`` when given (it may be the shortcut's input)."""
         b, _, t, h, w = x.shape
         kt, p = layer.time_pad, layer.space_pad
         prologue = self.norm_swish(norm, x) if norm is not None else None
