@@ -180,10 +180,13 @@ class Estimator:
         return T5EncoderModel(T5Config(**T5_XXL)).to(self.dtype).eval().requires_grad_(False)
 
     def _resident(self, running: torch.nn.Module) -> list[torch.nn.Module]:
-        """The models on the compute device while ``running`` runs, as the pipeline places them."""
-        if self.offload:
-            return [running]
-        return list({id(m): m for m in (running, self.network, self.vae)}.values())  # T5 only while it runs
+        """The models on the compute device while ``running`` runs, as the pipeline places them: the
+        network and the VAE unless offloaded; T5 while it runs, and after that with keep_text_encoder
+        (it is loaded onto the compute device and never offloaded)."""
+        resident = [running] if self.offload else [running, self.network, self.vae]
+        if self.config.runtime.keep_text_encoder:
+            resident.append(self.t5)
+        return list({id(m): m for m in resident}.values())
 
     @contextlib.contextmanager
     def _stage(self, name: str, running: torch.nn.Module, results: list[StageEstimate]):

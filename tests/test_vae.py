@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import vae_config_from_json
 
-from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, _Placement, load_vae
+from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, _ActivationPlacement, load_vae
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture README's VAE tolerance
 
@@ -149,7 +149,7 @@ def test_streamed_encode_is_exact_in_float64(vae_dir: Path, config: VAEConfig, s
 
 def test_activations_beyond_the_budget_go_to_the_buffer_device():
     """Each whole activation goes to the compute device while the ones held there fit the byte budget."""
-    placement = _Placement(torch.device("cpu"), torch.device("meta"), budget=250 * 4)  # 250 floats
+    placement = _ActivationPlacement(torch.device("cpu"), torch.device("meta"), budget=250 * 4)  # 250 floats
     first = placement.new((100,), torch.float32, zeros=False)
     second = placement.new((200,), torch.float32, zeros=True)
     assert (first.device.type, second.device.type) == ("cpu", "meta")  # 100 + 200 floats > 250

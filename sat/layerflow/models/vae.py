@@ -226,7 +226,7 @@ class CausalVideoVAE(nn.Module):
         if device_budget is not None and device_budget < 0:
             raise ValueError(f"device_budget must be a byte count >= 0, got {device_budget}")
         store = torch.device(buffer_device) if buffer_device is not None else device
-        placement = _Placement(device, store, device_budget)
+        placement = _ActivationPlacement(device, store, device_budget)
         return _StreamedNet(_Regions((t, h, w), steps), device, placement, share)
 
     def encode_to_latent(self, video: torch.Tensor, generator: torch.Generator | None = None,
@@ -363,7 +363,7 @@ class RegionShare:
     complete: Callable[[torch.Tensor], torch.Tensor]
 
 
-class _Placement:
+class _ActivationPlacement:
     """Where each whole activation lives: on the compute device while the activations held there stay
     within ``budget`` bytes, otherwise on ``store`` (e.g. the CPU). ``budget`` None: always on ``store``.
     Activations are counted from their creation until they are garbage (weakref finalizers)."""
@@ -393,7 +393,7 @@ class _StreamedNet:
     result into its own input (the input is not read again), so it holds two activations, not three.
     """
 
-    def __init__(self, regions: _Regions, device: torch.device, placement: _Placement,
+    def __init__(self, regions: _Regions, device: torch.device, placement: _ActivationPlacement,
                  share: RegionShare | None = None):
         self.regions, self.device, self.placement, self.share = regions, device, placement, share
         self.z: torch.Tensor | None = None  # the decoder's latent (spatial normalization reads it)
