@@ -10,7 +10,7 @@ never stored whole, so they are not exchanged: each rank computes the boxes it r
 statistics are then taken over the whole activation on every rank, as on one rank.
 
 Without a chunk size in the config the latent frames are cut into g temporal chunks, one per rank.
-When activations are parked in CPU memory (``runtime.model_cpu_offload``), nothing is exchanged and
+When activations may be parked in CPU memory (``runtime.vae_device_budget_gib``), nothing is exchanged and
 every rank decodes the whole video: the collective backend of GPU runs cannot reduce CPU tensors.
 """
 
