@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,13 +119,12 @@ class StageEstimate:
     weights_bytes: int
     to_device_bytes: int
     from_device_bytes: int
-    flops: int  # floating-point operations of the matmuls, convolutions and attention (FlopCounterMode)
-    seconds: float  # how long the estimate took on this machine (not a GPU time)
+    flops: int  # floating-point operations of the matmuls and convolutions (FlopCounterMode)
 
     def as_dict(self) -> dict:
-        gib = {k: round(v / GIB, 2) for k, v in dataclasses.asdict(self).items() if k.endswith("_bytes")}
-        return {"name": self.name, **{k.replace("_bytes", "_gib"): v for k, v in gib.items()},
-                "tflop": round(self.flops / 1e12, 1), "seconds_to_estimate": round(self.seconds, 1)}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k.endswith("_bytes")}
+        gib = {k.replace("_bytes", "_gib"): round(v / GIB, 2) for k, v in fields.items()}
+        return {"name": self.name, **gib, "tflop": round(self.flops / 1e12, 1), **fields}
 
 
 def _weights(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
@@ -190,7 +188,6 @@ class Estimator:
 
     @contextlib.contextmanager
     def _stage(self, name: str, running: torch.nn.Module, results: list[StageEstimate]):
-        start = time.perf_counter()
         tracker = LiveBytes()
         modules = self._resident(running)
         with self.fake, torch.no_grad():
@@ -199,7 +196,7 @@ class Estimator:
             with FlopCounterMode(display=False) as counter, tracker:
                 yield
         results.append(StageEstimate(name, tracker.peak, weights, tracker.to_device, tracker.from_device,
-                                     counter.get_total_flops(), time.perf_counter() - start))
+                                     counter.get_total_flops()))
 
     def _streaming(self) -> dict:
         streaming = dict(self.config.runtime.vae_streaming)
@@ -290,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from layerflow.io.atomic import write_text_atomic
 
-        data = {"unit": "GiB (2**30 bytes), peak allocated on the compute device, estimated",
+        data = {"unit": "GiB = 2**30 bytes; peak allocated on the compute device, estimated (no timings)",
                 "configs": {label: [s.as_dict() for s in stages] for label, stages in rows}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")

@@ -93,7 +93,7 @@ def test_bad_budget_is_one_line():
 
 
 def test_table_names_every_stage():
-    stage = memory_estimate.StageEstimate("vae_decode", 3 * 2**30, 2**30, 2**31, 0, 10**12, 0.1)
+    stage = memory_estimate.StageEstimate("vae_decode", 3 * 2**30, 2**30, 2**31, 0, 10**12)
     text = memory_estimate.table([("fg2bg_rgba", [stage])])
     assert "| fg2bg_rgba | - | - | - | 3.0 | 3.0 | vae_decode 2.0/0.0 |" in text
 
