@@ -97,8 +97,7 @@ def test_memory_preset_turns_on_every_memory_option():
     config = load_config([*base("fg2bg", "rgba"), CONFIGS / "memory_24gb.yaml"])
     runtime = config.runtime
     assert runtime.model_cpu_offload and not runtime.keep_text_encoder
-    assert runtime.vae_temporal_chunk > 0 and runtime.vae_spatial_tile > 0
-    assert config.sampling.guidance_batched is False
+    assert runtime.vae_spatial_tile > 0  # the VAE encodes and decodes region by region
     assert config.network.num_frames == 65  # the preset leaves the model alone
 
 

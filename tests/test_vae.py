@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import vae_config_from_json
 
-from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, load_vae
+from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, _ActivationPlacement, load_vae
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture README's VAE tolerance
 
@@ -121,6 +121,58 @@ def test_chunked_decode_is_exact_in_float64(vae_dir: Path, config: VAEConfig, sw
             plain = vae64.decode(latent)
             chunked = vae64.decode(latent, temporal_chunk=2, spatial_tile=(1, 1))
         torch.testing.assert_close(chunked, plain, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("temporal_chunk, spatial_tile", [(2, None), (3, (2, 3))])
+def test_streamed_encode_equals_plain_encode(vae: CausalVideoVAE, clip: dict, temporal_chunk, spatial_tile):
+    """Region-by-region encode (halos, frame pairs, whole-activation statistics) against the one-call encode."""
+    with torch.no_grad():
+        plain = vae.posterior(clip["input_video"])
+        streamed = vae.posterior(clip["input_video"], temporal_chunk=temporal_chunk, spatial_tile=spatial_tile,
+                                 buffer_device="cpu", device_budget=0)
+    # float32 rounding of the GroupNorm statistics only, as for the decode (module docstring)
+    torch.testing.assert_close(streamed.mean, plain.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed.logvar, plain.logvar, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_encode_is_exact_in_float64(vae_dir: Path, config: VAEConfig, sweep: dict):
+    vae64 = load_vae(vae_dir / "3d-vae.pt", config, dtype=torch.float64)
+    short = sorted(sweep.values(), key=lambda c: c["input_video"].shape[2])[:2]  # an even and an odd count
+    assert {c["input_video"].shape[2] % 2 for c in short} == {0, 1}
+    for case in short:
+        video = case["input_video"].double()
+        with torch.no_grad():
+            plain = vae64.encoder(video)
+            streamed = vae64._streamed(tuple(plain.shape[2:]), video.device, 1, (1, 1)).encode(vae64.encoder, video)
+        torch.testing.assert_close(streamed, plain, atol=1e-10, rtol=1e-10)
+
+
+def test_activations_beyond_the_budget_go_to_the_buffer_device():
+    """Each whole activation goes to the compute device while the ones held there fit the byte budget."""
+    placement = _ActivationPlacement(torch.device("cpu"), torch.device("meta"), budget=250 * 4)  # 250 floats
+    first = placement.new((100,), torch.float32, zeros=False)
+    second = placement.new((200,), torch.float32, zeros=True)
+    assert (first.device.type, second.device.type) == ("cpu", "meta")  # 100 + 200 floats > 250
+    third = placement.new((100,), torch.float32, zeros=False)
+    assert third.device.type == "cpu" and placement.resident == 200 * 4
+    del first, third
+    assert placement.resident == 0  # released when the activations are garbage
+    assert placement.new((250,), torch.float32, zeros=False).device.type == "cpu"
+
+
+def test_budgeted_decode_equals_plain_decode(vae: CausalVideoVAE, clip: dict):
+    """A budget that holds some activations but not all gives the same video as the one-call decode."""
+    latent = clip["latent_given"]
+    with torch.no_grad():
+        video = vae.decode(latent, temporal_chunk=2, spatial_tile=(2, 3), buffer_device="cpu",
+                           device_budget=video_bytes(vae, latent) // 2)
+    torch.testing.assert_close(video, clip["decoded_from_latent_given"], atol=1e-5, rtol=1e-5)
+
+
+def video_bytes(vae: CausalVideoVAE, latent: torch.Tensor) -> int:
+    t, h, w = latent.shape[2:]
+    s = vae.config.spatial_compression
+    return vae.config.ch * (1 + (t - 1) * vae.config.temporal_compress_times) * h * s * w * s * 4
 
 
 def test_bad_inputs_are_named(vae: CausalVideoVAE, config: VAEConfig):

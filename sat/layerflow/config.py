@@ -145,6 +145,7 @@ class RuntimeSection:
     keep_text_encoder: bool = False
     vae_temporal_chunk: int = 0
     vae_spatial_tile: int = 0
+    vae_device_budget_gib: float = 0.0  # region-by-region VAE: GiB of whole activations kept on the GPU
     model_cpu_offload: bool = False
     # The inference path (layerflow.runtime.devices.resolve_speed). ``None`` is written ``auto`` in YAML:
     # faithful on the CPU (the original's numbers), fast on a GPU (merged LoRA, compiled blocks and
@@ -169,6 +170,22 @@ class RuntimeSection:
                  "auto, float32, bfloat16 or float16")
         _require(self.vae_temporal_chunk >= 0, "vae_temporal_chunk", "0 (off) or a positive number of latent frames")
         _require(self.vae_spatial_tile >= 0, "vae_spatial_tile", "0 (off) or a positive tile size in latent pixels")
+        _require(self.vae_device_budget_gib >= 0, "vae_device_budget_gib",
+                 "0 (every VAE activation on the compute device) or a positive number of GiB")
+
+    @property
+    def vae_streaming(self) -> dict:
+        """Keyword arguments of CausalVideoVAE.encode/decode: the region sizes (both directions) and, with
+        a budget, CPU memory for the whole activations beyond it. Empty: the one-call encode and decode."""
+        streaming: dict = {}
+        if self.vae_temporal_chunk:
+            streaming["temporal_chunk"] = self.vae_temporal_chunk
+        if self.vae_spatial_tile:
+            streaming["spatial_tile"] = (self.vae_spatial_tile, self.vae_spatial_tile)
+        if streaming and self.vae_device_budget_gib:
+            streaming["buffer_device"] = "cpu"
+            streaming["device_budget"] = int(self.vae_device_budget_gib * 2**30)
+        return streaming
 
 
 ALPHA_MODES = ("straight", "premultiplied", "both")

@@ -174,7 +174,7 @@ class LayerFlowPipeline:
         vae = self.vae
         with self.placement.on_compute(vae):
             clip = clip.to(self.placement.compute_device, self.placement.dtype)
-            latent = vae.encode_to_latent(clip, generator)  # (1, c, T, h, w)
+            latent = vae.encode_to_latent(clip, generator, **self.config.runtime.vae_streaming)  # (1, c, T, h, w)
         latent = latent.permute(0, 2, 1, 3, 4)  # (1, T, c, h, w)
         if latent.shape[1] != self.layout.latent_frames:
             raise InputError(f"{self.layout.name}: the stacked clip gave {latent.shape[1]} latent frames, "
@@ -208,15 +208,8 @@ class LayerFlowPipeline:
     def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Generated (1, T_gen, c, h, w) + given latents -> {layer: (F_layer, 3, H, W) in [-1, 1]}."""
         full = insert_condition(generated, condition, self.layout) if condition is not None else generated
-        runtime = self.config.runtime
-        chunking = {}
-        if runtime.vae_temporal_chunk:
-            chunking["temporal_chunk"] = runtime.vae_temporal_chunk
-        if runtime.vae_spatial_tile:
-            chunking["spatial_tile"] = (runtime.vae_spatial_tile, runtime.vae_spatial_tile)
-        if chunking and self.placement.offload:
-            chunking["buffer_device"] = self.placement.storage_device  # whole activations wait in CPU memory
-        chunking = decode_arguments(chunking, full.shape[1], self.groups)  # regions dealt out over the group
+        streaming = self.config.runtime.vae_streaming  # region sizes, CPU memory beyond the device budget
+        chunking = decode_arguments(streaming, full.shape[1], self.groups)  # regions dealt out over the group
         vae = self.vae
         with self.placement.on_compute(vae):
             latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.dtype)

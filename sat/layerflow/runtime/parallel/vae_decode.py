@@ -5,11 +5,12 @@ decoder layer at a time over (t, h, w) regions of its output, reading each regio
 spatial halo from the whole previous activation. Split over g ranks, member j computes regions
 j, j + g, ... of every layer into a zero tensor and one ``all_reduce`` (sum) per layer gives every
 rank the whole activation; each element has exactly one non-zero contribution, so the sum is exact
-and the video equals the one-rank decode with the same regions, bit for bit. The GroupNorm
+and the video equals the one-rank decode with the same regions, bit for bit. Upsampler outputs are
+never stored whole, so they are not exchanged: each rank computes the boxes it reads from their input. The GroupNorm
 statistics are then taken over the whole activation on every rank, as on one rank.
 
 Without a chunk size in the config the latent frames are cut into g temporal chunks, one per rank.
-When activations are parked in CPU memory (``runtime.model_cpu_offload``), nothing is exchanged and
+When activations may be parked in CPU memory (``runtime.vae_device_budget_gib``), nothing is exchanged and
 every rank decodes the whole video: the collective backend of GPU runs cannot reduce CPU tensors.
 """
 
