@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from layerflow.config import load_config  # noqa: E402
+from layerflow.io.atomic import write_text_atomic  # noqa: E402
 from layerflow.runtime.attention import FAITHFUL, HEADS_FIRST, KERNELS, select_attention  # noqa: E402
 
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['kernel']:14s} skipped: {row['skipped']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -216,9 +216,7 @@ def select_attention(choice: str, device: torch.device, dtype: torch.dtype,
     kernels that can; ``auto`` takes the first usable kernel of :data:`AUTO_ORDER` and returns the
     ones before it with the reason each was passed over ("flash-attn-4: not installed").
     """
-    if choice not in ATTENTION_CHOICES:
-        raise AttentionUnavailable(f"runtime.attention = {choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
-    if choice != "auto":
+    if choice != "auto":  # the config loader has checked that it names a kernel
         kernel = KERNELS[choice]
         reason = kernel.unavailable(device, dtype, head_dim)
         if reason is not None:
