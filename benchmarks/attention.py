@@ -108,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
 
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "shape_bhne": list(shape),
-              "kernels": []}
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape_bhne": list(shape),
+        "kernels": [],
+    }
     candidates = [("original", FAITHFUL)]
     for name in KERNELS:
         try:

@@ -48,8 +48,10 @@ from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_sp
 from layerflow.tasks import TaskLayout  # noqa: E402
 from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights  # noqa: E402
 
-RANDOM_WEIGHTS_NOTE = ("random weights give valid timings: the work of every layer depends on shapes and "
-                       "configuration, not on weight values")
+RANDOM_WEIGHTS_NOTE = (
+    "random weights give valid timings: the work of every layer depends on shapes and "
+    "configuration, not on weight values"
+)
 PROMPTS = {
     "fg": "a red balloon drifting slowly to the right",
     "bg": "a calm lake with green hills at sunrise",
@@ -60,20 +62,30 @@ STAGES = ("text_encoder", "vae_encode", "denoise", "vae_decode", "write_outputs"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="benchmark.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1],
+        prog="benchmark.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1],
     )
-    parser.add_argument("--base", nargs="+", required=True, metavar="YAML",
-                        help="config files, merged in order (later files win)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)")
+    parser.add_argument(
+        "--base", nargs="+", required=True, metavar="YAML", help="config files, merged in order (later files win)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement to this JSON file")
-    parser.add_argument("--output", type=Path, metavar="DIR",
-                        help="where the sample folders are written (default: a temporary folder)")
-    parser.add_argument("--no-write", action="store_true",
-                        help="time the pipeline only, write no files (for a machine without ffmpeg)")
+    parser.add_argument(
+        "--output", type=Path, metavar="DIR", help="where the sample folders are written (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="time the pipeline only, write no files (for a machine without ffmpeg)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be at least 1 and --warmup at least 0")
@@ -125,8 +137,10 @@ def benchmark_given_layers(layout: TaskLayout, size: tuple[int, int], seed: int 
     """Random given-layer videos (F_layer, 3, H, W) in [-1, 1] of the shapes the task takes."""
     generator = torch.Generator().manual_seed(seed)
     height, width = size
-    return {name: torch.rand(layout.span(name).pixel_frames, 3, height, width, generator=generator) * 2 - 1
-            for name in layout.given_layers}
+    return {
+        name: torch.rand(layout.span(name).pixel_frames, 3, height, width, generator=generator) * 2 - 1
+        for name in layout.given_layers
+    }
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -225,8 +239,10 @@ def format_table(summary: dict, num_steps: int) -> str:
             for index, step in enumerate(summary["steps"]):
                 rows.append((f"  step {index + 1}", *_cells(step), *(("",) if peaks else ())))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -243,12 +259,24 @@ def prepare_config(args: argparse.Namespace) -> tuple[LayerFlowConfig, Weights, 
     if not weights.stand_in_t5:
         return config, weights, f"T5 from {weights.text_encoder}"
     width = config.model.network.text_hidden_size
-    return config, weights, (f"small stand-in T5 of width {width} ({config.model.text_encoder.path} not found): "
-                             "text_encoder times are not those of T5-XXL")
+    return (
+        config,
+        weights,
+        (
+            f"small stand-in T5 of width {width} ({config.model.text_encoder.path} not found): "
+            "text_encoder times are not those of T5-XXL"
+        ),
+    )
 
 
-def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmup: int, output: Path | None,
-                  progress: Callable[[str], None] = lambda message: None) -> dict:
+def run_benchmark(
+    config: LayerFlowConfig,
+    weights: Weights,
+    repeats: int,
+    warmup: int,
+    output: Path | None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
     """Load once, then ``warmup`` untimed and ``repeats`` timed runs; ``output`` None writes no files."""
     start = time.perf_counter()
     pipeline = LayerFlowPipeline(config, weights=weights)
@@ -265,8 +293,9 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         run = time_one_run(pipeline, config, None if output is None or write_error else output / name, seed)
         if "write_error" in run:
             write_error = run.pop("write_error")
-            print(f"note: the outputs could not be written ({write_error}); timing without write_outputs",
-                  file=sys.stderr)
+            print(
+                f"note: the outputs could not be written ({write_error}); timing without write_outputs", file=sys.stderr
+            )
             for earlier in runs:  # keep every timed run alike
                 earlier["stages"]["total"] -= earlier["stages"].pop("write_outputs")
         if timed:
@@ -275,8 +304,9 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         else:  # the first call also compiles (runtime.compile) and tunes kernels: its excess over a timed run
             warmups.append({"total": run["stages"]["total"], "denoise": run["stages"]["denoise"]})
     return {
-        "write_outputs": "not measured: " + (write_error or "--no-write") if output is None or write_error else
-        "measured",
+        "write_outputs": "not measured: " + (write_error or "--no-write")
+        if output is None or write_error
+        else "measured",
         "machine": machine_info(device),
         "dtype": str(pipeline.placement.dtype).removeprefix("torch."),
         "load_seconds": load_seconds,
@@ -286,7 +316,8 @@ def run_benchmark(config: LayerFlowConfig, weights: Weights, repeats: int, warmu
         "num_steps": config.sampling.num_steps,
         "peak_memory": max(peaks, key=lambda peak: peak["bytes"]),
         "stage_peak_memory": "torch.cuda.max_memory_allocated per stage, reset at each stage's start"
-        if device.type == "cuda" else f"not measured: PyTorch keeps no allocator statistics on {device.type}",
+        if device.type == "cuda"
+        else f"not measured: PyTorch keeps no allocator statistics on {device.type}",
         "summary": summarize_runs(runs, config.sampling.num_steps),
     }
 
@@ -310,27 +341,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
                 result = run_benchmark(config, weights, args.repeats, args.warmup, Path(folder), report_progress)
-    result.update({
-        "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-        "config_files": list(config.sources),
-        "config": config.to_dict(),
-        "weights": config.model.weights,
-        "text_encoder": text_encoder_note,
-        "note": RANDOM_WEIGHTS_NOTE if config.model.weights == "random" else "released weights",
-    })
+    result.update(
+        {
+            "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+            "config_files": list(config.sources),
+            "config": config.to_dict(),
+            "weights": config.model.weights,
+            "text_encoder": text_encoder_note,
+            "note": RANDOM_WEIGHTS_NOTE if config.model.weights == "random" else "released weights",
+        }
+    )
     machine = result["machine"]
-    where = machine["gpu"] or (f"{machine['cpu_model']} ({machine['cpu_cores']} cores, "
-                               f"{machine['torch_threads']} threads)")
-    print(f"{config.layout.name}, {result['num_steps']} steps, {result['dtype']}, {config.model.weights} weights "
-          f"on {where}; torch {machine['torch']}; median of {args.repeats} runs after {args.warmup} warmup")
+    where = machine["gpu"] or (
+        f"{machine['cpu_model']} ({machine['cpu_cores']} cores, {machine['torch_threads']} threads)"
+    )
+    print(
+        f"{config.layout.name}, {result['num_steps']} steps, {result['dtype']}, {config.model.weights} weights "
+        f"on {where}; torch {machine['torch']}; median of {args.repeats} runs after {args.warmup} warmup"
+    )
     print(format_table(result["summary"], result["num_steps"]))
     peak = result["peak_memory"]
     in_stage = f", in {peak['stage']}" if "stage" in peak else ""
     print(f"peak memory: {gib(peak['bytes'])} GiB ({peak['kind']}{in_stage}); load {result['load_seconds']:.2f} s")
     if result["warmup_seconds"]:
         first = result["warmup_seconds"][0]
-        print(f"first (warm-up) run: total {first['total']:.2f} s, denoise {first['denoise']:.2f} s "
-              f"(compilation and kernel tuning happen there)")
+        print(
+            f"first (warm-up) run: total {first['total']:.2f} s, denoise {first['denoise']:.2f} s "
+            f"(compilation and kernel tuning happen there)"
+        )
     if not result["summary"]["stage_peak_bytes"]:
         print(f"per-stage peak memory: {result['stage_peak_memory']}")
     print(f"text encoder: {text_encoder_note}")

@@ -141,8 +141,10 @@ def import_original(checkout: Path) -> tuple[dict[str, types.ModuleType], list[s
 
     sys.path.insert(0, str(source))
     with placeholders_for_missing(UNUSED_BY_SAMPLING) as finder:
-        engines = {"rgba": importlib.import_module("diffusion_video"),
-                   "rgb": importlib.import_module("diffusion_video_rgb")}
+        engines = {
+            "rgba": importlib.import_module("diffusion_video"),
+            "rgb": importlib.import_module("diffusion_video_rgb"),
+        }
         importlib.import_module("sgm.util")
     sat_package = importlib.import_module("sat")
     if Path(sat_package.__file__).resolve().is_relative_to(source.resolve()):
@@ -150,9 +152,17 @@ def import_original(checkout: Path) -> tuple[dict[str, types.ModuleType], list[s
     return engines, finder.served
 
 
-def build_original_engine(engines: dict, checkout: Path, case: dict, num_steps: int, checkpoint: Path | None = None,
-                          *, state: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
-                          device: str = "cpu"):
+def build_original_engine(
+    engines: dict,
+    checkout: Path,
+    case: dict,
+    num_steps: int,
+    checkpoint: Path | None = None,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+):
     """The original ``SATVideoDiffusionEngine`` at the case's sizes, without T5 or VAE, weights loaded
     from ``checkpoint`` or given as the engine's ``state``; in ``dtype`` on ``device`` as SAT's
     ``get_model`` leaves it (weights loaded in float32, then the whole engine converted and moved)."""
@@ -165,8 +175,19 @@ def build_original_engine(engines: dict, checkout: Path, case: dict, num_steps: 
     model = OmegaConf.load(checkout / "sat" / "configs" / case["reference_config"]).model
     network = model.network_config.params
     sizes, options = case["sizes"], case["options"]
-    for key in ("hidden_size", "num_layers", "num_attention_heads", "time_embed_dim", "latent_height",
-                "latent_width", "num_frames", "patch_size", "in_channels", "out_channels", "time_compressed_rate"):
+    for key in (
+        "hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "time_embed_dim",
+        "latent_height",
+        "latent_width",
+        "num_frames",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "time_compressed_rate",
+    ):
         network[key] = sizes[key]
     network.transformer_args.checkpoint_activations = False
     modules = network.modules
@@ -181,8 +202,9 @@ def build_original_engine(engines: dict, checkout: Path, case: dict, num_steps: 
     sampler["params"].update(num_steps=num_steps, verbose=False, device=device)
     sampler["params"]["guider_config"]["params"]["num_steps"] = num_steps
     model.sampler_config = sampler
-    args = argparse.Namespace(model_config=model, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
-                              device=device)
+    args = argparse.Namespace(
+        model_config=model, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, device=device
+    )
     engine = engines[case["case"].split("_")[1]].SATVideoDiffusionEngine(args)
     if state is None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)["module"]
@@ -201,23 +223,45 @@ def original_case(checkout: Path, config: LayerFlowConfig) -> dict:
         raise CompareError(f"--original {checkout}: no sat/configs/{name}")
     model = OmegaConf.load(checkout / "sat" / "configs" / name).model
     sampler = OmegaConf.to_container(model.sampler_config, resolve=True)
-    sampler["params"]["guider_config"]["params"].update(scale=config.sampling.guidance_scale,
-                                                        exp=config.sampling.guidance_exponent)
-    sizes = {key: getattr(network, key) for key in (
-        "hidden_size", "num_layers", "num_attention_heads", "time_embed_dim", "latent_height", "latent_width",
-        "num_frames", "patch_size", "in_channels", "out_channels", "text_hidden_size")}
+    sampler["params"]["guider_config"]["params"].update(
+        scale=config.sampling.guidance_scale, exp=config.sampling.guidance_exponent
+    )
+    sizes = {
+        key: getattr(network, key)
+        for key in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "time_embed_dim",
+            "latent_height",
+            "latent_width",
+            "num_frames",
+            "patch_size",
+            "in_channels",
+            "out_channels",
+            "text_hidden_size",
+        )
+    }
     sizes["time_compressed_rate"] = int(model.network_config.params.time_compressed_rate)
-    lora = {key: getattr(network.lora, key)
-            for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")}
-    return {"case": layout.name, "reference_config": name, "sizes": sizes, "options": {"lora": lora},
-            "denoiser_config": OmegaConf.to_container(model.denoiser_config, resolve=True), "sampler_config": sampler}
+    lora = {
+        key: getattr(network.lora, key) for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")
+    }
+    return {
+        "case": layout.name,
+        "reference_config": name,
+        "sizes": sizes,
+        "options": {"lora": lora},
+        "denoiser_config": OmegaConf.to_container(model.denoiser_config, resolve=True),
+        "sampler_config": sampler,
+    }
 
 
 # -- ours ----------------------------------------------------------------------------------------------
 
 
-def build_our_pipeline(case_dir: Path, case: dict, num_steps: int, seed: int,
-                       extra: list[str] | tuple[str, ...] = ()) -> LayerFlowPipeline:
+def build_our_pipeline(
+    case_dir: Path, case: dict, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
+) -> LayerFlowPipeline:
     """Our pipeline for the case's task at its tiny sizes (every size from the fixture files).
 
     The network is loaded from the case's checkpoint and the VAE from the fixtures' tiny VAE by the
@@ -226,35 +270,73 @@ def build_our_pipeline(case_dir: Path, case: dict, num_steps: int, seed: int,
     """
     task, variant = case["case"].split("_")
     sizes, options = case["sizes"], case["options"]
-    network = {key: sizes[key] for key in ("hidden_size", "num_layers", "num_attention_heads", "time_embed_dim",
-                                           "text_hidden_size", "latent_height", "latent_width", "num_frames")}
-    network.update({key: options[key] for key in ("learnable_txt_embed", "learnable_pos_embed", "qk_ln",
-                                                  "height_interpolation", "width_interpolation",
-                                                  "elementwise_affine")})
+    network = {
+        key: sizes[key]
+        for key in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "time_embed_dim",
+            "text_hidden_size",
+            "latent_height",
+            "latent_width",
+            "num_frames",
+        )
+    }
+    network.update(
+        {
+            key: options[key]
+            for key in (
+                "learnable_txt_embed",
+                "learnable_pos_embed",
+                "qk_ln",
+                "height_interpolation",
+                "width_interpolation",
+                "elementwise_affine",
+            )
+        }
+    )
     overrides = [f"model.network.{key}={json.dumps(value)}" for key, value in network.items()]
-    overrides += [f"model.network.lora.{key}={json.dumps(options['lora'][key])}"
-                  for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")]
+    overrides += [
+        f"model.network.lora.{key}={json.dumps(options['lora'][key])}"
+        for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")
+    ]
     vae_file = case_dir.parent / "vae" / "3d-vae.pt"
     vae = json.loads((case_dir.parent / "vae" / "vae.json").read_text(encoding="utf-8"))["encoder"]["params"]
-    overrides += [f"model.vae.{key}={json.dumps(vae[key])}"
-                  for key in ("ch", "ch_mult", "num_res_blocks", "z_channels")]
+    overrides += [
+        f"model.vae.{key}={json.dumps(vae[key])}" for key in ("ch", "ch_mult", "num_res_blocks", "z_channels")
+    ]
     guider = case["sampler_config"]["params"]["guider_config"]["params"]
-    overrides += [f"sampling.num_steps={num_steps}", f"sampling.seed={seed}",
-                  f"sampling.guidance_scale={guider['scale']}", f"sampling.guidance_exponent={guider['exp']}",
-                  f"sampling.lora_scale={options['lora_scale_at_inference']}",
-                  "model.weights=checkpoint", f"model.checkpoint={case_dir / 'ckpt'}", f"model.vae.path={vae_file}",
-                  f"model.vae.scale_factor={case['scale_factor']}", "runtime.device=cpu", "runtime.dtype=float32",
-                  *extra]
+    overrides += [
+        f"sampling.num_steps={num_steps}",
+        f"sampling.seed={seed}",
+        f"sampling.guidance_scale={guider['scale']}",
+        f"sampling.guidance_exponent={guider['exp']}",
+        f"sampling.lora_scale={options['lora_scale_at_inference']}",
+        "model.weights=checkpoint",
+        f"model.checkpoint={case_dir / 'ckpt'}",
+        f"model.vae.path={vae_file}",
+        f"model.vae.scale_factor={case['scale_factor']}",
+        "runtime.device=cpu",
+        "runtime.dtype=float32",
+        *extra,
+    ]
     configs = REPO_ROOT / "configs"
-    config = load_config([configs / "model.yaml", configs / "tasks" / f"{task}_{variant}.yaml",
-                          configs / "tiny.yaml"], overrides)
-    weights = Weights(random=False, checkpoint=str(case_dir / "ckpt"), vae=str(vae_file),
-                      text_encoder=Path(config.model.text_encoder.path))  # T5 is never loaded: text states are given
+    config = load_config(
+        [configs / "model.yaml", configs / "tasks" / f"{task}_{variant}.yaml", configs / "tiny.yaml"], overrides
+    )
+    weights = Weights(
+        random=False,
+        checkpoint=str(case_dir / "ckpt"),
+        vae=str(vae_file),
+        text_encoder=Path(config.model.text_encoder.path),
+    )  # T5 is never loaded: text states are given
     return LayerFlowPipeline(config, weights=weights)
 
 
-def random_config(case: str, size: str, device: str, num_steps: int, seed: int,
-                  extra: list[str] | tuple[str, ...] = ()) -> LayerFlowConfig:
+def random_config(
+    case: str, size: str, device: str, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
+) -> LayerFlowConfig:
     """Our config for ``case`` (e.g. gen_rgba) at ``size`` with seeded random weights on ``device``."""
     configs = REPO_ROOT / "configs"
     task_file = configs / "tasks" / f"{case}.yaml"
@@ -262,8 +344,16 @@ def random_config(case: str, size: str, device: str, num_steps: int, seed: int,
         known = sorted(path.stem for path in (configs / "tasks").glob("*.yaml"))
         raise CompareError(f"--case {case}: no {task_file.relative_to(REPO_ROOT)}; expected one of {known}")
     files = [configs / "model.yaml", task_file, *([configs / "tiny.yaml"] if size == "tiny" else [])]
-    return load_config(files, ["model.weights=random", f"runtime.device={device}", f"sampling.num_steps={num_steps}",
-                               f"sampling.seed={seed}", *extra])
+    return load_config(
+        files,
+        [
+            "model.weights=random",
+            f"runtime.device={device}",
+            f"sampling.num_steps={num_steps}",
+            f"sampling.seed={seed}",
+            *extra,
+        ],
+    )
 
 
 def random_network_state(config: LayerFlowConfig) -> dict[str, torch.Tensor]:
@@ -288,8 +378,9 @@ def timed(run: Callable[[], torch.Tensor], device: torch.device | None = None) -
     return time.perf_counter() - start, result
 
 
-def alternate(runs: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int,
-              device: torch.device) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+def alternate(
+    runs: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
     """``warmup`` untimed then ``repeats`` timed rounds, each running every entry once in turn;
     returns the seconds of each and its last result."""
     for _ in range(warmup):
@@ -324,8 +415,14 @@ def timing_summary(times: dict[str, list[float]], latents: dict[str, torch.Tenso
     }
 
 
-def compare(checkout: Path, case_dir: Path, num_steps: int | None, repeats: int, warmup: int,
-            ours_overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def compare(
+    checkout: Path,
+    case_dir: Path,
+    num_steps: int | None,
+    repeats: int,
+    warmup: int,
+    ours_overrides: list[str] | tuple[str, ...] = (),
+) -> dict:
     case = json.loads((case_dir / "config.json").read_text(encoding="utf-8"))
     recorded = torch.load(case_dir / "sampling.pt", map_location="cpu", weights_only=True)
     num_steps = num_steps or int(recorded["num_steps"])
@@ -342,8 +439,14 @@ def compare(checkout: Path, case_dir: Path, num_steps: int | None, repeats: int,
 
     def original() -> torch.Tensor:
         torch.manual_seed(seed)
-        return engine.sample({"crossattn": text}, uc={"crossattn": torch.zeros_like(text)}, batch_size=1,
-                             shape=shape, cond_image=condition, **task_kwargs)
+        return engine.sample(
+            {"crossattn": text},
+            uc={"crossattn": torch.zeros_like(text)},
+            batch_size=1,
+            shape=shape,
+            cond_image=condition,
+            **task_kwargs,
+        )
 
     context = text.reshape(1, -1, text.shape[-1])  # (1, n_prompts * 226, e)
 
@@ -377,8 +480,17 @@ def compare(checkout: Path, case_dir: Path, num_steps: int | None, repeats: int,
     return result
 
 
-def compare_random(checkout: Path, case: str, size: str, device: str, num_steps: int, repeats: int, warmup: int,
-                   ours_overrides: list[str] | tuple[str, ...] = (), seed: int = 0) -> dict:
+def compare_random(
+    checkout: Path,
+    case: str,
+    size: str,
+    device: str,
+    num_steps: int,
+    repeats: int,
+    warmup: int,
+    ours_overrides: list[str] | tuple[str, ...] = (),
+    seed: int = 0,
+) -> dict:
     """Both implementations at ``size`` with the same seeded random weights on ``device``; see the module docstring."""
     config = random_config(case, size, device, num_steps, seed, ours_overrides)
     layout, network = config.layout, config.network
@@ -390,13 +502,23 @@ def compare_random(checkout: Path, case: str, size: str, device: str, num_steps:
     load_ours = time.perf_counter() - start
     placement = pipeline.placement
     start = time.perf_counter()
-    engine = build_original_engine(engines, checkout, original_case(checkout, config), num_steps, state=state,
-                                   dtype=placement.dtype, device=str(placement.compute_device))
+    engine = build_original_engine(
+        engines,
+        checkout,
+        original_case(checkout, config),
+        num_steps,
+        state=state,
+        dtype=placement.dtype,
+        device=str(placement.compute_device),
+    )
     load_original = time.perf_counter() - start
     ours_state = pipeline.network.state_dict()
-    unequal = [key for key, value in state.items()
-               if key[len(NETWORK_PREFIX):] not in ours_state
-               or not torch.equal(ours_state[key[len(NETWORK_PREFIX):]].cpu(), value.to(placement.dtype))]
+    unequal = [
+        key
+        for key, value in state.items()
+        if key[len(NETWORK_PREFIX) :] not in ours_state
+        or not torch.equal(ours_state[key[len(NETWORK_PREFIX) :]].cpu(), value.to(placement.dtype))
+    ]
     del state
 
     generator = torch.Generator().manual_seed(seed + 1)
@@ -408,13 +530,20 @@ def compare_random(checkout: Path, case: str, size: str, device: str, num_steps:
     condition = condition.to(placement.compute_device) if condition is not None else None
     context = text.reshape(1, -1, text.shape[-1]).to(placement.dtype)  # (1, n_prompts * 226, e)
     shape = (layout.generated_frames, *latent)
-    task_kwargs = {"task_idx": ORIGINAL_TASK_INDEX[layout.task.value]} if layout.task.value in ORIGINAL_TASK_INDEX \
-        else {}
+    task_kwargs = (
+        {"task_idx": ORIGINAL_TASK_INDEX[layout.task.value]} if layout.task.value in ORIGINAL_TASK_INDEX else {}
+    )
 
     def original() -> torch.Tensor:
         torch.manual_seed(seed)
-        return engine.sample({"crossattn": text}, uc={"crossattn": torch.zeros_like(text)}, batch_size=1,
-                             shape=shape, cond_image=condition, **task_kwargs)
+        return engine.sample(
+            {"crossattn": text},
+            uc={"crossattn": torch.zeros_like(text)},
+            batch_size=1,
+            shape=shape,
+            cond_image=condition,
+            **task_kwargs,
+        )
 
     def ours() -> torch.Tensor:
         return pipeline.sample_latents(context, condition, seed)
@@ -431,9 +560,10 @@ def compare_random(checkout: Path, case: str, size: str, device: str, num_steps:
         "num_steps": num_steps,
         "seed": seed,
         "cfg_batch": 2,
-        "tokens": {"text": layout.text_length,
-                   "video": layout.latent_frames * network.latent_height * network.latent_width
-                   // network.patch_size**2},
+        "tokens": {
+            "text": layout.text_length,
+            "video": layout.latent_frames * network.latent_height * network.latent_width // network.patch_size**2,
+        },
         "ours_overrides": list(ours_overrides),
         "latent_shape": list(shape),
         "repeats": repeats,
@@ -460,34 +590,57 @@ def format_report(result: dict) -> str:
     rows = [("implementation", "median s", "min s", "max s", "s per step")]
     for name in ("original", "ours"):
         values = times[name]
-        rows.append((name, f"{result['median_s'][name]:.4f}", f"{min(values):.4f}", f"{max(values):.4f}",
-                     f"{result['seconds_per_step'][name]:.4f}"))
+        rows.append(
+            (
+                name,
+                f"{result['median_s'][name]:.4f}",
+                f"{min(values):.4f}",
+                f"{max(values):.4f}",
+                f"{result['seconds_per_step'][name]:.4f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     where = result["gpu"] if result.get("gpu") else result["device"]
-    lines = [f"{result['case']} ({result['mode']}): {result['num_steps']} steps, CFG batch {result['cfg_batch']}, "
-             f"latent {tuple(result['latent_shape'])}, seed {result['seed']}, {result['dtype']} on {where}; "
-             f"torch {result['torch']}, {result['torch_threads']} threads; median of {result['repeats']} "
-             f"alternating runs after {result['warmup']} warm-up"]
-    lines += ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-              for row in rows]
+    lines = [
+        f"{result['case']} ({result['mode']}): {result['num_steps']} steps, CFG batch {result['cfg_batch']}, "
+        f"latent {tuple(result['latent_shape'])}, seed {result['seed']}, {result['dtype']} on {where}; "
+        f"torch {result['torch']}, {result['torch_threads']} threads; median of {result['repeats']} "
+        f"alternating runs after {result['warmup']} warm-up"
+    ]
+    lines += [
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in rows
+    ]
     lines.insert(2, "-" * len(lines[1]))
     if result["ours_overrides"]:
         lines.append("ours with: " + " ".join(result["ours_overrides"]))
-    lines.append(f"ours / original: {result['ratio_ours_over_original']:.3f} (medians), "
-                 f"{result['median_of_paired_ratios']:.3f} (median of back-to-back pairs), "
-                 f"{result['ratio_of_minima']:.3f} (fastest runs); ours is "
-                 f"{result['speedup_original_over_ours']:.2f}x as fast as the original (medians)")
+    lines.append(
+        f"ours / original: {result['ratio_ours_over_original']:.3f} (medians), "
+        f"{result['median_of_paired_ratios']:.3f} (median of back-to-back pairs), "
+        f"{result['ratio_of_minima']:.3f} (fastest runs); ours is "
+        f"{result['speedup_original_over_ours']:.2f}x as fast as the original (medians)"
+    )
     load = result["load_average_1_5_15min"]
-    lines.append(f"load average (1 min) before {load['before'][0]:.2f}, after {load['after'][0]:.2f} "
-                 f"(a load above {result['torch_threads']} means other processes shared the cores)")
-    lines.append(f"max |ours - original| of the final latent: {result['max_abs_diff_final_latent']:.3e} "
-                 f"(max |original| {result['max_abs_final_latent']:.3e})")
+    lines.append(
+        f"load average (1 min) before {load['before'][0]:.2f}, after {load['after'][0]:.2f} "
+        f"(a load above {result['torch_threads']} means other processes shared the cores)"
+    )
+    lines.append(
+        f"max |ours - original| of the final latent: {result['max_abs_diff_final_latent']:.3e} "
+        f"(max |original| {result['max_abs_final_latent']:.3e})"
+    )
     differing = result.get("weights_not_equal_after_loading")
     if differing:
         merged = all(key.endswith("original.weight") for key in differing)
-        lines.append(f"ours holds {len(differing)} weight tensors other than the copied ones ("
-                     + ("the projections its merged content LoRA changed" if merged else
-                        "WARNING: not only merged projections: " + ", ".join(differing[:4])) + ")")
+        lines.append(
+            f"ours holds {len(differing)} weight tensors other than the copied ones ("
+            + (
+                "the projections its merged content LoRA changed"
+                if merged
+                else "WARNING: not only merged projections: " + ", ".join(differing[:4])
+            )
+            + ")"
+        )
     if "load_s" in result:
         lines.append(f"load: original {result['load_s']['original']:.1f} s, ours {result['load_s']['ours']:.1f} s")
     if "peak_allocated_gib_both_loaded" in result:
@@ -500,26 +653,45 @@ def format_report(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="compare_original.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("Example::", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="compare_original.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Example::", 1)[1],
+    )
     parser.add_argument("--original", type=Path, required=True, help="a checkout of SihuiJi/LayerFlow")
-    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
-                        help=f"the reference fixture folder (default {DEFAULT_FIXTURES})")
-    parser.add_argument("--case", default="fg2bg_rgba",
-                        help="fixture case, or with --size the task config, e.g. gen_rgba (default fg2bg_rgba)")
-    parser.add_argument("--size", choices=SIZES,
-                        help="no fixture: both networks at this size with the same random weights")
-    parser.add_argument("--device", default="auto",
-                        help="with --size: cpu, cuda, cuda:N or auto (the GPU if there is one; default)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="with --size: seed of the weights, inputs and noise (default 0)")
+    parser.add_argument(
+        "--fixtures",
+        type=Path,
+        default=DEFAULT_FIXTURES,
+        help=f"the reference fixture folder (default {DEFAULT_FIXTURES})",
+    )
+    parser.add_argument(
+        "--case",
+        default="fg2bg_rgba",
+        help="fixture case, or with --size the task config, e.g. gen_rgba (default fg2bg_rgba)",
+    )
+    parser.add_argument(
+        "--size", choices=SIZES, help="no fixture: both networks at this size with the same random weights"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="with --size: cpu, cuda, cuda:N or auto (the GPU if there is one; default)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="with --size: seed of the weights, inputs and noise (default 0)"
+    )
     parser.add_argument("--steps", type=int, help="sampling steps (default: the fixture's; 4 with --size)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each first (default 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both (default: torch's choice)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="ours_set",
-                        help="override a key of our config, e.g. --set runtime.merge_lora=true (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="ours_set",
+        help="override a key of our config, e.g. --set runtime.merge_lora=true (repeatable)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 2):
@@ -541,8 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.size is None:
             result = compare(args.original, case_dir, args.steps, args.repeats, args.warmup, args.ours_set)
         else:
-            result = compare_random(args.original, args.case, args.size, args.device, args.steps or 4, args.repeats,
-                                    args.warmup, args.ours_set, args.seed)
+            result = compare_random(
+                args.original,
+                args.case,
+                args.size,
+                args.device,
+                args.steps or 4,
+                args.repeats,
+                args.warmup,
+                args.ours_set,
+                args.seed,
+            )
     except (CompareError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

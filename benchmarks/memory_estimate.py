@@ -53,8 +53,17 @@ HOST = torch.device("meta")  # the fake world's CPU memory
 COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 STAGES = ("text_encoder", "vae_encode", "denoise", "vae_decode")
 # T5 v1.1 XXL (google/t5-v1_1-xxl config.json): the encoder CogVideoX conditions on
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -153,8 +162,9 @@ class Estimator:
                     if tensor is not None:
                         with self.fake:
                             fake = torch.empty(tensor.shape, dtype=tensor.dtype, device=COMPUTE)
-                        table[name] = torch.nn.Parameter(fake, requires_grad=False) if sub._parameters is table \
-                            else fake
+                        table[name] = (
+                            torch.nn.Parameter(fake, requires_grad=False) if sub._parameters is table else fake
+                        )
         return module
 
     def _network(self) -> torch.nn.Module:
@@ -195,8 +205,11 @@ class Estimator:
             weights = tracker.live
             with FlopCounterMode(display=False) as counter, tracker:
                 yield
-        results.append(StageEstimate(name, tracker.peak, weights, tracker.to_device, tracker.from_device,
-                                     counter.get_total_flops()))
+        results.append(
+            StageEstimate(
+                name, tracker.peak, weights, tracker.to_device, tracker.from_device, counter.get_total_flops()
+            )
+        )
 
     def _streaming(self) -> dict:
         streaming = dict(self.config.runtime.vae_streaming)
@@ -224,8 +237,9 @@ class Estimator:
         if "denoise" in stages:
             with self._stage("denoise", self.network, results):
                 x = torch.empty(guidance_batch, *latent_shape[1:], dtype=self.dtype, device=COMPUTE)
-                text = torch.empty(guidance_batch, prompts * TOKENS_PER_PROMPT, net.text_hidden_size,
-                                   dtype=self.dtype, device=COMPUTE)
+                text = torch.empty(
+                    guidance_batch, prompts * TOKENS_PER_PROMPT, net.text_hidden_size, dtype=self.dtype, device=COMPUTE
+                )
                 timesteps = torch.zeros(guidance_batch, dtype=torch.long, device=COMPUTE)
                 v = self.network(x, timesteps, text)  # (n, T, c, h, w)
                 del x, text, v
@@ -249,8 +263,14 @@ def table(rows: list[tuple[str, list[StageEstimate]]]) -> str:
     for label, stages in rows:
         peaks = {s.name: s.peak_bytes / GIB for s in stages}
         cells = [f"{peaks[name]:.1f}" if name in peaks else "-" for name in STAGES]
-        moved = "; ".join(f"{s.name} {s.to_device_bytes / GIB:.1f}/{s.from_device_bytes / GIB:.1f}"
-                          for s in stages if s.to_device_bytes or s.from_device_bytes) or "0"
+        moved = (
+            "; ".join(
+                f"{s.name} {s.to_device_bytes / GIB:.1f}/{s.from_device_bytes / GIB:.1f}"
+                for s in stages
+                if s.to_device_bytes or s.from_device_bytes
+            )
+            or "0"
+        )
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {max(peaks.values()):.1f} | {moved} |")
     return "\n".join(lines)
 
@@ -281,14 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, config in configs:
         rows.append((label, Estimator(config).run(tuple(args.stages))))
-        print(f"{label}: " + ", ".join(f"{s.name} {s.peak_bytes / GIB:.2f} GiB" for s in rows[-1][1]),
-              file=sys.stderr, flush=True)
+        print(
+            f"{label}: " + ", ".join(f"{s.name} {s.peak_bytes / GIB:.2f} GiB" for s in rows[-1][1]),
+            file=sys.stderr,
+            flush=True,
+        )
     print(table(rows))
     if args.json:
         from layerflow.io.atomic import write_text_atomic
 
-        data = {"unit": "GiB = 2**30 bytes; peak allocated on the compute device, estimated (no timings)",
-                "configs": {label: [s.as_dict() for s in stages] for label, stages in rows}}
+        data = {
+            "unit": "GiB = 2**30 bytes; peak allocated on the compute device, estimated (no timings)",
+            "configs": {label: [s.as_dict() for s in stages] for label, stages in rows},
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0

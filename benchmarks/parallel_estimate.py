@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", nargs="+", required=True, metavar="YAML", help="config files, as for sample_video.py")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--bytes", type=int, default=2, help="bytes per element of the network's activations (bf16: 2)")
-    parser.add_argument("--link-gbs", type=float, default=100.0,
-                        help="assumed bytes per second each rank moves, in GB/s (default 100)")
+    parser.add_argument(
+        "--link-gbs", type=float, default=100.0, help="assumed bytes per second each rank moves, in GB/s (default 100)"
+    )
     parser.add_argument("--measure", action="store_true", help="time the per-rank compute on this device")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-ranks", type=int, default=12, help="largest cfg x ulysses to list")
@@ -148,8 +149,9 @@ def measure_step(config: LayerFlowConfig, cfg: int, ulysses: int, repeats: int) 
     randomize_(network, 0)
     network = network.to(device, dtype).eval().requires_grad_(False)
     samples = GUIDANCE_BATCH // cfg
-    x = torch.randn(samples, layout.latent_frames, net.in_channels, net.latent_height, net.latent_width,
-                    device=device, dtype=dtype)
+    x = torch.randn(
+        samples, layout.latent_frames, net.in_channels, net.latent_height, net.latent_width, device=device, dtype=dtype
+    )
     text = torch.randn(samples, layout.text_length, net.text_hidden_size, device=device, dtype=dtype)
     t = torch.full((samples,), 500.0, device=device)
     group = _EmulatedGroup(ulysses) if ulysses > 1 else None
@@ -169,25 +171,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.base, args.set)
     net = config.network
-    print(f"{config.layout.name}: {sequence_length(config)} tokens ({config.layout.text_length} text), "
-          f"hidden {net.hidden_size}, {net.num_attention_heads} heads, {net.num_layers} layers; "
-          f"{args.bytes} bytes per activation element; link {args.link_gbs:g} GB/s per rank (assumed)")
-    print("cfg x ulysses | ranks | sent per rank per step | TFLOP per rank per step | comm s at link"
-          + (" | measured compute s | step s" if args.measure else ""))
+    print(
+        f"{config.layout.name}: {sequence_length(config)} tokens ({config.layout.text_length} text), "
+        f"hidden {net.hidden_size}, {net.num_attention_heads} heads, {net.num_layers} layers; "
+        f"{args.bytes} bytes per activation element; link {args.link_gbs:g} GB/s per rank (assumed)"
+    )
+    print(
+        "cfg x ulysses | ranks | sent per rank per step | TFLOP per rank per step | comm s at link"
+        + (" | measured compute s | step s" if args.measure else "")
+    )
     heads = net.num_attention_heads
-    layouts = [(cfg, ulysses) for ulysses in range(1, heads + 1) if heads % ulysses == 0 for cfg in (1, 2)
-               if cfg * ulysses <= args.max_ranks]
+    layouts = [
+        (cfg, ulysses)
+        for ulysses in range(1, heads + 1)
+        if heads % ulysses == 0
+        for cfg in (1, 2)
+        if cfg * ulysses <= args.max_ranks
+    ]
     for cfg, ulysses in layouts:
         try:
-            check_layout(load_config(args.base, [*args.set, f"runtime.parallel.cfg={cfg}",
-                                                 f"runtime.parallel.ulysses={ulysses}"]), cfg * ulysses)
+            check_layout(
+                load_config(
+                    args.base, [*args.set, f"runtime.parallel.cfg={cfg}", f"runtime.parallel.ulysses={ulysses}"]
+                ),
+                cfg * ulysses,
+            )
         except ValueError as error:
             print(f"{cfg} x {ulysses} | {cfg * ulysses} | not possible: {error}")
             continue
         cost = rank_cost(config, cfg, ulysses, args.bytes)
         comm = cost.sent_bytes / (args.link_gbs * 1e9)
-        row = (f"{cfg} x {ulysses} | {cfg * ulysses} | {cost.sent_bytes / 1e6:,.1f} MB | {cost.flops / 1e12:,.2f} | "
-               f"{comm:.4f}")
+        row = (
+            f"{cfg} x {ulysses} | {cfg * ulysses} | {cost.sent_bytes / 1e6:,.1f} MB | {cost.flops / 1e12:,.2f} | "
+            f"{comm:.4f}"
+        )
         if args.measure:
             compute = measure_step(config, cfg, ulysses, args.repeats)
             row += f" | {compute:.4f} | {compute + comm:.4f}"
@@ -197,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"split VAE decode: {activations / 1e9:,.1f} GB of decoder activations are all-reduced per video")
         for group in sorted({cfg * ulysses for cfg, ulysses in layouts} - {1}):
             sent = activations * 2 * (group - 1) / group  # a ring all-reduce sends 2 (g-1)/g of the data
-            print(f"split VAE decode over {group} ranks: {sent / 1e9:,.2f} GB sent per rank per video "
-                  f"({sent / (args.link_gbs * 1e9):.2f} s at the assumed link)")
+            print(
+                f"split VAE decode over {group} ranks: {sent / 1e9:,.2f} GB sent per rank per video "
+                f"({sent / (args.link_gbs * 1e9):.2f} s at the assumed link)"
+            )
     return 0
 
 

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 "$PYTHON" -m ruff check sat tests benchmarks
+"$PYTHON" -m ruff format --check sat tests benchmarks
 "$PYTHON" -m pytest "$@"

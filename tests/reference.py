@@ -73,8 +73,12 @@ def vae_config_from_json(path: Path) -> VAEConfig:
     for key in ("ch", "ch_mult", "num_res_blocks", "z_channels"):
         assert encoder[key] == decoder[key], f"{path}: encoder and decoder differ in {key}"
     return VAEConfig(
-        ch=encoder["ch"], ch_mult=tuple(encoder["ch_mult"]), num_res_blocks=encoder["num_res_blocks"],
-        z_channels=encoder["z_channels"], in_channels=encoder["in_channels"], out_channels=decoder["out_ch"],
+        ch=encoder["ch"],
+        ch_mult=tuple(encoder["ch_mult"]),
+        num_res_blocks=encoder["num_res_blocks"],
+        z_channels=encoder["z_channels"],
+        in_channels=encoder["in_channels"],
+        out_channels=decoder["out_ch"],
         temporal_compress_times=encoder.get("temporal_compress_times", 4),
         encoder_gather_norm=bool(encoder.get("gather_norm", False)),
         decoder_gather_norm=bool(decoder.get("gather_norm", False)),

@@ -94,8 +94,11 @@ def test_installed_package_without_gpu_is_told_apart_from_a_missing_one(tmp_path
 def test_auto_takes_the_first_usable_kernel_and_names_the_ones_passed_over():
     kernel, passed_over = select_attention("auto", CPU, torch.float32, 64)
     assert kernel.name == "flash"  # PyTorch's flash kernel has a CPU implementation
-    assert passed_over == ("flash-attn-4: not installed", "flash-attn-3: not installed",
-                           "cudnn: needs a CUDA GPU (this run is on the CPU)")
+    assert passed_over == (
+        "flash-attn-4: not installed",
+        "flash-attn-3: not installed",
+        "cudnn: needs a CUDA GPU (this run is on the CPU)",
+    )
 
 
 def test_auto_never_picks_an_inexact_kernel():
@@ -224,8 +227,9 @@ def test_blocks_compile_once_and_match_eager(reference_dir):
 def test_cli_refuses_a_kernel_that_cannot_run_here(tmp_path, capsys):
     prompts = ["--prompt-dir", str(prompt_dir(tmp_path / "prompts"))]
     output = tmp_path / "out"
-    code, lines = cli(capsys, *tiny(), *FAST, *prompts, "--output", str(output),
-                      "--set", "runtime.attention=flash-attn-4")
+    code, lines = cli(
+        capsys, *tiny(), *FAST, *prompts, "--output", str(output), "--set", "runtime.attention=flash-attn-4"
+    )
     assert code == 2
     assert one_error(lines).startswith("error: runtime.attention = flash-attn-4: not installed")
     assert not output.exists()
@@ -234,12 +238,23 @@ def test_cli_refuses_a_kernel_that_cannot_run_here(tmp_path, capsys):
 def test_fast_path_run_records_its_kernel_and_what_auto_passed_over(tmp_path, capsys):
     prompts = ["--prompt-dir", str(prompt_dir(tmp_path / "prompts"))]
     output = tmp_path / "out"
-    code, lines = cli(capsys, *tiny(), *FAST, *prompts, "--output", str(output), "--set", "runtime.faithful=false",
-                      "--set", "output.png_sequence=false")
+    code, lines = cli(
+        capsys,
+        *tiny(),
+        *FAST,
+        *prompts,
+        "--output",
+        str(output),
+        "--set",
+        "runtime.faithful=false",
+        "--set",
+        "output.png_sequence=false",
+    )
     assert code == 0, lines
     (sample,) = [p for p in output.iterdir() if (p / "meta.json").is_file()]
     meta = json.loads((sample / "meta.json").read_text())
     assert meta["speed"] == {"faithful": False, "attention": "flash", "merge_lora": True, "compile": False}
     log_text = (output / "logs" / "rank0.log").read_text()
-    assert ("attention auto passed over flash-attn-4: not installed; flash-attn-3: not installed; "
-            "cudnn: needs a CUDA GPU") in log_text
+    assert (
+        "attention auto passed over flash-attn-4: not installed; flash-attn-3: not installed; cudnn: needs a CUDA GPU"
+    ) in log_text

@@ -21,11 +21,24 @@ def report(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "bench.json"
     command = [
-        sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
-        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgba.yaml"),
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "benchmark.py"),
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "fg2bg_rgba.yaml"),
         str(CONFIGS / "tiny.yaml"),
-        "--set", f"sampling.num_steps={NUM_STEPS}", "--set", "output.alpha_video=none",
-        "--repeats", "1", "--warmup", "0", "--json", str(out), "--output", str(folder / "samples"),
+        "--set",
+        f"sampling.num_steps={NUM_STEPS}",
+        "--set",
+        "output.alpha_video=none",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+        "--output",
+        str(folder / "samples"),
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -72,10 +85,22 @@ def test_one_table_and_the_sample_folder_is_written(report):
 def test_without_ffmpeg_one_note_and_the_json_without_write_outputs(tmp_path):
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
-        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"),
-        "--set", f"sampling.num_steps={NUM_STEPS}", "--repeats", "2", "--warmup", "0", "--json", str(out),
-        "--output", str(tmp_path / "samples"),
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "benchmark.py"),
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        f"sampling.num_steps={NUM_STEPS}",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+        "--output",
+        str(tmp_path / "samples"),
     ]
     environment = {**os.environ, "IMAGEIO_FFMPEG_EXE": str(tmp_path / "no-ffmpeg")}
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
@@ -86,21 +111,33 @@ def test_without_ffmpeg_one_note_and_the_json_without_write_outputs(tmp_path):
     data = json.loads(out.read_text())
     stages = data["summary"]["stages"]
     assert "write_outputs" not in stages and data["write_outputs"].startswith("not measured")
-    assert sum(stages[name]["median"] for name in ("text_encoder", "denoise", "vae_decode")) <= \
-        stages["total"]["median"] * 1.001
+    assert (
+        sum(stages[name]["median"] for name in ("text_encoder", "denoise", "vae_decode"))
+        <= stages["total"]["median"] * 1.001
+    )
     assert not any((tmp_path / "samples").iterdir())
 
 
 def test_a_kernel_this_machine_lacks_is_one_line_before_any_model_loads(tmp_path):
     command = [
-        sys.executable, str(REPO_ROOT / "benchmarks" / "benchmark.py"),
-        "--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"),
-        "--set", "runtime.attention=efficient", "--no-write", "--json", str(tmp_path / "bench.json"),
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "benchmark.py"),
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        "runtime.attention=efficient",
+        "--no-write",
+        "--json",
+        str(tmp_path / "bench.json"),
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: runtime.attention = efficient: needs a CUDA GPU (this run is on the CPU); "
-                      "usable here: auto, sdpa, flash, math"]
+    assert errors == [
+        "error: runtime.attention = efficient: needs a CUDA GPU (this run is on the CPU); "
+        "usable here: auto, sdpa, flash, math"
+    ]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "bench.json").exists()

@@ -56,10 +56,10 @@ def test_stage_clock_resets_the_mark_per_stage_and_keeps_the_stage_maximum():
     clock = _StageClock(Placement(torch.device("cpu"), torch.float32), timings, peaks, memory)
     with clock("first"):
         memory.use(100)
-        memory.use(50)   # high 150
+        memory.use(50)  # high 150
         memory.free(120)  # 30 stay allocated
     with clock("second"):
-        memory.use(10)   # from the reset mark 30: high 40, not the first stage's 150
+        memory.use(10)  # from the reset mark 30: high 40, not the first stage's 150
     assert peaks == {"first": 150, "second": 40}
     assert list(timings) == ["first", "second"] and all(seconds >= 0 for seconds in timings.values())
     assert memory.resets == 2
@@ -76,8 +76,12 @@ def test_stage_clock_without_a_memory_source_records_no_peak():
 # stage's start, every later stage would report the text encoder's 1000 + 4000.
 RESIDENT = 1000
 STAGE_BYTES = {"text_encoder": 4000, "vae_encode": 300, "denoise": 20, "vae_decode": 1}
-STAGE_METHODS = {"text_encoder": "encode_prompts", "vae_encode": "encode_given_layers",
-                 "denoise": "sample_latents", "vae_decode": "decode_layers"}
+STAGE_METHODS = {
+    "text_encoder": "encode_prompts",
+    "vae_encode": "encode_given_layers",
+    "denoise": "sample_latents",
+    "vae_decode": "decode_layers",
+}
 
 
 def allocating(pipeline: LayerFlowPipeline, memory: CountingMemory, stage: str):
@@ -95,18 +99,24 @@ def allocating(pipeline: LayerFlowPipeline, memory: CountingMemory, stage: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "stages"), [
-    ("gen_rgb", ["text_encoder", "denoise", "vae_decode"]),
-    ("fg2bg_rgb", ["text_encoder", "vae_encode", "denoise", "vae_decode"]),
-])
+@pytest.mark.parametrize(
+    ("name", "stages"),
+    [
+        ("gen_rgb", ["text_encoder", "denoise", "vae_decode"]),
+        ("fg2bg_rgb", ["text_encoder", "vae_encode", "denoise", "vae_decode"]),
+    ],
+)
 def test_generate_names_times_and_peaks_every_stage(name, stages, monkeypatch):
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
-                         ["sampling.num_steps=2"])
+    config = load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"], ["sampling.num_steps=2"]
+    )
     pipeline = LayerFlowPipeline(config)
     assert pipeline.memory is None  # on the CPU nothing is measured, so nothing is reported
     height, width = config.video_size
-    given = {layer: torch.zeros(config.layout.span(layer).pixel_frames, 3, height, width)
-             for layer in config.layout.given_layers} or None
+    given = {
+        layer: torch.zeros(config.layout.span(layer).pixel_frames, 3, height, width)
+        for layer in config.layout.given_layers
+    } or None
 
     memory = CountingMemory()
     memory.use(RESIDENT)
@@ -123,10 +133,16 @@ def test_generate_names_times_and_peaks_every_stage(name, stages, monkeypatch):
 def test_benchmark_reports_the_stage_peaks_and_names_the_largest():
     gib = 2**30
     runs = [
-        {"stages": {"text_encoder": 1.0, "denoise": 4.0, "vae_decode": 2.0, "total": 7.0}, "steps": [2.0, 2.0],
-         "stage_peak_bytes": {"text_encoder": 3 * gib, "denoise": 20 * gib, "vae_decode": 12 * gib}},
-        {"stages": {"text_encoder": 1.2, "denoise": 4.4, "vae_decode": 2.2, "total": 7.8}, "steps": [2.4, 2.0],
-         "stage_peak_bytes": {"text_encoder": 3 * gib, "denoise": 19 * gib, "vae_decode": 25 * gib}},
+        {
+            "stages": {"text_encoder": 1.0, "denoise": 4.0, "vae_decode": 2.0, "total": 7.0},
+            "steps": [2.0, 2.0],
+            "stage_peak_bytes": {"text_encoder": 3 * gib, "denoise": 20 * gib, "vae_decode": 12 * gib},
+        },
+        {
+            "stages": {"text_encoder": 1.2, "denoise": 4.4, "vae_decode": 2.2, "total": 7.8},
+            "steps": [2.4, 2.0],
+            "stage_peak_bytes": {"text_encoder": 3 * gib, "denoise": 19 * gib, "vae_decode": 25 * gib},
+        },
     ]
     summary = benchmark.summarize_runs(runs, num_steps=2)
     # per stage the larger of the two runs
@@ -155,14 +171,17 @@ def test_sample_meta_records_the_stage_peaks_when_there_are_some(tmp_path):
     from layerflow.batch.manifest import Sample
     from layerflow.batch.runner import run_samples
 
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", CONFIGS / "tiny.yaml"],
-                         ["sampling.num_steps=2", "output.preview=false"])
+    config = load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", CONFIGS / "tiny.yaml"],
+        ["sampling.num_steps=2", "output.preview=false"],
+    )
     pipeline = LayerFlowPipeline(config)
     memory = CountingMemory()
     memory.use(3 * 2**29)  # 1.5 GiB resident through every stage, which allocate nothing more
     pipeline.memory = memory
-    summary = run_samples(config, [Sample(id="one", prompts=PROMPTS, seed=1)], tmp_path, lambda _: pipeline,
-                          show_progress=False)
+    summary = run_samples(
+        config, [Sample(id="one", prompts=PROMPTS, seed=1)], tmp_path, lambda _: pipeline, show_progress=False
+    )
     assert summary.done == ["one"]
     meta = json.loads((tmp_path / "one" / "meta.json").read_text())
     assert meta["peak_allocated_gib"] == {"text_encoder": 1.5, "denoise": 1.5, "vae_decode": 1.5}

@@ -13,8 +13,12 @@ CONFIGS = REPO_ROOT / "configs"
 
 
 def tiny(task: str, variant: str = "rgb") -> list[str]:
-    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
-            str(CONFIGS / "tiny.yaml")]
+    return [
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+    ]
 
 
 def prompt_files(folder, layers=("fg", "bg", "blend"), text="a thing\n"):
@@ -37,14 +41,22 @@ def run_failing(capsys, argv, output, pattern):
 
 def test_missing_prompt_file(tmp_path, capsys):
     prompts = prompt_files(tmp_path / "p", layers=("fg", "bg"))
-    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts)], tmp_path / "out",
-                f"{prompts / 'blend.txt'}: prompt file not found")
+    run_failing(
+        capsys,
+        [*tiny("gen"), "--prompt-dir", str(prompts)],
+        tmp_path / "out",
+        f"{prompts / 'blend.txt'}: prompt file not found",
+    )
 
 
 def test_wrong_number_of_prompts_for_the_task(tmp_path, capsys):
     prompts = prompt_files(tmp_path / "p")
-    argv = [*tiny("seg"), *[f"--prompt={layer}={prompts / (layer + '.txt')}" for layer in ("fg", "bg", "blend")],
-            "--input", f"blend={tmp_path / 'blend.mp4'}"]
+    argv = [
+        *tiny("seg"),
+        *[f"--prompt={layer}={prompts / (layer + '.txt')}" for layer in ("fg", "bg", "blend")],
+        "--input",
+        f"blend={tmp_path / 'blend.mp4'}",
+    ]
     run_failing(capsys, argv, tmp_path / "out", "seg_rgb takes prompts for ['fg', 'bg']")
 
 
@@ -74,14 +86,22 @@ def test_prompt_files_of_different_lengths(tmp_path, capsys):
 
 def test_conditional_task_without_its_input(tmp_path, capsys):
     prompts = prompt_files(tmp_path / "p")
-    run_failing(capsys, [*tiny("fg2bg"), "--prompt-dir", str(prompts)], tmp_path / "out",
-                "fg2bg_rgb takes input videos for ['fg']")
+    run_failing(
+        capsys,
+        [*tiny("fg2bg"), "--prompt-dir", str(prompts)],
+        tmp_path / "out",
+        "fg2bg_rgb takes input videos for ['fg']",
+    )
 
 
 def test_unknown_config_key(tmp_path, capsys):
     prompts = prompt_files(tmp_path / "p")
-    run_failing(capsys, [*tiny("gen"), "--prompt-dir", str(prompts), "--set", "sampling.guidance=3"],
-                tmp_path / "out", "unknown key sampling.guidance")
+    run_failing(
+        capsys,
+        [*tiny("gen"), "--prompt-dir", str(prompts), "--set", "sampling.guidance=3"],
+        tmp_path / "out",
+        "unknown key sampling.guidance",
+    )
 
 
 def test_manifest_errors_name_the_line(tmp_path, capsys):
@@ -101,8 +121,13 @@ def test_manifest_ids_must_be_safe_folder_names(tmp_path, capsys, bad_id):
 def test_missing_real_weights_name_every_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prompts = prompt_files(tmp_path / "p")
-    argv = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
-            "--prompt-dir", str(prompts)]
+    argv = [
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "gen_rgba.yaml"),
+        "--prompt-dir",
+        str(prompts),
+    ]
     line = run_failing(capsys, argv, tmp_path / "out", "missing weights")
     assert "ckpts_2b_lora/multi-layer-generation-rgba" in line
     assert "huggingface.co/zjuJish/LayerFlow" in line

@@ -33,10 +33,12 @@ pytestmark = pytest.mark.usefixtures("model_parallel")
 def test_random_weights_fit_the_original_checkpoint_keys_and_equal_ours(reference_dir, case):
     config = compare_original.random_config(case, "tiny", "cpu", num_steps=2, seed=5)
     state = compare_original.random_network_state(config)
-    recorded = torch.load(reference_dir / case / "ckpt" / "1" / "mp_rank_00_model_states.pt",
-                          map_location="cpu", weights_only=True)["module"]
-    assert {key: tuple(value.shape) for key, value in state.items()} == \
-        {key: tuple(value.shape) for key, value in recorded.items()}
+    recorded = torch.load(
+        reference_dir / case / "ckpt" / "1" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+    )["module"]
+    assert {key: tuple(value.shape) for key, value in state.items()} == {
+        key: tuple(value.shape) for key, value in recorded.items()
+    }
 
     weights = Weights(random=True, checkpoint="", vae="", text_encoder=Path("unused"))
     ours = LayerFlowPipeline(config, weights=weights).network.state_dict()
@@ -65,11 +67,14 @@ def test_unknown_case_is_one_line_naming_the_task_files(capsys):
 
 
 def test_a_folder_that_is_not_the_original_is_one_line(tmp_path, capsys):
-    code = compare_original.main(["--original", str(tmp_path), "--case", "gen_rgb", "--size", "tiny",
-                                  "--device", "cpu"])
+    code = compare_original.main(
+        ["--original", str(tmp_path), "--case", "gen_rgb", "--size", "tiny", "--device", "cpu"]
+    )
     error = capsys.readouterr().err.strip()
-    assert code == 2 and error == f"error: --original {tmp_path}: no sat/diffusion_video.py " \
-                                  "(expected a SihuiJi/LayerFlow checkout)"
+    assert (
+        code == 2
+        and error == f"error: --original {tmp_path}: no sat/diffusion_video.py (expected a SihuiJi/LayerFlow checkout)"
+    )
 
 
 def test_device_and_seed_need_the_random_weights_mode():
@@ -77,12 +82,15 @@ def test_device_and_seed_need_the_random_weights_mode():
         compare_original.parse_args(["--original", "x", "--device", "cuda"])
 
 
-@pytest.mark.skipif(not os.environ.get("LAYERFLOW_ORIGINAL"),
-                    reason="set LAYERFLOW_ORIGINAL to a checkout of SihuiJi/LayerFlow to run the original")
+@pytest.mark.skipif(
+    not os.environ.get("LAYERFLOW_ORIGINAL"),
+    reason="set LAYERFLOW_ORIGINAL to a checkout of SihuiJi/LayerFlow to run the original",
+)
 @pytest.mark.parametrize("case", ["gen_rgb", "fg2bg_rgba"])
 def test_tiny_random_comparison_agrees_bit_for_bit(case):
-    result = compare_original.compare_random(Path(os.environ["LAYERFLOW_ORIGINAL"]), case, "tiny", "cpu",
-                                             num_steps=3, repeats=1, warmup=0, seed=2)
+    result = compare_original.compare_random(
+        Path(os.environ["LAYERFLOW_ORIGINAL"]), case, "tiny", "cpu", num_steps=3, repeats=1, warmup=0, seed=2
+    )
     assert result["weights_not_equal_after_loading"] == []
     assert result["dtype"] == "float32" and result["device"] == "cpu"
     assert result["max_abs_diff_final_latent"] == 0 and result["max_abs_final_latent"] > 0

@@ -17,8 +17,15 @@ class FrameTagger:
         self.calls: list[dict] = []
 
     def __call__(self, x, timesteps, text, *, lora_scale, sequence_parallel):
-        self.calls.append({"x": x, "timesteps": timesteps, "text": text, "lora_scale": lora_scale,
-                           "sequence_parallel": sequence_parallel})
+        self.calls.append(
+            {
+                "x": x,
+                "timesteps": timesteps,
+                "text": text,
+                "lora_scale": lora_scale,
+                "sequence_parallel": sequence_parallel,
+            }
+        )
         return x + torch.arange(x.shape[1], dtype=x.dtype).reshape(1, -1, 1, 1, 1)
 
 
@@ -32,11 +39,13 @@ def test_given_latents_enter_at_the_layout_place_and_leave_the_output(name):
     condition = None
     if layout.condition is not None:  # one clean copy, shared by both halves of the guidance batch
         condition = 1000 + torch.arange(len(given_frames), dtype=torch.float32).reshape(1, -1, 1, 1, 1).expand(
-            1, -1, 3, 2, 2)
+            1, -1, 3, 2, 2
+        )
     network = FrameTagger()
     text = torch.ones(2, 5, 4)
     out = conditioned_denoiser(network, layout, condition, lora_scale=1, sequence_parallel="group")(
-        x, torch.tensor([7, 7]), text)
+        x, torch.tensor([7, 7]), text
+    )
 
     (call,) = network.calls
     stack = call["x"]

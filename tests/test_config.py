@@ -77,17 +77,23 @@ def test_missing_file_and_invalid_yaml(tmp_path):
 def test_value_check_in_a_section_names_the_override_that_set_it(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(base(), ["sampling.num_steps=1"])
-    assert str(error.value) == ("sampling.num_steps = 1 (from --set sampling.num_steps=1): "
-                                "expected an integer from 2 to 1000")
+    assert str(error.value) == (
+        "sampling.num_steps = 1 (from --set sampling.num_steps=1): expected an integer from 2 to 1000"
+    )
     low_fps = tmp_path / "low_fps.yaml"
     low_fps.write_text("output:\n  fps: 0\n")
     with pytest.raises(ConfigError, match=r"output.fps = 0 \(from .*low_fps.yaml\): expected frames per second"):
         load_config([*base(), low_fps])
 
 
-@pytest.mark.parametrize(("override", "key"), [("runtime.device=gpu", "runtime.device"),
-                                               ("runtime.vae_spatial_tile=-1", "runtime.vae_spatial_tile"),
-                                               ("sampling.guidance_scale=-2", "sampling.guidance_scale")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("runtime.device=gpu", "runtime.device"),
+        ("runtime.vae_spatial_tile=-1", "runtime.vae_spatial_tile"),
+        ("sampling.guidance_scale=-2", "sampling.guidance_scale"),
+    ],
+)
 def test_range_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key} = .* \(from --set {override}\): expected "):
         load_config(base(), [override])
@@ -114,8 +120,11 @@ def test_exponent_numbers_without_a_dot_are_numbers():
 
 
 def test_the_old_twin_model_files_point_to_the_merged_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"model_rgba.yaml: config file not found \(model_rgba.yaml and its twin "
-                                          r"became configs/model.yaml"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model_rgba.yaml: config file not found \(model_rgba.yaml and its twin "
+        r"became configs/model.yaml",
+    ):
         load_config([tmp_path / "model_rgba.yaml", CONFIGS / "tasks" / "gen_rgba.yaml"])
 
 

@@ -56,12 +56,21 @@ def test_demo_outputs(demo, name):
     layout = config.layout
     height, width = config.video_size
     folder = demo / name
-    expected = {"foreground.mp4", "background.mp4", "blend.mp4", "preview.mp4", "contact_sheet.png", "meta.json",
-                SAMPLE_MARKER}
+    expected = {
+        "foreground.mp4",
+        "background.mp4",
+        "blend.mp4",
+        "preview.mp4",
+        "contact_sheet.png",
+        "meta.json",
+        SAMPLE_MARKER,
+    }
     if layout.variant.value == "rgba":
         expected |= {"alpha.mp4", "foreground.mov", "foreground_rgba"}
-    expected |= {f"given_{ {'fg': 'foreground', 'bg': 'background', 'blend': 'blend', 'alpha': 'alpha'}[n]}.mp4"
-                 for n in layout.given_layers}
+    expected |= {
+        f"given_{ {'fg': 'foreground', 'bg': 'background', 'blend': 'blend', 'alpha': 'alpha'}[n] }.mp4"
+        for n in layout.given_layers
+    }
     assert {p.name for p in folder.iterdir()} == expected
     frames = layout.span("fg").pixel_frames
     for video in folder.glob("*.mp4"):
@@ -114,10 +123,21 @@ def test_output_folder_not_writable(tmp_path):
     for layer in ("fg", "bg", "blend"):
         (prompts / f"{layer}.txt").write_text("a thing\n")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), "--base", *[str(CONFIGS / f) for f in
-         ("model.yaml", "tasks/gen_rgb.yaml", "tiny.yaml")], "--prompt-dir", str(prompts),
-         "--output", str(blocker / "out"), "--no-progress"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO_ROOT / "sat" / "sample_video.py"),
+            "--base",
+            *[str(CONFIGS / f) for f in ("model.yaml", "tasks/gen_rgb.yaml", "tiny.yaml")],
+            "--prompt-dir",
+            str(prompts),
+            "--output",
+            str(blocker / "out"),
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")},
     )
     assert result.returncode == 2

@@ -52,9 +52,24 @@ def test_device_kind_names_no_rank():
 def test_negative_count_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a ball\n", encoding="utf-8")
-    code = main(["--base", *GEN_RGB, str(CONFIGS / "tiny.yaml"), "--set", "runtime.cpu_threads=-1",
-                 "--prompt", f"fg={prompts}", "--prompt", f"bg={prompts}", "--prompt", f"blend={prompts}",
-                 "--output", str(tmp_path / "out"), "--no-progress"])
+    code = main(
+        [
+            "--base",
+            *GEN_RGB,
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "runtime.cpu_threads=-1",
+            "--prompt",
+            f"fg={prompts}",
+            "--prompt",
+            f"bg={prompts}",
+            "--prompt",
+            f"blend={prompts}",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     error = capsys.readouterr().err.strip()
     assert code == EXIT_USAGE
     assert len(error.splitlines()) == 1 and "runtime.cpu_threads" in error and "-1" in error
@@ -67,9 +82,24 @@ def test_a_run_uses_the_configured_count_and_records_it(tmp_path):
     manifest.write_text(json.dumps({"id": "one", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")
     before = torch.get_num_threads()
     wanted = before + 1
-    code = main(["--base", *GEN_RGB, str(CONFIGS / "tiny.yaml"), "--set", f"runtime.cpu_threads={wanted}",
-                 "--set", "sampling.num_steps=2", "--set", "output.preview=false", "--manifest", str(manifest),
-                 "--output", str(tmp_path / "out"), "--no-progress"])
+    code = main(
+        [
+            "--base",
+            *GEN_RGB,
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            f"runtime.cpu_threads={wanted}",
+            "--set",
+            "sampling.num_steps=2",
+            "--set",
+            "output.preview=false",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     meta = json.loads((tmp_path / "out" / "one" / "meta.json").read_text())
     assert meta["cpu_threads"] == wanted and meta["config"]["runtime"]["cpu_threads"] == wanted

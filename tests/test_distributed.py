@@ -36,22 +36,38 @@ def command(processes: int, manifest: Path, output: Path, *extra: str) -> list[s
     if processes == 1:
         launcher = [sys.executable, script]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={processes}", script]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            script,
+        ]
     return [*launcher, *BASE, *FAST, "--manifest", str(manifest), "--output", str(output), *extra]
 
 
 def run(processes: int, manifest: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(processes, manifest, output, *extra), cwd=REPO_ROOT, env=environment(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command(processes, manifest, output, *extra),
+        cwd=REPO_ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def write_manifest(path: Path, count: int, broken: dict | None = None) -> list[str]:
     lines, ids = [], []
     for i in range(count):
         ids.append(f"sample-{i}")
-        lines.append({"id": ids[-1], "prompts": {"fg": f"a ball number {i}", "bg": f"a field {i}",
-                                                 "blend": f"ball {i} on field {i}"}})
+        lines.append(
+            {
+                "id": ids[-1],
+                "prompts": {"fg": f"a ball number {i}", "bg": f"a field {i}", "blend": f"ball {i} on field {i}"},
+            }
+        )
     if broken:
         lines.append(broken)
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
@@ -64,8 +80,11 @@ def sample_folders(output: Path) -> list[str]:
 
 def fingerprint(folder: Path) -> dict[str, str]:
     """Checksums of every output file, nested ones included, except meta.json (its timings differ run to run)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "meta.json"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "meta.json"
+    }
 
 
 def comparable_meta(folder: Path) -> dict:
@@ -111,8 +130,14 @@ def test_killed_run_resumes_without_touching_finished_samples(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     ids = write_manifest(manifest, 6)
     output = tmp_path / "out"
-    process = subprocess.Popen(command(2, manifest, output), cwd=REPO_ROOT, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command(2, manifest, output),
+        cwd=REPO_ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline:
@@ -129,8 +154,7 @@ def test_killed_run_resumes_without_touching_finished_samples(tmp_path):
     assert finished, "the run wrote nothing before it was killed"
     for name in finished:
         assert (output / name / "meta.json").is_file(), f"{name} is visible but incomplete"
-    before = {name: (fingerprint(output / name), (output / name / "meta.json").stat().st_mtime_ns)
-              for name in finished}
+    before = {name: (fingerprint(output / name), (output / name / "meta.json").stat().st_mtime_ns) for name in finished}
 
     rerun = run(2, manifest, output)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -146,18 +170,42 @@ def test_broken_sample_is_recorded_and_the_others_finish(tmp_path):
     output = tmp_path / "out"
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
     broken = {"id": "broken", "prompts": {"fg": "a", "bg": "b", "blend": "c"}, "inputs": {"fg": "corrupt.mp4"}}
-    fg2bg = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "fg2bg_rgb.yaml"),
-             str(CONFIGS / "tiny.yaml")]
-    good = [{"id": f"good-{i}", "prompts": {"fg": f"a {i}", "bg": "b", "blend": "c"},
-             "inputs": {"fg": str(tmp_path / "fg.mp4")}} for i in range(2)]
+    fg2bg = [
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "fg2bg_rgb.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+    ]
+    good = [
+        {
+            "id": f"good-{i}",
+            "prompts": {"fg": f"a {i}", "bg": "b", "blend": "c"},
+            "inputs": {"fg": str(tmp_path / "fg.mp4")},
+        }
+        for i in range(2)
+    ]
     from layerflow.io.synthetic import layered_clip
     from layerflow.io.writer import write_mp4
 
     write_mp4(tmp_path / "fg.mp4", layered_clip(16, 64, 96)["fg"])
     manifest.write_text("".join(json.dumps(line) + "\n" for line in [good[0], broken, good[1]]), encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), *fg2bg, *FAST, "--manifest", str(manifest),
-         "--output", str(output)], cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO_ROOT / "sat" / "sample_video.py"),
+            *fg2bg,
+            *FAST,
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+        ],
+        cwd=REPO_ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     assert sample_folders(output) == ["good-0", "good-1"]
     failures = [json.loads(line) for line in (output / "failures.jsonl").read_text().splitlines()]

@@ -226,8 +226,12 @@ def test_convert_command_round_trip(reference_dir, tmp_path):
     case_dir = reference_dir / CASES[0]
     layout = case_layout(case_dir)
     safetensors = tmp_path / "model.safetensors"
-    assert convert([str(case_dir / "ckpt"), str(safetensors), "--task", layout.task.value,
-                    "--variant", layout.variant.value]) == 0
+    assert (
+        convert(
+            [str(case_dir / "ckpt"), str(safetensors), "--task", layout.task.value, "--variant", layout.variant.value]
+        )
+        == 0
+    )
     assert convert([str(safetensors), "--to-sat", str(tmp_path / "sat_ckpt")]) == 0
     original, _ = read_checkpoint(case_dir / "ckpt")
     back, _ = read_checkpoint(tmp_path / "sat_ckpt")

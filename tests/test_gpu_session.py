@@ -22,8 +22,14 @@ SCRIPT = REPO_ROOT / "benchmarks" / "gpu_session.sh"
 
 def run(*args: str, cwd: Path = REPO_ROOT, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", str(cwd / "benchmarks" / "gpu_session.sh"), *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", str(cwd / "benchmarks" / "gpu_session.sh"), *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -38,8 +38,10 @@ def test_layout_matches_the_recorded_reference_layout(reference_dir, case):
     frames = case_config(reference_dir / case)["frames"]
     layout = case_layout(reference_dir / case)
     recorded = {name: tuple(r) for name, r in frames["latent_frame_ranges_per_layer"].items()}
-    ours = {("first_frame_copy" if s.name == "first_frame_copy" else s.name): (s.latent_start, s.latent_stop)
-            for s in layout.spans}
+    ours = {
+        ("first_frame_copy" if s.name == "first_frame_copy" else s.name): (s.latent_start, s.latent_stop)
+        for s in layout.spans
+    }
     assert ours == recorded
     assert layout.latent_frames == frames["latent_frames_total"]
     assert layout.pixel_frames == frames["pixel_frames_into_vae"]

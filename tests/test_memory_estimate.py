@@ -41,15 +41,18 @@ def test_live_bytes_of_a_known_op_sequence():
 
 @pytest.fixture(scope="module")
 def tiny_fg2bg():
-    return load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "fg2bg_rgba.yaml", CONFIGS / "tiny.yaml"],
-                       ["runtime.dtype=bfloat16"])
+    return load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "fg2bg_rgba.yaml", CONFIGS / "tiny.yaml"],
+        ["runtime.dtype=bfloat16"],
+    )
 
 
 def test_decode_stage_counts_the_resident_weights(tiny_fg2bg):
     """Without offload the transformer and the VAE sit on the device during the decode; with it, the VAE."""
     for offload in (False, True):
-        config = load_config(list(tiny_fg2bg.sources),
-                             ["runtime.dtype=bfloat16", f"runtime.model_cpu_offload={str(offload).lower()}"])
+        config = load_config(
+            list(tiny_fg2bg.sources), ["runtime.dtype=bfloat16", f"runtime.model_cpu_offload={str(offload).lower()}"]
+        )
         estimator = Estimator(config)
         models = [estimator.vae] if offload else [estimator.vae, estimator.network]
         expected = sum(t.numel() * 2 for m in models for t in (*m.parameters(), *m.buffers()))
@@ -67,8 +70,10 @@ def test_streamed_decode_peaks_lower_than_one_call(tiny_fg2bg):
 
 
 def test_a_budget_parks_activations_in_cpu_memory(tiny_fg2bg):
-    config = load_config(list(tiny_fg2bg.sources), ["runtime.dtype=bfloat16", "runtime.vae_spatial_tile=4",
-                                                    "runtime.vae_device_budget_gib=0.0001"])
+    config = load_config(
+        list(tiny_fg2bg.sources),
+        ["runtime.dtype=bfloat16", "runtime.vae_spatial_tile=4", "runtime.vae_device_budget_gib=0.0001"],
+    )
     streamed = Estimator(config).run(("vae_decode",))[0]
     assert streamed.to_device_bytes > 0 and streamed.from_device_bytes > 0
 
@@ -110,8 +115,10 @@ def test_pipeline_streams_the_encode_and_decode_it_is_configured_for():
     layout, config = pipeline.layout, pipeline.config
     height, width = config.video_size
     noise = torch.Generator().manual_seed(0)
-    given = {name: torch.rand(layout.span(name).pixel_frames, 3, height, width, generator=noise) * 2 - 1
-             for name in layout.given_layers}
+    given = {
+        name: torch.rand(layout.span(name).pixel_frames, 3, height, width, generator=noise) * 2 - 1
+        for name in layout.given_layers
+    }
     generated = torch.randn(1, layout.generated_frames, 16, 8, 12, generator=noise)
     plain_latent = pipeline.encode_given_layers(given, seed=5)
     plain_video = pipeline.decode_layers(generated, plain_latent)

@@ -28,8 +28,10 @@ SEED = 11
 
 
 def tiny_config(name: str, *overrides: str):
-    return load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
-                       ["sampling.num_steps=3", *overrides])
+    return load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
+        ["sampling.num_steps=3", *overrides],
+    )
 
 
 def inputs(config) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,8 +68,10 @@ def counting_sent_bytes(counter: list[int]):
         counter[0] += tensor.numel() * tensor.element_size() * (len(tensors) - 1)
         return all_gather(tensors, tensor, group=group)
 
-    with mock.patch.object(dist, "all_to_all_single", counted_all_to_all), \
-            mock.patch.object(dist, "all_gather", counted_all_gather):
+    with (
+        mock.patch.object(dist, "all_to_all_single", counted_all_to_all),
+        mock.patch.object(dist, "all_gather", counted_all_gather),
+    ):
         yield
 
 
@@ -112,14 +116,20 @@ def run_ranks(world: int, *jobs: tuple[str, tuple[str, ...], bool]) -> dict:
 def one_process():
     """The references: batched guidance (the default) and two passes of batch 1; the decode in one
     call and region by region (temporal chunks of 9 latent frames)."""
-    return run_ranks(1, ("batched", ("runtime.vae_temporal_chunk=9",), True),
-                     ("two_passes", ("sampling.guidance_batched=false",), True))
+    return run_ranks(
+        1,
+        ("batched", ("runtime.vae_temporal_chunk=9",), True),
+        ("two_passes", ("sampling.guidance_batched=false",), True),
+    )
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_ranks(2, ("cfg", ("runtime.parallel.cfg=2", "runtime.vae_temporal_chunk=9"), True),
-                     ("ulysses", ("runtime.parallel.ulysses=2",), True))
+    return run_ranks(
+        2,
+        ("cfg", ("runtime.parallel.cfg=2", "runtime.vae_temporal_chunk=9"), True),
+        ("ulysses", ("runtime.parallel.ulysses=2",), True),
+    )
 
 
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,8 +165,11 @@ def test_ulysses_matches_one_process(one_process, two_ranks):
 @pytest.mark.slow
 def test_four_ranks_ulysses_and_guidance_pairs_match_one_process(one_process):
     """ulysses=4 (uneven slices of 272, 272, 271, 271 tokens) and cfg=2 x ulysses=2, within 1e-5."""
-    four = run_ranks(4, ("ulysses", ("runtime.parallel.ulysses=4",), True),
-                     ("both", ("runtime.parallel.cfg=2", "runtime.parallel.ulysses=2"), False))
+    four = run_ranks(
+        4,
+        ("ulysses", ("runtime.parallel.ulysses=4",), True),
+        ("both", ("runtime.parallel.cfg=2", "runtime.parallel.ulysses=2"), False),
+    )
     assert max_difference(four["ulysses"]["latent"], one_process["batched"]["latent"]) <= 1e-5
     assert max_difference(four["both"]["latent"], one_process["batched"]["latent"]) <= 1e-5
     assert int(four["both"]["sent_bytes"]) == 3 * derived_bytes_per_step(2, 2)
@@ -197,26 +210,36 @@ def test_token_chunks_cover_the_sequence():
     assert sum(token_chunks(23628, 30)) == 23628
 
 
-@pytest.mark.parametrize(("overrides", "world", "message"), [
-    (["runtime.parallel.ulysses=3"], 3,
-     r"^runtime\.parallel\.ulysses=3 must divide the 4 attention heads \(model\.network\.num_attention_heads\); "
-     r"possible: 1, 2, 4$"),
-    (["runtime.parallel.cfg=2", "runtime.parallel.ulysses=2"], 6,
-     r"^runtime\.parallel\.cfg x ulysses = 2 x 2 = 4 ranks per video must divide the 6 processes"),
-    (["runtime.parallel.cfg=2"], 1, r"2 ranks per video must divide the 1 processes"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (
+            ["runtime.parallel.ulysses=3"],
+            3,
+            r"^runtime\.parallel\.ulysses=3 must divide the 4 attention heads \(model\.network\.num_attention_heads\); "
+            r"possible: 1, 2, 4$",
+        ),
+        (
+            ["runtime.parallel.cfg=2", "runtime.parallel.ulysses=2"],
+            6,
+            r"^runtime\.parallel\.cfg x ulysses = 2 x 2 = 4 ranks per video must divide the 6 processes",
+        ),
+        (["runtime.parallel.cfg=2"], 1, r"2 ranks per video must divide the 1 processes"),
+    ],
+)
 def test_impossible_layouts_are_refused(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
         check_layout(tiny_config("gen_rgb", *overrides), world)
 
 
 def test_full_size_heads_allow_the_divisors_of_30():
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
-                         ["runtime.parallel.ulysses=4"])
+    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"], ["runtime.parallel.ulysses=4"])
     with pytest.raises(ConfigError, match=r"the 30 attention heads .* possible: 1, 2, 3, 5, 6, 10, 15, 30$"):
         check_layout(config, 8)
-    ok = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
-                     ["runtime.parallel.ulysses=5", "runtime.parallel.cfg=2"])
+    ok = load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"],
+        ["runtime.parallel.ulysses=5", "runtime.parallel.cfg=2"],
+    )
     assert check_layout(ok, 10).num_groups == 1
 
 
@@ -239,13 +262,26 @@ def test_bad_layout_stops_the_cli_before_loading(capsys, tmp_path):
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n", encoding="utf-8")
-    code = main(["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"),
-                 str(CONFIGS / "tiny.yaml"), "--set", "runtime.parallel.ulysses=3", "--manifest", str(manifest),
-                 "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "--base",
+            str(CONFIGS / "model.yaml"),
+            str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "runtime.parallel.ulysses=3",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: runtime.parallel.ulysses=3 must divide the 4 attention heads "
-                   "(model.network.num_attention_heads); possible: 1, 2, 4"]
+    assert err == [
+        "error: runtime.parallel.ulysses=3 must divide the 4 attention heads "
+        "(model.network.num_attention_heads); possible: 1, 2, 4"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -264,16 +300,40 @@ def test_four_ranks_in_two_groups_write_what_one_rank_writes(tmp_path):
 
     manifest = tmp_path / "jobs.jsonl"
     ids = write_manifest(manifest, 3)
-    base = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"),
-            str(CONFIGS / "tiny.yaml"), "--set", "sampling.num_steps=2", "--set", "output.preview=false",
-            "--set", "output.alpha_video=none", "--set", "runtime.vae_temporal_chunk=8", "--no-progress",
-            "--manifest", str(manifest)]
+    base = [
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / "gen_rgba.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        "sampling.num_steps=2",
+        "--set",
+        "output.preview=false",
+        "--set",
+        "output.alpha_video=none",
+        "--set",
+        "runtime.vae_temporal_chunk=8",
+        "--no-progress",
+        "--manifest",
+        str(manifest),
+    ]
     script = str(REPO_ROOT / "sat" / "sample_video.py")
     one, four = tmp_path / "one", tmp_path / "four"
     runs = [
         [sys.executable, script, *base, "--output", str(one)],
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", script, *base,
-         "--set", "runtime.parallel.ulysses=2", "--output", str(four)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=4",
+            script,
+            *base,
+            "--set",
+            "runtime.parallel.ulysses=2",
+            "--output",
+            str(four),
+        ],
     ]
     for command in runs:
         done = subprocess.run(command, cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=900)

@@ -16,8 +16,10 @@ PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a 
 
 
 def tiny_pipeline(name: str, *overrides: str) -> LayerFlowPipeline:
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
-                         ["sampling.num_steps=2", *overrides])
+    config = load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
+        ["sampling.num_steps=2", *overrides],
+    )
     return LayerFlowPipeline(config)
 
 
@@ -40,9 +42,9 @@ def test_stacked_clip_places_layers_and_repeats_first_frame(fg2bg_rgba):
     assert clip.shape[1] == layout.pixel_frames
     assert torch.all(clip[:, 0] == 0.9) and torch.all(clip[:, 1] == 0.9)  # the duplicated first frame
     alpha_span = layout.span("alpha")
-    assert torch.all(clip[:, alpha_span.pixel_start:alpha_span.pixel_stop] == -0.25)
+    assert torch.all(clip[:, alpha_span.pixel_start : alpha_span.pixel_stop] == -0.25)
     fg_span = layout.span("fg")
-    assert torch.all(clip[:, fg_span.pixel_start + 1:fg_span.pixel_stop] == 0.5)
+    assert torch.all(clip[:, fg_span.pixel_start + 1 : fg_span.pixel_stop] == 0.5)
 
 
 def test_given_layers_must_match_the_task(fg2bg_rgba):

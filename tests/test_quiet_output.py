@@ -17,16 +17,37 @@ def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     ids = ["first", "second"]
     broken = {"id": "broken", "prompts": {"fg": "a", "bg": "b", "blend": "c"}, "overrides": {}}
-    manifest.write_text("".join(json.dumps({"id": i, "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n"
-                                for i in ids) + json.dumps(broken) + "\n")
+    manifest.write_text(
+        "".join(json.dumps({"id": i, "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n" for i in ids)
+        + json.dumps(broken)
+        + "\n"
+    )
     (tmp_path / "out" / "broken").mkdir(parents=True)  # in the way: this sample fails before running
     env = {k: v for k, v in os.environ.items() if k not in ("SAT_LOGLEVEL", "DS_ACCELERATOR", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(REPO_ROOT / "sat")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), "--base", str(CONFIGS / "model.yaml"),
-         str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml"), "--set", "sampling.num_steps=2",
-         "--set", "output.preview=false", "--manifest", str(manifest), "--output", str(tmp_path / "out")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO_ROOT / "sat" / "sample_video.py"),
+            "--base",
+            str(CONFIGS / "model.yaml"),
+            str(CONFIGS / "tasks" / "gen_rgb.yaml"),
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "sampling.num_steps=2",
+            "--set",
+            "output.preview=false",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr
     err = result.stderr.splitlines()
     assert "\r" not in result.stderr, "progress bars in a log file"

@@ -34,8 +34,12 @@ PROMPTS = {"fg": "a ball", "bg": "a field", "blend": "a ball on a field"}
 
 
 def tiny(task: str = "gen", variant: str = "rgb") -> list[str]:
-    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
-            str(CONFIGS / "tiny.yaml")]
+    return [
+        "--base",
+        str(CONFIGS / "model.yaml"),
+        str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
+        str(CONFIGS / "tiny.yaml"),
+    ]
 
 
 def manifest(path: Path, *entries: dict) -> Path:
@@ -82,8 +86,9 @@ def test_paths_in_the_way_are_left_untouched_and_only_those_samples_fail(tmp_pat
     (output / "elsewhere").symlink_to(tmp_path)
     (output / "empty").mkdir()
     before = tree(output)
-    jobs = manifest(tmp_path / "jobs.jsonl", *(entry(name) for name in ("notes", "draft", "elsewhere", "empty",
-                                                                          "fresh")))
+    jobs = manifest(
+        tmp_path / "jobs.jsonl", *(entry(name) for name in ("notes", "draft", "elsewhere", "empty", "fresh"))
+    )
     code, lines = cli(capsys, *tiny(), *FAST, "--manifest", str(jobs), "--output", str(output))
     assert code == 1
     failures = [json.loads(line) for line in (output / "failures.jsonl").read_text().splitlines()]
@@ -134,12 +139,15 @@ def test_run_files_of_someone_else_are_not_taken_over(tmp_path, capsys):
 # -- 3. per-sample overrides are checked before any model loads -------------------------------------
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    ({"sampling.num_steps": "abc"}, "sampling.num_steps (from {jobs}:2): expected an integer, got 'abc'"),
-    ({"sampling.num_steps": 1}, "sampling.num_steps = 1 (from {jobs}:2): expected an integer from 2 to 1000"),
-    ({"sampling.num_step": 4}, "did you mean sampling.num_steps?"),
-    ({"runtime.device": "cpu"}, "only sampling.<key> overrides are allowed per sample"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"sampling.num_steps": "abc"}, "sampling.num_steps (from {jobs}:2): expected an integer, got 'abc'"),
+        ({"sampling.num_steps": 1}, "sampling.num_steps = 1 (from {jobs}:2): expected an integer from 2 to 1000"),
+        ({"sampling.num_step": 4}, "did you mean sampling.num_steps?"),
+        ({"runtime.device": "cpu"}, "only sampling.<key> overrides are allowed per sample"),
+    ],
+)
 def test_bad_overrides_stop_the_run_before_loading(tmp_path, capsys, monkeypatch, overrides, expected):
     import layerflow.pipeline
 
@@ -160,8 +168,17 @@ def test_bad_overrides_stop_the_run_before_loading(tmp_path, capsys, monkeypatch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_requested_without_a_gpu(tmp_path, capsys):
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"))
-    code, lines = cli(capsys, *tiny(), *FAST, "--set", "runtime.device=cuda", "--manifest", str(jobs),
-                      "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys,
+        *tiny(),
+        *FAST,
+        "--set",
+        "runtime.device=cuda",
+        "--manifest",
+        str(jobs),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert code == 2
     assert "runtime.device is 'cuda' but no CUDA device is available" in one_error(lines)
     assert not (tmp_path / "out").exists()
@@ -174,22 +191,40 @@ def tiny_release(tmp_path_factory, model_parallel) -> dict[str, Path]:
     config = load_config(tiny()[1:])
     t5 = resolve_weights(config, cache=folder / "cache").text_encoder
     network = LayerFlowDiT(config.network)
-    save_sat_checkpoint({f"model.diffusion_model.{k}": v for k, v in network.state_dict().items()},
-                        folder / "multi-layer-generation-rgb")
+    save_sat_checkpoint(
+        {f"model.diffusion_model.{k}": v for k, v in network.state_dict().items()},
+        folder / "multi-layer-generation-rgb",
+    )
     return {"checkpoint": folder / "multi-layer-generation-rgb", "t5": t5}
 
 
 def with_weights(release: dict[str, Path], vae: Path, checkpoint: Path | None = None) -> list[str]:
-    return ["--set", "model.weights=checkpoint", "--set", f"model.checkpoint={checkpoint or release['checkpoint']}",
-            "--set", f"model.vae.path={vae}", "--set", f"model.text_encoder.path={release['t5']}"]
+    return [
+        "--set",
+        "model.weights=checkpoint",
+        "--set",
+        f"model.checkpoint={checkpoint or release['checkpoint']}",
+        "--set",
+        f"model.vae.path={vae}",
+        "--set",
+        f"model.text_encoder.path={release['t5']}",
+    ]
 
 
 def test_corrupt_vae_file_is_one_line_and_leaves_no_folder(tmp_path, capsys, tiny_release):
     vae = tmp_path / "3d-vae.pt"
     vae.write_bytes(b"PK\x03\x04 this is not a torch archive")
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"))
-    code, lines = cli(capsys, *tiny(), *FAST, *with_weights(tiny_release, vae), "--manifest", str(jobs),
-                      "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys,
+        *tiny(),
+        *FAST,
+        *with_weights(tiny_release, vae),
+        "--manifest",
+        str(jobs),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert code == 2
     assert f"{vae}: corrupt or truncated file" in one_error(lines)
     assert not (tmp_path / "out").exists(), "a run that stops with exit 2 leaves no output folder or logs"
@@ -207,8 +242,16 @@ def test_unsafe_checkpoint_is_refused_without_advice_to_disable_the_check(tmp_pa
     vae = tmp_path / "3d-vae.pt"
     vae.write_bytes(b"unused")
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"))
-    code, lines = cli(capsys, *tiny(), *FAST, *with_weights(tiny_release, vae, evil), "--manifest", str(jobs),
-                      "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys,
+        *tiny(),
+        *FAST,
+        *with_weights(tiny_release, vae, evil),
+        "--manifest",
+        str(jobs),
+        "--output",
+        str(tmp_path / "out"),
+    )
     line = one_error(lines)
     assert code == 2 and "could run code" in line
     assert "weights_only" not in line and "trust" not in line
@@ -229,8 +272,9 @@ def test_prompts_must_be_strings(tmp_path, capsys, prompt, found):
 
 def test_zero_fps_is_refused_before_loading(tmp_path, capsys):
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"))
-    code, lines = cli(capsys, *tiny(), *FAST, "--set", "output.fps=0", "--manifest", str(jobs),
-                      "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys, *tiny(), *FAST, "--set", "output.fps=0", "--manifest", str(jobs), "--output", str(tmp_path / "out")
+    )
     assert code == 2
     expected = "error: output.fps = 0 (from --set output.fps=0): expected frames per second from 1 to 240"
     assert one_error(lines) == expected
@@ -283,10 +327,23 @@ def test_a_second_run_into_a_busy_folder_stops_at_once(tmp_path, capsys):
 def test_interrupting_a_run_stops_cleanly(tmp_path, stop, status):
     output = tmp_path / "out"
     jobs = manifest(tmp_path / "jobs.jsonl", *(entry(f"s{i}") for i in range(8)))
-    command = [sys.executable, str(REPO_ROOT / "sat" / "sample_video.py"), *tiny(), "--set", "sampling.num_steps=6",
-               "--set", "output.preview=false", "--no-progress", "--manifest", str(jobs), "--output", str(output)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "sat" / "sample_video.py"),
+        *tiny(),
+        "--set",
+        "sampling.num_steps=6",
+        "--set",
+        "output.preview=false",
+        "--no-progress",
+        "--manifest",
+        str(jobs),
+        "--output",
+        str(output),
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (output / "s0" / "meta.json").is_file():
@@ -328,10 +385,12 @@ def test_missing_manifest_is_called_a_manifest(tmp_path, capsys):
 def clips(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
     layers = layered_clip(16, 64, 96)
-    return {"rgb": write_mp4(folder / "fg.mp4", layers["fg"]),
-            "short": write_mp4(folder / "short.mp4", layers["fg"][:5]),
-            "tiny": write_mp4(folder / "tiny.mp4", layered_clip(16, 8, 8)["bg"]),
-            "portrait": write_mp4(folder / "portrait.mp4", layered_clip(16, 160, 64)["bg"])}
+    return {
+        "rgb": write_mp4(folder / "fg.mp4", layers["fg"]),
+        "short": write_mp4(folder / "short.mp4", layers["fg"][:5]),
+        "tiny": write_mp4(folder / "tiny.mp4", layered_clip(16, 8, 8)["bg"]),
+        "portrait": write_mp4(folder / "portrait.mp4", layered_clip(16, 160, 64)["bg"]),
+    }
 
 
 def prompt_dir(folder: Path) -> Path:
@@ -342,8 +401,17 @@ def prompt_dir(folder: Path) -> Path:
 
 
 def test_rgba_foreground_without_alpha_names_the_mask_option(tmp_path, capsys, clips):
-    code, lines = cli(capsys, *tiny("fg2bg", "rgba"), *FAST, "--prompt-dir", str(prompt_dir(tmp_path / "p")),
-                      "--input", f"fg={clips['rgb']}", "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys,
+        *tiny("fg2bg", "rgba"),
+        *FAST,
+        "--prompt-dir",
+        str(prompt_dir(tmp_path / "p")),
+        "--input",
+        f"fg={clips['rgb']}",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert code == 2
     line = one_error(lines)
     assert str(clips["rgb"]) in line and "--input mask=PATH" in line and "mask_source" not in line
@@ -351,17 +419,28 @@ def test_rgba_foreground_without_alpha_names_the_mask_option(tmp_path, capsys, c
 
 
 def test_too_short_clip_names_the_file(tmp_path, capsys, clips):
-    code, lines = cli(capsys, *tiny("bg2fg"), *FAST, "--prompt-dir", str(prompt_dir(tmp_path / "p")),
-                      "--input", f"bg={clips['short']}", "--output", str(tmp_path / "out"))
+    code, lines = cli(
+        capsys,
+        *tiny("bg2fg"),
+        *FAST,
+        "--prompt-dir",
+        str(prompt_dir(tmp_path / "p")),
+        "--input",
+        f"bg={clips['short']}",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert code == 2
     assert one_error(lines).startswith(f"error: {clips['short']}: clip has 5 frames")
 
 
 def test_warnings_for_upscaling_cropping_and_long_prompts(tmp_path, capsys, clips):
     long_prompt = " ".join(f"word{i}" for i in range(400))
-    jobs = manifest(tmp_path / "jobs.jsonl",
-                    {"id": "small", "prompts": {**PROMPTS, "fg": long_prompt}, "inputs": {"bg": str(clips["tiny"])}},
-                    {"id": "tall", "prompts": PROMPTS, "inputs": {"bg": str(clips["portrait"])}})
+    jobs = manifest(
+        tmp_path / "jobs.jsonl",
+        {"id": "small", "prompts": {**PROMPTS, "fg": long_prompt}, "inputs": {"bg": str(clips["tiny"])}},
+        {"id": "tall", "prompts": PROMPTS, "inputs": {"bg": str(clips["portrait"])}},
+    )
     code, lines = cli(capsys, *tiny("bg2fg"), *FAST, "--manifest", str(jobs), "--output", str(tmp_path / "out"))
     assert code == 0, lines
     warnings = [line for line in lines if line.startswith("warning:")]

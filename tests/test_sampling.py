@@ -40,7 +40,12 @@ def test_sampling_matches_reference(reference_dir, case):
     steps = []
     with torch.no_grad():
         final = sample_vpsde_dpmpp_2m(
-            model_fn, noise, text, torch.zeros_like(text), ZeroSNRSchedule(recorded["num_steps"]), DynamicCFG(),
+            model_fn,
+            noise,
+            text,
+            torch.zeros_like(text),
+            ZeroSNRSchedule(recorded["num_steps"]),
+            DynamicCFG(),
             callback=lambda i, x: steps.append(x.clone()),
         )
     for i, expected in enumerate(recorded["x_after_step"]):
@@ -108,8 +113,15 @@ def test_noise_draws_follow_the_reference_order(reference_dir, case, monkeypatch
     noise = torch.randn(recorded["initial_noise"].shape)
     assert _hash(noise) == _hash(recorded["initial_noise"])
     text = torch.zeros(1, 4, 2)
-    sample_vpsde_dpmpp_2m(lambda x, t, c: torch.zeros_like(x), noise, text, text, schedule, guidance,
-                          callback=lambda i, x: draws_after_step.append(len(draws)))
+    sample_vpsde_dpmpp_2m(
+        lambda x, t, c: torch.zeros_like(x),
+        noise,
+        text,
+        text,
+        schedule,
+        guidance,
+        callback=lambda i, x: draws_after_step.append(len(draws)),
+    )
     steps = schedule.num_steps
     assert len(draws) == 1 + 2 * (steps - 2)
     assert [_hash(d) for d in draws] == list(recorded["noise_draw_sha256_16"])
@@ -125,8 +137,9 @@ def test_skipping_the_wasted_draw_uses_the_stream_without_gaps(reference_dir, ca
     torch.manual_seed(recorded["seed"])
     noise = torch.randn(recorded["initial_noise"].shape)
     text = torch.zeros(1, 4, 2)
-    sample_vpsde_dpmpp_2m(lambda x, t, c: torch.zeros_like(x), noise, text, text, schedule, guidance,
-                          faithful_rng=False)
+    sample_vpsde_dpmpp_2m(
+        lambda x, t, c: torch.zeros_like(x), noise, text, text, schedule, guidance, faithful_rng=False
+    )
     steps = schedule.num_steps
     assert [_hash(d) for d in draws] == list(recorded["noise_draw_sha256_16"])[: steps - 1]
 
@@ -185,8 +198,9 @@ def test_batched_and_two_pass_guidance_agree_and_seeds_reproduce():
     results = []
     for batched in (True, False, True):
         torch.manual_seed(7)
-        results.append(sample_vpsde_dpmpp_2m(model_fn, noise, cond, uncond, schedule, DynamicCFG(),
-                                             batched_guidance=batched))
+        results.append(
+            sample_vpsde_dpmpp_2m(model_fn, noise, cond, uncond, schedule, DynamicCFG(), batched_guidance=batched)
+        )
     torch.testing.assert_close(results[0], results[1])
     assert torch.equal(results[0], results[2])
 
@@ -198,8 +212,11 @@ def test_skipping_the_discarded_draw_changes_the_stream_only():
     outs = []
     for faithful in (True, False):
         torch.manual_seed(0)
-        outs.append(sample_vpsde_dpmpp_2m(exact_v(x0, schedule), torch.randn_like(x0), text, text, schedule,
-                                          DynamicCFG(), faithful_rng=faithful))
+        outs.append(
+            sample_vpsde_dpmpp_2m(
+                exact_v(x0, schedule), torch.randn_like(x0), text, text, schedule, DynamicCFG(), faithful_rng=faithful
+            )
+        )
     torch.testing.assert_close(outs[0], x0, atol=1e-4, rtol=0)
     torch.testing.assert_close(outs[1], x0, atol=1e-4, rtol=0)
 
@@ -217,8 +234,9 @@ def test_states_follow_the_exact_marginals_of_a_point_mass(monkeypatch):
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     draws = record_draws(monkeypatch)
     states = []
-    out = sample_vpsde_dpmpp_2m(exact_v(x0, schedule), noise, text, text, schedule, DynamicCFG(),
-                                callback=lambda i, x: states.append(x.clone()))
+    out = sample_vpsde_dpmpp_2m(
+        exact_v(x0, schedule), noise, text, text, schedule, DynamicCFG(), callback=lambda i, x: states.append(x.clone())
+    )
     alphas = schedule.alphas.double().tolist()
     used = draws[0::2]
     assert len(used) == schedule.num_steps - 1
@@ -243,8 +261,15 @@ def test_second_order_correction_matches_dpmpp_2m(monkeypatch):
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
     draws = record_draws(monkeypatch)
     states = []
-    out = sample_vpsde_dpmpp_2m(model_with_denoised(target, schedule), noise, text, text, schedule, DynamicCFG(),
-                                callback=lambda i, x: states.append(x.clone()))
+    out = sample_vpsde_dpmpp_2m(
+        model_with_denoised(target, schedule),
+        noise,
+        text,
+        text,
+        schedule,
+        DynamicCFG(),
+        callback=lambda i, x: states.append(x.clone()),
+    )
     alphas = schedule.alphas.double().tolist()
     timesteps = schedule.timesteps.tolist()
     used = draws[0::2]
@@ -260,8 +285,11 @@ def test_second_order_correction_matches_dpmpp_2m(monkeypatch):
             r = (_lambda(a) - _lambda(alphas[i - 1])) / (_lambda(a_next) - _lambda(a))
             extrapolated = denoised[i] + (denoised[i] - denoised[i - 1]) / (2 * r)
             correction_seen = max(correction_seen, (extrapolated - denoised[i]).abs().max().item())
-        expected = (sigma_next / sigma * decay * x + a_next * (1 - decay**2) * extrapolated
-                    + sigma_next * math.sqrt(1 - decay**2) * used[i].double())
+        expected = (
+            sigma_next / sigma * decay * x
+            + a_next * (1 - decay**2) * extrapolated
+            + sigma_next * math.sqrt(1 - decay**2) * used[i].double()
+        )
         torch.testing.assert_close(states[i].double(), expected, atol=2e-5, rtol=0)
         x = states[i].double()
     assert correction_seen > 1e-3, "the toy must make the second-order term matter"

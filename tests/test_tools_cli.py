@@ -28,8 +28,7 @@ SIZE = ["--size", "64x96"]
 
 
 def tiny(name: str) -> list[str]:
-    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"),
-            str(CONFIGS / "tiny.yaml")]
+    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"), str(CONFIGS / "tiny.yaml")]
 
 
 def tiny_config(name: str):
@@ -67,14 +66,19 @@ def composite(clip, tmp_path_factory):
 def test_help_shows_an_example(capsys, name):
     assert main([name, "--help"]) == 0
     out = capsys.readouterr().out
-    examples = {"generate": "\n    python sat/sample_video.py --base configs/",
-                "convert": "example:\n    python -m layerflow.convert SRC"}
+    examples = {
+        "generate": "\n    python sat/sample_video.py --base configs/",
+        "convert": "example:\n    python -m layerflow.convert SRC",
+    }
     assert examples.get(name, f"example:\n  layerflow {name} ") in out
 
 
 def test_usage_errors_are_one_line(capsys):
-    for argv, pattern in ((["compose", "--bg", "white"], "--fg"), (["score"], "SAMPLE_DIR"),
-                          (["compose", "--fg", "a", "--bg", "b", "--output", "c", "--size", "big"], "HEIGHTxWIDTH")):
+    for argv, pattern in (
+        (["compose", "--bg", "white"], "--fg"),
+        (["score"], "SAMPLE_DIR"),
+        (["compose", "--fg", "a", "--bg", "b", "--output", "c", "--size", "big"], "HEIGHTxWIDTH"),
+    ):
         code, out, err = run(capsys, argv)
         assert code == 2 and not out
         assert len(err.strip().splitlines()) == 1 and pattern in err, err
@@ -106,15 +110,33 @@ def test_compose_over_a_colour_gives_the_known_blend(composite, clip):
 def test_inspect_a_composite_shows_its_command(capsys, composite, clip):
     code, out, _ = run(capsys, ["inspect", str(composite)])
     assert code == 0 and "made by     layerflow compose" in out
-    assert out.strip().endswith(f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} "
-                                f"--size 64x96")
+    assert out.strip().endswith(
+        f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} --size 64x96"
+    )
 
 
 def test_compose_over_a_still_image(tmp_path, clip):
     still = tmp_path / "still.png"
     Image.fromarray(np.full((32, 48, 3), (10, 200, 30), np.uint8)).save(still)
-    assert main(["compose", "--fg", str(clip["fg"]), "--mask", str(clip["mask"]), "--bg", str(still),
-                 "--output", str(tmp_path / "out"), *SIZE, "--frames", "8"]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                "--fg",
+                str(clip["fg"]),
+                "--mask",
+                str(clip["mask"]),
+                "--bg",
+                str(still),
+                "--output",
+                str(tmp_path / "out"),
+                *SIZE,
+                "--frames",
+                "8",
+            ]
+        )
+        == 0
+    )
     background = read_clip_frames(tmp_path / "out" / "background.mp4")
     assert background.shape == (8, 64, 96, 3)
     assert np.abs(background.astype(int) - np.array([10, 200, 30])).mean() < 3
@@ -130,12 +152,14 @@ def test_compose_bad_inputs_write_nothing(capsys, tmp_path, clip, composite):
         (["--fg", str(clip["fg_rgba"]), "--bg", str(clip["bg"]), "--frames", "40"], "40 output frames"),
     ]
     for argv, pattern in cases:
-        one_line_error(capsys, ["compose", *argv, "--output", str(out), *(SIZE if "--size" not in argv else [])],
-                       pattern)
+        one_line_error(
+            capsys, ["compose", *argv, "--output", str(out), *(SIZE if "--size" not in argv else [])], pattern
+        )
         assert not out.exists()
     before = sorted(p.name for p in composite.iterdir())
-    one_line_error(capsys, ["compose", "--fg", str(clip["fg_rgba"]), "--bg", "white", "--output", str(composite)],
-                   "already exists")
+    one_line_error(
+        capsys, ["compose", "--fg", str(clip["fg_rgba"]), "--bg", "white", "--output", str(composite)], "already exists"
+    )
     assert sorted(p.name for p in composite.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary left behind"
 
@@ -180,8 +204,23 @@ def test_reuse_a_layer_from_a_sample_folder(composite):
 
 def test_reuse_needs_the_straight_export(tmp_path, clip):
     folder = tmp_path / "premultiplied"
-    assert main(["compose", "--fg", str(clip["fg_rgba"]), "--bg", "black", "--output", str(folder), *SIZE,
-                 "--alpha-mode", "premultiplied"]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                "--fg",
+                str(clip["fg_rgba"]),
+                "--bg",
+                "black",
+                "--output",
+                str(folder),
+                *SIZE,
+                "--alpha-mode",
+                "premultiplied",
+            ]
+        )
+        == 0
+    )
     assert (folder / "foreground_rgba_premultiplied").is_dir() and not (folder / "foreground_rgba").exists()
     with pytest.raises(LayerSourceError, match="straight export"):
         resolve_layer_source(folder, "fg", with_alpha=True)
@@ -191,12 +230,16 @@ def test_convert_and_no_traceback(tmp_path, capsys):
     state = {"model.diffusion_model.weight": torch.arange(6.0).reshape(2, 3)}
     torch.save({"module": state}, tmp_path / "ckpt.pt")
     target = tmp_path / "model.safetensors"
-    code, out, _ = run(capsys, ["convert", str(tmp_path / "ckpt.pt"), str(target), "--task", "gen",
-                                "--variant", "rgb"])
+    code, out, _ = run(capsys, ["convert", str(tmp_path / "ckpt.pt"), str(target), "--task", "gen", "--variant", "rgb"])
     assert code == 0 and target.is_file() and "1 tensors" in out
-    result = subprocess.run([sys.executable, "-m", "layerflow.console", "score", str(tmp_path)], capture_output=True,
-                            text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")},
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "layerflow.console", "score", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")},
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"layerflow score: error: {tmp_path}: no meta.json" in result.stderr
 
@@ -211,8 +254,10 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
     code, out, _ = run(capsys, ["score", str(sample)])
     assert code == 0 and str(sample) in out
     assert json.loads((sample / "scores.json").read_text()) == json.loads((sample / "meta.json").read_text())["scores"]
-    assert main(["compose", "--fg", str(sample), "--bg", str(sample), "--output", str(tmp_path / "recomposed"),
-                 *SIZE]) == 0
+    assert (
+        main(["compose", "--fg", str(sample), "--bg", str(sample), "--output", str(tmp_path / "recomposed"), *SIZE])
+        == 0
+    )
     # the recomposed blend is the demo's foreground over the demo's background
     recomposed = json.loads((tmp_path / "recomposed" / "meta.json").read_text())
     assert recomposed["given_sources"]["bg"]["file"] == "background.mp4"
@@ -221,24 +266,44 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
     for layer in ("fg", "bg", "blend"):
         (prompts / f"{layer}.txt").write_text(f"the {layer}\n")
     runs = tmp_path / "runs"
-    assert main(["generate", *tiny("fg2bg_rgba"), "--prompt-dir", str(prompts), "--input", f"fg={sample}",
-                 "--set", "sampling.num_steps=2", "--output", str(runs), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                *tiny("fg2bg_rgba"),
+                "--prompt-dir",
+                str(prompts),
+                "--input",
+                f"fg={sample}",
+                "--set",
+                "sampling.num_steps=2",
+                "--output",
+                str(runs),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (folder,) = [p for p in runs.iterdir() if (p / "meta.json").is_file()]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["given_sources"]["fg"]["file"] == "foreground_rgba"
-    assert meta["given_sources"]["fg"]["sample"] == {"id": "gen_rgba", "task": "gen", "variant": "rgba", "seed": 0,
-                                                     "checkpoint": "random weights"}
+    assert meta["given_sources"]["fg"]["sample"] == {
+        "id": "gen_rgba",
+        "task": "gen",
+        "variant": "rgba",
+        "seed": 0,
+        "checkpoint": "random weights",
+    }
     code, out, _ = run(capsys, ["inspect", str(folder), "--output", str(tmp_path / "again")])
     assert code == 0 and "fg2bg (rgba)" in out and f"seed        {meta['seed']}" in out
     command = out.split("\nreproduce\n", 1)[1]
     assert "--set sampling.num_steps=2" in command
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "layerflow").write_text(f"#!/bin/sh\nexec {sys.executable} -m layerflow.console \"$@\"\n")
+    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
     (shim / "layerflow").chmod(0o755)
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
-    result = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     again = tmp_path / "again" / folder.name
     for png in sorted((folder / "foreground_rgba").glob("*.png")):

@@ -96,10 +96,12 @@ def test_alpha_temporal_change():
 def constructed_layers(frames=4, height=16, width=24):
     """Hard-edged matte moving right by 2 px a frame over a gradient: the exact blend is known."""
     rows, cols = np.mgrid[0:height, 0:width]
-    fg = np.broadcast_to(np.stack([60 + 8 * rows, 180 + 0 * rows, 90 + 4 * cols], axis=-1).astype(np.uint8),
-                         (frames, height, width, 3)).copy()
-    bg = np.broadcast_to(np.linspace(0, 255, width).astype(np.uint8)[None, None, :, None],
-                         (frames, height, width, 3)).copy()
+    fg = np.broadcast_to(
+        np.stack([60 + 8 * rows, 180 + 0 * rows, 90 + 4 * cols], axis=-1).astype(np.uint8), (frames, height, width, 3)
+    ).copy()
+    bg = np.broadcast_to(
+        np.linspace(0, 255, width).astype(np.uint8)[None, None, :, None], (frames, height, width, 3)
+    ).copy()
     alpha = np.zeros((frames, height, width), np.uint8)
     for t in range(frames):
         alpha[t, :, 6 + 2 * t : 14 + 2 * t] = 255
@@ -139,8 +141,9 @@ def test_alpha_mode_is_validated():
     with pytest.raises(ConfigError) as error:
         load_config(files, ["output.alpha_mode=premult"])
     message = str(error.value)
-    assert message == ("output.alpha_mode = 'premult' (from --set output.alpha_mode=premult): "
-                       "expected straight, premultiplied or both")
+    assert message == (
+        "output.alpha_mode = 'premult' (from --set output.alpha_mode=premult): expected straight, premultiplied or both"
+    )
     assert "\n" not in message
 
 
@@ -148,8 +151,12 @@ def model_layers(rgba, bg, blend):
     """Bytes -> the model's layers in [-1, 1]: fg matted over grey, alpha as 3 channels, bg, blend."""
     as_model = lambda x: torch.from_numpy(x).float().permute(0, 3, 1, 2) / 127.5 - 1
     alpha = torch.from_numpy(rgba[..., 3]).float()[:, None] / 255.0  # (t, 1, h, w)
-    return {"fg": as_model(rgba[..., :3]) * alpha, "bg": as_model(bg), "blend": as_model(blend),
-            "alpha": (2 * alpha - 1).expand(-1, 3, -1, -1)}
+    return {
+        "fg": as_model(rgba[..., :3]) * alpha,
+        "bg": as_model(bg),
+        "blend": as_model(blend),
+        "alpha": (2 * alpha - 1).expand(-1, 3, -1, -1),
+    }
 
 
 @pytest.mark.parametrize("mode", ["straight", "premultiplied", "both"])
@@ -181,8 +188,9 @@ def test_alpha_mode_files(tmp_path, mode):
 
 def test_premultiplied_vp9(tmp_path):
     rgba, bg, blend = constructed_layers()
-    write_layer_files(tmp_path, model_layers(rgba, bg, blend), OutputSection(alpha_mode="premultiplied",
-                                                                             alpha_video="vp9"))
+    write_layer_files(
+        tmp_path, model_layers(rgba, bg, blend), OutputSection(alpha_mode="premultiplied", alpha_video="vp9")
+    )
     assert (tmp_path / "foreground_premultiplied.webm").is_file() and not (tmp_path / "foreground.webm").exists()
     webm = read_clip_frames(tmp_path / "foreground_premultiplied.webm")
     png = read_clip_frames(tmp_path / "foreground_rgba_premultiplied")
@@ -203,7 +211,7 @@ def test_contact_sheet_grid():
     assert picks == [0, 3, 6, 9]
     assert sheet.shape == (GAP + 4 * (height + GAP), GAP + 4 * (width + GAP), 3)
     assert (sheet[:GAP] == GAP_SHADE).all()
-    cell = lambda r, k: sheet[GAP + r * (height + GAP):][:height, GAP + k * (width + GAP):][:, :width]
+    cell = lambda r, k: sheet[GAP + r * (height + GAP) :][:height, GAP + k * (width + GAP) :][:, :width]
     assert (cell(0, 0)[:, 4:] == 200).all()  # opaque half shows the foreground
     assert set(np.unique(cell(0, 0)[:, :4])) <= {204, 255}  # transparent half shows the checkerboard
     assert (cell(1, 2)[:, :4] == 0).all() and (cell(1, 2)[:, 4:] == 255).all()  # the matte row
@@ -235,8 +243,17 @@ def test_scores_can_be_turned_off(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")
     configs = [str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgba.yaml"), str(CONFIGS / "tiny.yaml")]
-    common = ["--base", *configs, "--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress",
-              "--manifest", str(manifest)]
+    common = [
+        "--base",
+        *configs,
+        "--set",
+        "sampling.num_steps=2",
+        "--set",
+        "output.preview=false",
+        "--no-progress",
+        "--manifest",
+        str(manifest),
+    ]
     assert main([*common, "--set", "output.scores=false", "--output", str(tmp_path / "off")]) == 0
     assert main([*common, "--output", str(tmp_path / "on")]) == 0
     assert "scores" not in json.loads((tmp_path / "off" / "a" / "meta.json").read_text())

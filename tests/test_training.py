@@ -30,11 +30,20 @@ from layerflow.weights.resolve import resolve_weights
 
 CONFIGS = REPO_ROOT / "configs"
 FIXTURES = Path(__file__).parent / "fixtures" / "training"
-FILES = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "seg_rgb.yaml", CONFIGS / "train" / "content_lora.yaml",
-         CONFIGS / "tiny.yaml"]
+FILES = [
+    CONFIGS / "model.yaml",
+    CONFIGS / "tasks" / "seg_rgb.yaml",
+    CONFIGS / "train" / "content_lora.yaml",
+    CONFIGS / "tiny.yaml",
+]
 HEIGHT, WIDTH = 32, 48  # pixels of the small test geometry: a 4x6 latent
-SMALL = ["model.network.latent_height=4", "model.network.latent_width=6", "training.layers=[]",
-         "training.tensorboard=false", "training.gradient_checkpointing=false"]
+SMALL = [
+    "model.network.latent_height=4",
+    "model.network.latent_width=6",
+    "training.layers=[]",
+    "training.tensorboard=false",
+    "training.gradient_checkpointing=false",
+]
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -70,17 +79,28 @@ def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("layered")
     clip = write_layered_clip(root / "clip", frames=16, height=64, width=96)
     write_still(root / "still")
-    return write_manifest(root / "train.jsonl", [
-        {"id": "clip", "prompts": PROMPTS, "inputs": {"fg": str(clip["fg_rgba"].relative_to(root)),
-                                                      "bg": "clip/bg.mp4", "blend": "clip/blend.mp4"}},
-        {"id": "still", "prompts": PROMPTS, "inputs": {"fg": "still/fg.png", "bg": "still/bg.png"}},
-    ])
+    return write_manifest(
+        root / "train.jsonl",
+        [
+            {
+                "id": "clip",
+                "prompts": PROMPTS,
+                "inputs": {
+                    "fg": str(clip["fg_rgba"].relative_to(root)),
+                    "bg": "clip/bg.mp4",
+                    "blend": "clip/blend.mp4",
+                },
+            },
+            {"id": "still", "prompts": PROMPTS, "inputs": {"fg": "still/fg.png", "bg": "still/bg.png"}},
+        ],
+    )
 
 
 def train_config(manifest: Path, save: Path, *overrides: str):
     cache = manifest.parent / "cache"
-    config = load_train_config(FILES, [*SMALL, f"training.manifest={manifest}", f"training.cache={cache}",
-                                       f"training.save={save}", *overrides])
+    config = load_train_config(
+        FILES, [*SMALL, f"training.manifest={manifest}", f"training.cache={cache}", f"training.save={save}", *overrides]
+    )
     resolve_weights(config)  # builds the tiny T5 once
     return config
 
@@ -103,9 +123,16 @@ def trainer(manifest: Path, save: Path, *overrides: str) -> Trainer:
 
 def test_still_sample_without_blend_is_composited_and_frozen(tmp_path):
     paths = write_still(tmp_path / "still", with_alpha=False)
-    manifest = write_manifest(tmp_path / "m.jsonl", [
-        {"id": "s", "prompts": PROMPTS, "inputs": {"fg": "still/fg_rgb.png", "mask": "still/mask.png",
-                                                   "bg": "still/bg.png"}}])
+    manifest = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "id": "s",
+                "prompts": PROMPTS,
+                "inputs": {"fg": "still/fg_rgb.png", "mask": "still/mask.png", "bg": "still/bg.png"},
+            }
+        ],
+    )
     (sample,) = read_manifest(manifest, get_layout("gen", "rgba"))
     assert sample.still
     layers = read_layers(sample, (HEIGHT, WIDTH))
@@ -124,18 +151,25 @@ def test_still_sample_without_blend_is_composited_and_frozen(tmp_path):
 def test_video_sample_is_not_still_unless_marked(dataset):
     samples = {s.id: s for s in read_manifest(dataset, get_layout("seg", "rgb"))}
     assert not samples["clip"].still and samples["still"].still
-    marked = write_manifest(dataset.parent / "marked.jsonl", [
-        {"id": "clip", "prompts": PROMPTS, "still": True,
-         "inputs": {"fg": "clip/fg_rgba", "bg": "clip/bg.mp4"}}])
+    marked = write_manifest(
+        dataset.parent / "marked.jsonl",
+        [{"id": "clip", "prompts": PROMPTS, "still": True, "inputs": {"fg": "clip/fg_rgba", "bg": "clip/bg.mp4"}}],
+    )
     assert read_manifest(marked, get_layout("seg", "rgb"))[0].still
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"id": "a", "prompts": PROMPTS, "inputs": {"fg": "f.png"}}, "sample a): inputs need fg and bg"),
-    ({"id": "a", "prompts": {"fg": "x"}, "inputs": {"fg": "f.png", "bg": "b.png"}}, "missing or empty ['bg', 'blend']"),
-    ({"id": "a b", "prompts": PROMPTS, "inputs": {}}, "id 'a b'"),
-    ({"id": "a", "prompts": PROMPTS, "inputs": {"fg": "f", "bg": "b"}, "weight": 2}, "unknown fields ['weight']"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"id": "a", "prompts": PROMPTS, "inputs": {"fg": "f.png"}}, "sample a): inputs need fg and bg"),
+        (
+            {"id": "a", "prompts": {"fg": "x"}, "inputs": {"fg": "f.png", "bg": "b.png"}},
+            "missing or empty ['bg', 'blend']",
+        ),
+        ({"id": "a b", "prompts": PROMPTS, "inputs": {}}, "id 'a b'"),
+        ({"id": "a", "prompts": PROMPTS, "inputs": {"fg": "f", "bg": "b"}, "weight": 2}, "unknown fields ['weight']"),
+    ],
+)
 def test_bad_manifest_line_names_line_and_problem(tmp_path, entry, message):
     manifest = write_manifest(tmp_path / "m.jsonl", [entry])
     with pytest.raises(SampleError) as error:
@@ -145,10 +179,17 @@ def test_bad_manifest_line_names_line_and_problem(tmp_path, entry, message):
 
 
 def test_bad_sample_stops_preparation_naming_id_and_file(dataset, tmp_path):
-    manifest = write_manifest(tmp_path / "m.jsonl", [
-        {"id": "good", "prompts": PROMPTS, "inputs": {"fg": str(dataset.parent / "still/fg.png"),
-                                                      "bg": str(dataset.parent / "still/bg.png")}},
-        {"id": "broken", "prompts": PROMPTS, "inputs": {"fg": "missing.png", "bg": "missing_bg.mp4"}}])
+    manifest = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "id": "good",
+                "prompts": PROMPTS,
+                "inputs": {"fg": str(dataset.parent / "still/fg.png"), "bg": str(dataset.parent / "still/bg.png")},
+            },
+            {"id": "broken", "prompts": PROMPTS, "inputs": {"fg": "missing.png", "bg": "missing_bg.mp4"}},
+        ],
+    )
     config = train_config(manifest, tmp_path / "run", f"training.cache={tmp_path / 'cache'}")
     ensure_model_parallel()
     with pytest.raises(SampleError) as error:
@@ -169,8 +210,10 @@ def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
     assert clip.mean.shape == (layout.latent_frames, 16, 4, 6) and clip.std.shape == clip.mean.shape
     assert clip.context.shape == (layout.text_length, 32) and (clip.std > 0).all()
     assert still.still and not clip.still
-    other = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
-                              [*SMALL, f"training.cache={prepared.parent / 'cache'}"])
+    other = load_train_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", *FILES[2:]],
+        [*SMALL, f"training.cache={prepared.parent / 'cache'}"],
+    )
     with pytest.raises(CacheError, match="made for another config"):
         LatentCache(other, samples)
     edited = [dataclasses.replace(samples[0], prompts={**samples[0].prompts, "fg": "a blue disc"}), samples[1]]
@@ -186,17 +229,23 @@ def test_loss_equals_the_original_on_the_recorded_batch(reference_dir, case):
     record = torch.load(FIXTURES / f"loss_{case}.pt", weights_only=True)
     sizes = json.loads((reference_dir / case / "config.json").read_text())["sizes"]
     task, variant = case.split("_")
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{case}.yaml", CONFIGS / "tiny.yaml"],
-                         [f"model.network.num_frames={sizes['num_frames']}"])
+    config = load_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{case}.yaml", CONFIGS / "tiny.yaml"],
+        [f"model.network.num_frames={sizes['num_frames']}"],
+    )
     network = LayerFlowDiT(config.network)
     load_network(network, reference_dir / case / "ckpt", config.layout)
-    batch = NoisedBatch(record["latents"], record["context"], record["timesteps"], record["noise"],
-                        record["lora_scale"])
+    batch = NoisedBatch(
+        record["latents"], record["context"], record["timesteps"], record["noise"], record["lora_scale"]
+    )
     assert torch.equal(alpha_table()[record["timesteps"]], record["alphas"])
     with torch.no_grad():
         ours = diffusion_loss(network, batch, config.layout)
-        switched = diffusion_loss(network, NoisedBatch(batch.latents, batch.context, batch.timesteps, batch.noise,
-                                                       1 - batch.lora_scale), config.layout)
+        switched = diffusion_loss(
+            network,
+            NoisedBatch(batch.latents, batch.context, batch.timesteps, batch.noise, 1 - batch.lora_scale),
+            config.layout,
+        )
     assert torch.allclose(ours, record["loss"], rtol=0, atol=1e-5), (ours, record["loss"])
     assert (switched - record["loss"]).abs().min() > 1e-4  # the recorded batch exercises the motion switch
 
@@ -205,7 +254,7 @@ def test_perfect_v_prediction_has_zero_loss():
     layout = get_layout("fg2bg", "rgba")
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn((3, layout.latent_frames, 16, 2, 2), generator=generator)
-    target = torch.cat([latents[:, : layout.condition[0]], latents[:, layout.condition[1]:]], dim=1)
+    target = torch.cat([latents[:, : layout.condition[0]], latents[:, layout.condition[1] :]], dim=1)
     timesteps = torch.tensor([0, 500, 999])
     noise = torch.randn(target.shape, generator=generator)
     a = alpha_table()[timesteps].reshape(-1, 1, 1, 1, 1)
@@ -215,11 +264,13 @@ def test_perfect_v_prediction_has_zero_loss():
         assert x.shape == latents.shape and torch.equal(x[:, :9], latents[:, :9]) and torch.equal(t, timesteps)
         return (a * x - latents) / (1 - a**2) ** 0.5
 
-    loss = diffusion_loss(oracle, NoisedBatch(latents, torch.zeros(3, 1, 1), timesteps, noise, torch.zeros(3)),
-                          layout)
+    loss = diffusion_loss(oracle, NoisedBatch(latents, torch.zeros(3, 1, 1), timesteps, noise, torch.zeros(3)), layout)
     assert loss.shape == (3,) and loss.abs().max() < 1e-8
-    zero = diffusion_loss(lambda x, *args, **kw: torch.zeros_like(x),
-                          NoisedBatch(latents, torch.zeros(3, 1, 1), timesteps, noise, torch.zeros(3)), layout)
+    zero = diffusion_loss(
+        lambda x, *args, **kw: torch.zeros_like(x),
+        NoisedBatch(latents, torch.zeros(3, 1, 1), timesteps, noise, torch.zeros(3)),
+        layout,
+    )
     # with v = 0 the estimate is a x_t, so the loss is mean((a x_t - x0)^2) / (1 - a^2)
     expected = ((a * (a * target + (1 - a**2) ** 0.5 * noise) - target) ** 2 / (1 - a**2)).flatten(1).mean(1)
     assert torch.allclose(zero, expected, rtol=1e-5)
@@ -229,8 +280,9 @@ def test_perfect_v_prediction_has_zero_loss():
 
 
 def test_parameter_groups_and_layer_selection():
-    config = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
-                               ["training.layers=[1]"])
+    config = load_train_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]], ["training.layers=[1]"]
+    )
     network = LayerFlowDiT(config.network)
     names = select_trainable(network, ["content_lora", "layer_embedding"], [1])
     lora = [n for n in names if not n.startswith("mixins.pos_embed.txt_embedder.")]
@@ -274,8 +326,9 @@ def fixed_eval_loss(run: Trainer) -> float:
         sample = run.cache.load(position)
         for timestep in (50, 300, 600, 900):
             noise = torch.randn((1, run.layout.generated_frames, *sample.mean.shape[1:]), generator=generator)
-            batch = NoisedBatch(sample.mean[None], sample.context[None], torch.tensor([timestep]), noise,
-                                torch.zeros(1))
+            batch = NoisedBatch(
+                sample.mean[None], sample.context[None], torch.tensor([timestep]), noise, torch.zeros(1)
+            )
             with torch.no_grad():
                 losses.append(float(diffusion_loss(run.network, batch, run.layout)))
     return sum(losses) / len(losses)
@@ -283,9 +336,16 @@ def fixed_eval_loss(run: Trainer) -> float:
 
 @pytest.mark.slow
 def test_training_halves_the_loss_on_two_clips(prepared, tmp_path):
-    run = trainer(prepared, tmp_path / "run", "training.trainable=[transformer]", "training.learning_rate=0.003",
-                  "training.batch_size=2", "training.text_dropout=0.0", "training.steps=15",
-                  "training.save_interval=100")
+    run = trainer(
+        prepared,
+        tmp_path / "run",
+        "training.trainable=[transformer]",
+        "training.learning_rate=0.003",
+        "training.batch_size=2",
+        "training.text_dropout=0.0",
+        "training.steps=15",
+        "training.save_interval=100",
+    )
     before = fixed_eval_loss(run)
     history = run.run()
     assert len(history) == 15 and all(np.isfinite(r["loss"]) for r in history)
@@ -308,8 +368,12 @@ def test_still_clips_switch_the_motion_lora_on(prepared, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(prepared, tmp_path):
     grads = []
     for checkpointing in ("false", "true"):
-        run = trainer(prepared, tmp_path / checkpointing, f"training.gradient_checkpointing={checkpointing}",
-                      "training.trainable=[content_lora,transformer]")
+        run = trainer(
+            prepared,
+            tmp_path / checkpointing,
+            f"training.gradient_checkpointing={checkpointing}",
+            "training.trainable=[content_lora,transformer]",
+        )
         run.network.train()
         diffusion_loss(run.network, run.micro_batch(0, 0), run.layout).mean().backward()
         grads.append([p.grad.clone() for p in run.params])
@@ -322,10 +386,15 @@ class Killed(Exception):
 
 @pytest.mark.slow
 def test_frozen_bit_identical_resume_exact_and_checkpoint_loads_for_sampling(prepared, tmp_path):
-    settings = ("training.steps=4", "training.save_interval=2", "training.learning_rate=0.01",
-                "training.trainable=[content_lora,motion_lora]")
-    initial = {n: p.detach().clone() for n, p in build_network(train_config(prepared, tmp_path / "x"))[0]
-               .named_parameters()}
+    settings = (
+        "training.steps=4",
+        "training.save_interval=2",
+        "training.learning_rate=0.01",
+        "training.trainable=[content_lora,motion_lora]",
+    )
+    initial = {
+        n: p.detach().clone() for n, p in build_network(train_config(prepared, tmp_path / "x"))[0].named_parameters()
+    }
     straight = trainer(prepared, tmp_path / "straight", *settings)
     straight.run()
     trained = dict(straight.network.named_parameters())
@@ -345,12 +414,13 @@ def test_frozen_bit_identical_resume_exact_and_checkpoint_loads_for_sampling(pre
     resumed = trainer(prepared, tmp_path / "killed", *settings)
     assert resumed.start_step == 2
     assert [r["step"] for r in resumed.run()] == [3, 4]
-    for (name, a), b in zip(straight.network.state_dict().items(), resumed.network.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(straight.network.state_dict().items(), resumed.network.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name} differs after resume"
     moments = [s["exp_avg"] for s in straight.optimizer.state_dict()["state"].values()]
-    assert all(torch.equal(a, s["exp_avg"]) for a, s in
-               zip(moments, resumed.optimizer.state_dict()["state"].values(), strict=True))
+    assert all(
+        torch.equal(a, s["exp_avg"])
+        for a, s in zip(moments, resumed.optimizer.state_dict()["state"].values(), strict=True)
+    )
 
     save = tmp_path / "straight"
     assert (save / "latest").read_text() == "4" and (save / "2").is_dir()
@@ -362,8 +432,10 @@ def test_frozen_bit_identical_resume_exact_and_checkpoint_loads_for_sampling(pre
     assert sampling.model.checkpoint == str(save.resolve()) and sampling.layout == straight.layout
     fresh = LayerFlowDiT(sampling.network)
     load_network(fresh, sampling.model.checkpoint, sampling.layout)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), straight.network.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), straight.network.state_dict().values(), strict=True)
+    )
 
 
 def test_resume_refuses_a_changed_recipe(prepared, tmp_path):
@@ -378,8 +450,10 @@ def test_start_from_cogvideox_weights(tmp_path):
     from layerflow.weights.checkpoint import CheckpointError, save_sat_checkpoint
     from layerflow.weights.random import randomize_
 
-    config = load_train_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
-                               ["training.layers=[]", "training.init=cogvideox"])
+    config = load_train_config(
+        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", *FILES[2:]],
+        ["training.layers=[]", "training.init=cogvideox"],
+    )
     source = randomize_(LayerFlowDiT(config.network), 5)
     cogvideox = {}
     for name, value in source.state_dict().items():

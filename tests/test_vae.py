@@ -43,7 +43,11 @@ def test_config_reads_the_fixture_sizes(vae_dir: Path, config: VAEConfig, vae: C
     spec = json.loads((vae_dir / "vae.json").read_text())
     enc = spec["encoder"]["params"]
     assert (config.ch, list(config.ch_mult), config.num_res_blocks, config.z_channels) == (
-        enc["ch"], enc["ch_mult"], enc["num_res_blocks"], enc["z_channels"])
+        enc["ch"],
+        enc["ch_mult"],
+        enc["num_res_blocks"],
+        enc["z_channels"],
+    )
     assert config.encoder_gather_norm == enc["gather_norm"]
     assert config.scale_factor == spec["scale_factor_used_by_engine"]
     assert sum(p.numel() for p in vae.parameters()) == spec["n_params"]
@@ -106,8 +110,9 @@ def test_scale_factor_helpers(vae: CausalVideoVAE, sweep: dict, config: VAEConfi
 @pytest.mark.parametrize("temporal_chunk, spatial_tile", [(2, None), (None, (2, 3)), (1, (3, 4))])
 def test_chunked_decode_equals_plain_decode(vae: CausalVideoVAE, clip: dict, temporal_chunk, spatial_tile):
     with torch.no_grad():
-        video = vae.decode(clip["latent_given"], temporal_chunk=temporal_chunk, spatial_tile=spatial_tile,
-                           buffer_device="cpu")
+        video = vae.decode(
+            clip["latent_given"], temporal_chunk=temporal_chunk, spatial_tile=spatial_tile, buffer_device="cpu"
+        )
     torch.testing.assert_close(video, clip["decoded_from_latent_given"], atol=1e-5, rtol=1e-5)
 
 
@@ -128,8 +133,13 @@ def test_streamed_encode_equals_plain_encode(vae: CausalVideoVAE, clip: dict, te
     """Region-by-region encode (halos, frame pairs, whole-activation statistics) against the one-call encode."""
     with torch.no_grad():
         plain = vae.posterior(clip["input_video"])
-        streamed = vae.posterior(clip["input_video"], temporal_chunk=temporal_chunk, spatial_tile=spatial_tile,
-                                 buffer_device="cpu", device_budget=0)
+        streamed = vae.posterior(
+            clip["input_video"],
+            temporal_chunk=temporal_chunk,
+            spatial_tile=spatial_tile,
+            buffer_device="cpu",
+            device_budget=0,
+        )
     # float32 rounding of the GroupNorm statistics only, as for the decode (module docstring)
     torch.testing.assert_close(streamed.mean, plain.mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(streamed.logvar, plain.logvar, atol=1e-5, rtol=1e-5)
@@ -164,8 +174,13 @@ def test_budgeted_decode_equals_plain_decode(vae: CausalVideoVAE, clip: dict):
     """A budget that holds some activations but not all gives the same video as the one-call decode."""
     latent = clip["latent_given"]
     with torch.no_grad():
-        video = vae.decode(latent, temporal_chunk=2, spatial_tile=(2, 3), buffer_device="cpu",
-                           device_budget=video_bytes(vae, latent) // 2)
+        video = vae.decode(
+            latent,
+            temporal_chunk=2,
+            spatial_tile=(2, 3),
+            buffer_device="cpu",
+            device_budget=video_bytes(vae, latent) // 2,
+        )
     torch.testing.assert_close(video, clip["decoded_from_latent_given"], atol=1e-5, rtol=1e-5)
 
 
@@ -296,6 +311,9 @@ def test_bfloat16(vae_dir: Path, config: VAEConfig, sweep: dict, device: str):
     for out in (mean, plain, chunked):
         assert out.dtype == torch.bfloat16 and out.device.type == device
     # bf16 keeps about 3 significant digits; 20 layers deep that is a few percent of the range
-    for ours, theirs in ((mean, case["posterior_mean"]), (plain, case["decoded_from_mean"]),
-                         (chunked, case["decoded_from_mean"])):
+    for ours, theirs in (
+        (mean, case["posterior_mean"]),
+        (plain, case["decoded_from_mean"]),
+        (chunked, case["decoded_from_mean"]),
+    ):
         assert (ours.float().cpu() - theirs).abs().max() < 0.05 * theirs.abs().max()

@@ -38,8 +38,11 @@ def test_random_weights_use_an_existing_configured_t5(tmp_path):
 
 
 def test_release_weights_are_checked_unless_told_not_to(tmp_path):
-    paths = {"model.checkpoint": tmp_path / "ckpt", "model.vae.path": tmp_path / "vae.pt",
-             "model.text_encoder.path": tmp_path / "t5"}
+    paths = {
+        "model.checkpoint": tmp_path / "ckpt",
+        "model.vae.path": tmp_path / "vae.pt",
+        "model.text_encoder.path": tmp_path / "t5",
+    }
     config = load_config(MODEL, [f"{key}={value}" for key, value in paths.items()])
     with pytest.raises(MissingWeightsError) as caught:
         resolve_weights(config)
@@ -48,7 +51,10 @@ def test_release_weights_are_checked_unless_told_not_to(tmp_path):
     unchecked = resolve_weights(config, check=False)
     assert not unchecked.random and unchecked.description == str(tmp_path / "ckpt")
     assert (unchecked.checkpoint, unchecked.vae, unchecked.text_encoder) == (
-        str(tmp_path / "ckpt"), str(tmp_path / "vae.pt"), tmp_path / "t5")
+        str(tmp_path / "ckpt"),
+        str(tmp_path / "vae.pt"),
+        tmp_path / "t5",
+    )
 
 
 def test_vae_keys_build_the_vae_config_and_bad_sizes_name_the_section():

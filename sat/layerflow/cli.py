@@ -45,8 +45,18 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 # Errors caused by what the user gave (files, keys, values, folders): one line, exit status 2.
-USER_ERRORS = (ConfigError, ManifestError, MissingWeightsError, CheckpointError, VAECheckpointError,
-               TextEncoderFilesError, LayerSourceError, OutputFolderError, NotWritableError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    ManifestError,
+    MissingWeightsError,
+    CheckpointError,
+    VAECheckpointError,
+    TextEncoderFilesError,
+    LayerSourceError,
+    OutputFolderError,
+    NotWritableError,
+    OSError,
+)
 
 log = logging.getLogger("layerflow")
 
@@ -62,19 +72,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1],
     )
-    parser.add_argument("--base", nargs="+", required=True, metavar="YAML",
-                        help="config files, merged in order (later files win)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)")
-    parser.add_argument("--prompt", action="append", default=[], metavar="LAYER=FILE",
-                        help="per-layer prompt file (fg, bg, blend); line i of each file is sample i")
-    parser.add_argument("--prompt-dir", type=Path, metavar="DIR",
-                        help="folder with fg.txt, bg.txt (and blend.txt) prompt files")
-    parser.add_argument("--input", action="append", default=[], metavar="LAYER=PATH",
-                        help="given layer for conditional tasks: fg, bg or blend as an MP4 or a folder of "
-                             "frames (RGBA PNGs for an RGBA foreground), and mask=PATH for RGB + mask")
-    parser.add_argument("--manifest", type=Path, metavar="JSONL",
-                        help="many samples: one JSON object per line with prompts, inputs, id, seed")
+    parser.add_argument(
+        "--base", nargs="+", required=True, metavar="YAML", help="config files, merged in order (later files win)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="LAYER=FILE",
+        help="per-layer prompt file (fg, bg, blend); line i of each file is sample i",
+    )
+    parser.add_argument(
+        "--prompt-dir", type=Path, metavar="DIR", help="folder with fg.txt, bg.txt (and blend.txt) prompt files"
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="LAYER=PATH",
+        help="given layer for conditional tasks: fg, bg or blend as an MP4 or a folder of "
+        "frames (RGBA PNGs for an RGBA foreground), and mask=PATH for RGB + mask",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="JSONL",
+        help="many samples: one JSON object per line with prompts, inputs, id, seed",
+    )
     parser.add_argument("--output", type=Path, metavar="DIR", help="output folder (default outputs/<task>_<variant>)")
     parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,8 +134,9 @@ def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[S
         for layer in layout.prompt_layers:
             files.setdefault(layer, args.prompt_dir / f"{layer}.txt")
     if not files:
-        raise ConfigError(f"no prompts: give --prompt LAYER=FILE for {list(layout.prompt_layers)}, "
-                          f"--prompt-dir or --manifest")
+        raise ConfigError(
+            f"no prompts: give --prompt LAYER=FILE for {list(layout.prompt_layers)}, --prompt-dir or --manifest"
+        )
     return samples_from_prompt_files(files, _pairs(args.input, "--input"), layout)
 
 
@@ -116,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             distributed.stop_with_launcher()
             return _run(args)
     except KeyboardInterrupt as stop:
-        print("interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to "
-              "resume", file=sys.stderr)
+        print(
+            "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:
@@ -127,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        print(f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the "
-              f"traceback", file=sys.stderr)
+        print(
+            f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the traceback",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 
@@ -186,8 +222,10 @@ def _run(args: argparse.Namespace) -> int:
         failures = merge_failures(output, distributed.world_size())
         seconds = sorted(summary.seconds.values())
         per_sample = f", {sum(seconds) / len(seconds):.1f} s per sample on rank 0" if seconds else ""
-        print(f"rank 0: {len(summary.done)} done, {len(summary.skipped)} skipped (already complete), "
-              f"{len(summary.failed)} failed{per_sample}; all ranks: {failed_anywhere} failed -> {output}")
+        print(
+            f"rank 0: {len(summary.done)} done, {len(summary.skipped)} skipped (already complete), "
+            f"{len(summary.failed)} failed{per_sample}; all ranks: {failed_anywhere} failed -> {output}"
+        )
         for failure in failures:
             print(f"failed: {failure['id']}: {failure['error']}", file=sys.stderr)
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
@@ -235,6 +273,7 @@ def _configure_logging(debug: bool, no_progress: bool) -> None:
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C for the duration of the run (main thread only; restored afterwards)."""
+
     def stop(signum, frame):
         raise Terminated()
 

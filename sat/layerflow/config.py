@@ -77,8 +77,13 @@ class VAESection:
     @property
     def sizes(self) -> VAEConfig:
         """The one place a :class:`VAEConfig` is built from the YAML keys."""
-        return VAEConfig(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
-                         z_channels=self.z_channels, scale_factor=self.scale_factor)
+        return VAEConfig(
+            ch=self.ch,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            z_channels=self.z_channels,
+            scale_factor=self.scale_factor,
+        )
 
 
 @dataclass(frozen=True)
@@ -160,18 +165,25 @@ class RuntimeSection:
     def __post_init__(self) -> None:
         _require(self.attention in ATTENTION_CHOICES, "attention", f"one of {', '.join(ATTENTION_CHOICES)}")
         if self.faithful:
-            _require(self.attention == "auto", "attention",
-                     "auto while runtime.faithful is true (the faithful path runs the original's attention)")
+            _require(
+                self.attention == "auto",
+                "attention",
+                "auto while runtime.faithful is true (the faithful path runs the original's attention)",
+            )
             _require(not self.merge_lora, "merge_lora", "false or auto while runtime.faithful is true")
             _require(not self.compile, "compile", "false or auto while runtime.faithful is true")
         _require(self.cpu_threads >= 0, "cpu_threads", "a thread count, or 0 for torch's choice")
         _require(bool(DEVICE_PATTERN.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                 "auto, float32, bfloat16 or float16")
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16"
+        )
         _require(self.vae_temporal_chunk >= 0, "vae_temporal_chunk", "0 (off) or a positive number of latent frames")
         _require(self.vae_spatial_tile >= 0, "vae_spatial_tile", "0 (off) or a positive tile size in latent pixels")
-        _require(self.vae_device_budget_gib >= 0, "vae_device_budget_gib",
-                 "0 (every VAE activation on the compute device) or a positive number of GiB")
+        _require(
+            self.vae_device_budget_gib >= 0,
+            "vae_device_budget_gib",
+            "0 (every VAE activation on the compute device) or a positive number of GiB",
+        )
 
     @property
     def vae_streaming(self) -> dict:
@@ -341,8 +353,9 @@ def _build(cls, data: Mapping, prefix: str, origins: dict):
         return cls(**values)
     except FieldError as error:
         path = f"{prefix}{error.name}"
-        raise ConfigError(f"{path} = {values.get(error.name)!r} (from {_origin(origins, path)}): "
-                          f"expected {error.expected}") from None
+        raise ConfigError(
+            f"{path} = {values.get(error.name)!r} (from {_origin(origins, path)}): expected {error.expected}"
+        ) from None
     except ConfigError as error:
         raise ConfigError(f"{error} (in {_origin(origins, prefix.rstrip('.'))})") from None
     except ValueError as error:
@@ -363,8 +376,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return str(error).splitlines()[0]
 
 
-def apply_sampling_overrides(sampling: SamplingSection, overrides: Mapping[str, object],
-                             where: str) -> SamplingSection:
+def apply_sampling_overrides(sampling: SamplingSection, overrides: Mapping[str, object], where: str) -> SamplingSection:
     """``sampling`` with per-sample overrides ``{"sampling.key": value}`` applied and validated.
 
     Only ``sampling.*`` keys are allowed; each value is checked like the same key in a YAML file,
@@ -379,8 +391,10 @@ def apply_sampling_overrides(sampling: SamplingSection, overrides: Mapping[str, 
         if section != "sampling" or name not in names:
             nearest = difflib.get_close_matches(name, names, n=1) if section == "sampling" else []
             hint = f"; did you mean sampling.{nearest[0]}?" if nearest else ""
-            raise ConfigError(f"{where}: override {key!r}: only sampling.<key> overrides are allowed per sample "
-                              f"({', '.join(names)}){hint}")
+            raise ConfigError(
+                f"{where}: override {key!r}: only sampling.<key> overrides are allowed per sample "
+                f"({', '.join(names)}){hint}"
+            )
         data[name] = value
     origins = {f"sampling.{name}": where for name in data}
     merged = {**dataclasses.asdict(sampling), **data}
@@ -395,8 +409,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(files: Sequence[str | Path], overrides: Sequence[str] = (),
-                schema: type[LayerFlowConfig] = LayerFlowConfig) -> LayerFlowConfig:
+def load_config(
+    files: Sequence[str | Path], overrides: Sequence[str] = (), schema: type[LayerFlowConfig] = LayerFlowConfig
+) -> LayerFlowConfig:
     """Merge YAML files in order (later wins), apply overrides, validate into :class:`LayerFlowConfig`
     (or ``schema``, a subclass with more sections, such as the training config)."""
     merged: dict = {}
@@ -428,6 +443,8 @@ def load_config(files: Sequence[str | Path], overrides: Sequence[str] = (),
     config = _build(schema, merged, "", origins)
     set_length, task_length = config.model.network.text_length, config.layout.text_length
     if set_length not in (0, task_length):
-        raise ConfigError(f"model.network.text_length (from {_origin(origins, 'model.network.text_length')}) is "
-                          f"{set_length}, but {config.layout.name} has {task_length} text tokens; leave it out")
+        raise ConfigError(
+            f"model.network.text_length (from {_origin(origins, 'model.network.text_length')}) is "
+            f"{set_length}, but {config.layout.name} has {task_length} text tokens; leave it out"
+        )
     return dataclasses.replace(config, sources=tuple(str(f) for f in files))

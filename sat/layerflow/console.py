@@ -24,8 +24,12 @@ EXIT_USAGE = 2
 
 
 def _parser(name: str, description: str, example: str) -> OneLineParser:
-    return OneLineParser(prog=f"layerflow {name}", description=description,
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {example}")
+    return OneLineParser(
+        prog=f"layerflow {name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {example}",
+    )
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -48,8 +52,11 @@ def run_convert(argv: list[str]) -> int:
 
 
 def run_demo(argv: list[str]) -> int:
-    parser = _parser("demo", "All four tasks in both variants with the tiny built-in model on CPU (no weights).",
-                     "layerflow demo outputs/demo gen_rgba fg2bg_rgba")
+    parser = _parser(
+        "demo",
+        "All four tasks in both variants with the tiny built-in model on CPU (no weights).",
+        "layerflow demo outputs/demo gen_rgba fg2bg_rgba",
+    )
     parser.add_argument("output", nargs="?", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("configs", nargs="*", metavar="CONFIG", help="only these, e.g. gen_rgba (default: all 8)")
     args = parser.parse_args(argv)
@@ -61,15 +68,25 @@ def run_demo(argv: list[str]) -> int:
 def run_compose(argv: list[str]) -> int:
     from layerflow.config import ALPHA_MODES
 
-    parser = _parser("compose", "Composite a foreground over a background into a sample folder (blend.mp4, the "
-                     "layer videos, RGBA exports, preview, contact sheet, scores).",
-                     "layerflow compose --fg outputs/gen/0000-abc --bg beach.mp4 --output outputs/beach")
-    parser.add_argument("--fg", required=True, metavar="PATH",
-                        help="RGBA PNG folder, alpha video (ProRes 4444, VP9), RGB frames/video with --mask, "
-                             "or a sample folder")
+    parser = _parser(
+        "compose",
+        "Composite a foreground over a background into a sample folder (blend.mp4, the "
+        "layer videos, RGBA exports, preview, contact sheet, scores).",
+        "layerflow compose --fg outputs/gen/0000-abc --bg beach.mp4 --output outputs/beach",
+    )
+    parser.add_argument(
+        "--fg",
+        required=True,
+        metavar="PATH",
+        help="RGBA PNG folder, alpha video (ProRes 4444, VP9), RGB frames/video with --mask, or a sample folder",
+    )
     parser.add_argument("--mask", metavar="PATH", help="matte video or frame folder for an RGB --fg")
-    parser.add_argument("--bg", required=True, metavar="PATH|COLOUR",
-                        help="video, frame folder, still image, sample folder or a colour ('#204080', 'white')")
+    parser.add_argument(
+        "--bg",
+        required=True,
+        metavar="PATH|COLOUR",
+        help="video, frame folder, still image, sample folder or a colour ('#204080', 'white')",
+    )
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="the new sample folder")
     parser.add_argument("--frames", type=int, default=16, help="frames (picked from the first 64 as in sampling)")
     parser.add_argument("--size", type=_size, default=(480, 720), metavar="HxW", help="frame size (default 480x720)")
@@ -81,17 +98,28 @@ def run_compose(argv: list[str]) -> int:
     from layerflow.tools.compose import compose
 
     settings = OutputSection(fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode)
-    folder = compose(args.fg, args.bg, args.output, mask=args.mask, num_frames=args.frames, size=args.size,
-                     settings=settings, command=["layerflow", "compose", *argv])
+    folder = compose(
+        args.fg,
+        args.bg,
+        args.output,
+        mask=args.mask,
+        num_frames=args.frames,
+        size=args.size,
+        settings=settings,
+        command=["layerflow", "compose", *argv],
+    )
     print(f"wrote {folder}")
     return 0
 
 
 def run_score(argv: list[str]) -> int:
-    parser = _parser("score", "Layer consistency of RGBA sample folders: PSNR/SSIM of the blend against "
-                     "a*fg + (1-a)*bg (whole frame and alpha edge band) and alpha temporal change. Writes "
-                     "scores.json into each folder and prints a table.",
-                     "layerflow score outputs/demo/gen_rgba outputs/demo/seg_rgba")
+    parser = _parser(
+        "score",
+        "Layer consistency of RGBA sample folders: PSNR/SSIM of the blend against "
+        "a*fg + (1-a)*bg (whole frame and alpha edge band) and alpha temporal change. Writes "
+        "scores.json into each folder and prints a table.",
+        "layerflow score outputs/demo/gen_rgba outputs/demo/seg_rgba",
+    )
     parser.add_argument("folders", nargs="+", type=Path, metavar="SAMPLE_DIR")
     args = parser.parse_args(argv)
     from layerflow.io.sample_files import read_meta
@@ -109,12 +137,19 @@ def run_score(argv: list[str]) -> int:
 def run_inspect(argv: list[str]) -> int:
     from layerflow.tools.inspect_sample import DEFAULT_REPRODUCE_OUTPUT
 
-    parser = _parser("inspect", "Prompts, task, seed, checkpoint, given-layer sources and scores of a sample "
-                     "folder, and the shell command that generates it again (identical frames).",
-                     "layerflow inspect outputs/demo/gen_rgba")
+    parser = _parser(
+        "inspect",
+        "Prompts, task, seed, checkpoint, given-layer sources and scores of a sample "
+        "folder, and the shell command that generates it again (identical frames).",
+        "layerflow inspect outputs/demo/gen_rgba",
+    )
     parser.add_argument("folder", type=Path, metavar="SAMPLE_DIR")
-    parser.add_argument("--output", default=DEFAULT_REPRODUCE_OUTPUT, metavar="DIR",
-                        help=f"where the printed command writes (default {DEFAULT_REPRODUCE_OUTPUT})")
+    parser.add_argument(
+        "--output",
+        default=DEFAULT_REPRODUCE_OUTPUT,
+        metavar="DIR",
+        help=f"where the printed command writes (default {DEFAULT_REPRODUCE_OUTPUT})",
+    )
     args = parser.parse_args(argv)
     from layerflow.tools.inspect_sample import describe
 
@@ -139,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"layerflow: error: unknown subcommand {name!r}; expected one of {', '.join(SUBCOMMANDS)} "
-              f"(see layerflow --help)", file=sys.stderr)
+        print(
+            f"layerflow: error: unknown subcommand {name!r}; expected one of {', '.join(SUBCOMMANDS)} "
+            f"(see layerflow --help)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         return SUBCOMMANDS[name](rest)

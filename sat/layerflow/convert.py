@@ -26,9 +26,12 @@ from layerflow.weights.checkpoint import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m layerflow.convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n" + __doc__.split("\n\n")[1])
+    parser = OneLineParser(
+        prog="python -m layerflow.convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n" + __doc__.split("\n\n")[1],
+    )
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path, nargs="?", help="the .safetensors file to write")
     parser.add_argument("--to-sat", type=Path, metavar="DIR", help="write the original layout instead")

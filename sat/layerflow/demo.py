@@ -40,15 +40,27 @@ def run_demo(output: Path, configs: list[str] | None = None) -> int:
         if configs and name not in configs:
             continue
         manifest = output / "inputs" / f"{name}.jsonl"
-        entry = {"id": name, "prompts": {k: PROMPTS[k] for k in layout.prompt_layers},
-                 "inputs": demo_inputs(layout, inputs), "seed": 0}
+        entry = {
+            "id": name,
+            "prompts": {k: PROMPTS[k] for k in layout.prompt_layers},
+            "inputs": demo_inputs(layout, inputs),
+            "seed": 0,
+        }
         manifest.write_text(json.dumps(entry) + "\n", encoding="utf-8")
         configs_dir = REPO_ROOT / "configs"
         print(f"== {name}", flush=True)
-        code = sample_video([
-            "--base", str(configs_dir / "model.yaml"), str(configs_dir / "tasks" / f"{name}.yaml"),
-            str(configs_dir / "tiny.yaml"), "--manifest", str(manifest), "--output", str(output),
-        ])
+        code = sample_video(
+            [
+                "--base",
+                str(configs_dir / "model.yaml"),
+                str(configs_dir / "tasks" / f"{name}.yaml"),
+                str(configs_dir / "tiny.yaml"),
+                "--manifest",
+                str(manifest),
+                "--output",
+                str(output),
+            ]
+        )
         status = status or code
     return status
 

@@ -31,4 +31,3 @@ def latent_frames_for(pixel_frames: int) -> int:
 def pos_embed_frames(num_frames: int) -> int:
     """Latent frames covered by the position table for a config's ``num_frames``."""
     return (num_frames - 1) // VAE_TEMPORAL_COMPRESSION + 1
-

@@ -76,8 +76,9 @@ class LayerFlowPipeline:
         self.network = self._load_network()
         self.vae = self._load_vae()
         self.text_encoder: T5TextEncoder | None = None
-        self.memory: PeakMemory | None = (CudaPeakMemory(self.placement.compute_device)
-                                          if self.placement.compute_device.type == "cuda" else None)
+        self.memory: PeakMemory | None = (
+            CudaPeakMemory(self.placement.compute_device) if self.placement.compute_device.type == "cuda" else None
+        )
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -112,7 +113,9 @@ class LayerFlowPipeline:
     def _text_encoder(self) -> T5TextEncoder:
         if self.text_encoder is None:
             self.text_encoder = T5TextEncoder.from_folder(
-                self.weights.text_encoder, device=self.placement.compute_device, dtype=self.placement.dtype,
+                self.weights.text_encoder,
+                device=self.placement.compute_device,
+                dtype=self.placement.dtype,
             )
         return self.text_encoder
 
@@ -122,17 +125,26 @@ class LayerFlowPipeline:
         """Prompts by layer name -> text states (1, L, e) in the layout's prompt order."""
         missing = [name for name in self.layout.prompt_layers if not prompts.get(name, "").strip()]
         if missing:
-            raise InputError(f"{self.layout.name} needs a prompt for each of {list(self.layout.prompt_layers)}; "
-                             f"missing or empty: {missing}")
+            raise InputError(
+                f"{self.layout.name} needs a prompt for each of {list(self.layout.prompt_layers)}; "
+                f"missing or empty: {missing}"
+            )
         encoder = self._text_encoder()
         if encoder.width != self.config.network.text_hidden_size:
-            raise InputError(f"{self.weights.text_encoder}: T5 width {encoder.width} does not match "
-                             f"model.network.text_hidden_size {self.config.network.text_hidden_size}")
+            raise InputError(
+                f"{self.weights.text_encoder}: T5 width {encoder.width} does not match "
+                f"model.network.text_hidden_size {self.config.network.text_hidden_size}"
+            )
         for index, name in enumerate(self.layout.prompt_layers):
             count = encoder.token_count(layer_prompt(index, prompts[name]))
             if count > encoder.max_length:
-                log.warning("the %s prompt has %d T5 tokens; only the first %d are used (the rest is cut): %.60s...",
-                            name, count, encoder.max_length - 1, prompts[name])
+                log.warning(
+                    "the %s prompt has %d T5 tokens; only the first %d are used (the rest is cut): %.60s...",
+                    name,
+                    count,
+                    encoder.max_length - 1,
+                    prompts[name],
+                )
         keep = self.config.runtime.keep_text_encoder
         states = encoder.encode_layers([prompts[name] for name in self.layout.prompt_layers], keep=keep)  # (1, L, e)
         if not keep:
@@ -149,8 +161,9 @@ class LayerFlowPipeline:
         unknown = sorted(set(given) - set(layout.given_layers))
         absent = [name for name in layout.given_layers if name not in given]
         if unknown or absent:
-            raise InputError(f"{layout.name} takes the layers {list(layout.given_layers)}; "
-                             f"missing {absent}, not used {unknown}")
+            raise InputError(
+                f"{layout.name} takes the layers {list(layout.given_layers)}; missing {absent}, not used {unknown}"
+            )
         height, width = self.config.video_size
         filler = given[layout.given_layers[0]]
         frames = []
@@ -159,8 +172,10 @@ class LayerFlowPipeline:
                 continue
             video = given.get(span.name, filler)
             if tuple(video.shape) != (span.pixel_frames, 3, height, width):
-                raise InputError(f"layer {span.name}: expected frames of shape "
-                                 f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}")
+                raise InputError(
+                    f"layer {span.name}: expected frames of shape "
+                    f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}"
+                )
             frames.append(video)
         clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
         if layout.repeats_first_frame:
@@ -177,12 +192,20 @@ class LayerFlowPipeline:
             latent = vae.encode_to_latent(clip, generator, **self.config.runtime.vae_streaming)  # (1, c, T, h, w)
         latent = latent.permute(0, 2, 1, 3, 4)  # (1, T, c, h, w)
         if latent.shape[1] != self.layout.latent_frames:
-            raise InputError(f"{self.layout.name}: the stacked clip gave {latent.shape[1]} latent frames, "
-                             f"expected {self.layout.latent_frames}")
+            raise InputError(
+                f"{self.layout.name}: the stacked clip gave {latent.shape[1]} latent frames, "
+                f"expected {self.layout.latent_frames}"
+            )
         return split_condition(latent, self.layout).to(self.placement.compute_device, self.placement.dtype)
 
-    def sample_latents(self, context: torch.Tensor, condition: torch.Tensor | None, seed: int,
-                       on_step: StepCallback | None = None, sampling: SamplingSection | None = None) -> torch.Tensor:
+    def sample_latents(
+        self,
+        context: torch.Tensor,
+        condition: torch.Tensor | None,
+        seed: int,
+        on_step: StepCallback | None = None,
+        sampling: SamplingSection | None = None,
+    ) -> torch.Tensor:
         """Denoise the generated frames: (1, T_gen, c, h, w). Seeds the global generator like the original."""
         sampling = sampling or self.config.sampling
         layout, net = self.layout, self.config.network
@@ -191,8 +214,9 @@ class LayerFlowPipeline:
         noise = torch.randn(shape).to(self.placement.compute_device)
         uncond = unconditional_states(context)
         network = self.network
-        model_fn = conditioned_denoiser(network, layout, condition, lora_scale=sampling.lora_scale,
-                                        sequence_parallel=self.groups.ulysses)
+        model_fn = conditioned_denoiser(
+            network, layout, condition, lora_scale=sampling.lora_scale, sequence_parallel=self.groups.ulysses
+        )
         batched = sampling.guidance_batched
         if self.groups.layout.cfg == 2:  # each rank of the guidance pair runs one half of the batch
             model_fn, batched = split_guidance_batch(model_fn, self.groups.cfg_index, self.groups.cfg_group), True
@@ -201,8 +225,15 @@ class LayerFlowPipeline:
         guidance = DynamicCFG(scale=sampling.guidance_scale, exponent=sampling.guidance_exponent)
         with self.placement.on_compute(network):
             return sample_vpsde_dpmpp_2m(
-                model_fn, noise, context, uncond, schedule, guidance, faithful_rng=sampling.faithful_rng,
-                batched_guidance=batched, callback=on_step,
+                model_fn,
+                noise,
+                context,
+                uncond,
+                schedule,
+                guidance,
+                faithful_rng=sampling.faithful_rng,
+                batched_guidance=batched,
+                callback=on_step,
             )
 
     def decode_layers(self, generated: torch.Tensor, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -215,13 +246,21 @@ class LayerFlowPipeline:
             latent = full.permute(0, 2, 1, 3, 4).to(self.placement.compute_device, self.placement.dtype)
             video = vae.decode_from_latent(latent, **chunking)[0]  # (3, F, H, W)
         video = video.float().clamp(-1, 1).permute(1, 0, 2, 3).cpu()  # (F, 3, H, W)
-        return {span.name: video[span.pixel_start: span.pixel_stop]
-                for span in self.layout.spans if span.name != "first_frame_copy"}
+        return {
+            span.name: video[span.pixel_start : span.pixel_stop]
+            for span in self.layout.spans
+            if span.name != "first_frame_copy"
+        }
 
     @torch.no_grad()
-    def generate(self, prompts: Mapping[str, str], given: Mapping[str, torch.Tensor] | None = None,
-                 seed: int | None = None, on_step: StepCallback | None = None,
-                 sampling: SamplingSection | None = None) -> LayerVideos:
+    def generate(
+        self,
+        prompts: Mapping[str, str],
+        given: Mapping[str, torch.Tensor] | None = None,
+        seed: int | None = None,
+        on_step: StepCallback | None = None,
+        sampling: SamplingSection | None = None,
+    ) -> LayerVideos:
         """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring."""
         seed = self.config.sampling.seed if seed is None else seed
         timings: dict[str, float] = {}
@@ -242,9 +281,14 @@ class LayerFlowPipeline:
         return LayerVideos(layers=layers, seed=seed, timings=timings, peak_bytes=peaks)
 
 
-def conditioned_denoiser(network: LayerFlowDiT, layout: TaskLayout, condition: torch.Tensor | None, *,
-                         lora_scale: float = 0,
-                         sequence_parallel: UlyssesGroup | None = None) -> ModelFn:
+def conditioned_denoiser(
+    network: LayerFlowDiT,
+    layout: TaskLayout,
+    condition: torch.Tensor | None,
+    *,
+    lora_scale: float = 0,
+    sequence_parallel: UlyssesGroup | None = None,
+) -> ModelFn:
     """The sampler's ``model_fn(x, timesteps, text) -> v`` for the generated frames x (n, T_gen, c, h, w).
 
     The clean latents of the given layers, ``condition`` (1 or n, T_cond, c, h, w), go in at the place
@@ -295,8 +339,13 @@ class _StageClock:
     """``with clock("name"):`` records the seconds of a stage, waiting for the GPU at both ends, and,
     given a memory source, the stage's peak allocated bytes (the mark is reset when a stage starts)."""
 
-    def __init__(self, placement: Placement, timings: dict[str, float], peaks: dict[str, int] | None = None,
-                 memory: PeakMemory | None = None):
+    def __init__(
+        self,
+        placement: Placement,
+        timings: dict[str, float],
+        peaks: dict[str, int] | None = None,
+        memory: PeakMemory | None = None,
+    ):
         self.placement = placement
         self.timings = timings
         self.peaks = peaks if peaks is not None else {}

@@ -120,8 +120,10 @@ class DynamicCFG:
 
     def __post_init__(self) -> None:
         if float(self.exponent) != int(self.exponent):
-            raise ValueError(f"the guidance exponent must be a whole number: the ramp raises (S - t)/S < 0 "
-                             f"to it, got {self.exponent}")
+            raise ValueError(
+                f"the guidance exponent must be a whole number: the ramp raises (S - t)/S < 0 "
+                f"to it, got {self.exponent}"
+            )
 
     def weights(self, schedule: ZeroSNRSchedule) -> list[float]:
         return [dynamic_cfg_scale(self.scale, self.exponent, schedule.num_steps, int(t)) for t in schedule.timesteps]
@@ -165,8 +167,9 @@ def step_coefficients(schedule: ZeroSNRSchedule) -> StepCoefficients:
     )
 
 
-def guided_v(model_fn: ModelFn, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-             batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_v(
+    model_fn: ModelFn, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, batched: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unconditional and conditional predictions; one batch of 2b (uncond first) or two passes of b."""
     b = x.shape[0]
     if batched:
@@ -205,7 +208,7 @@ def sample_vpsde_dpmpp_2m(
     last = schedule.num_steps - 1
     x_mult, denoised_mult, noise_mult = moved["x_mult"], moved["denoised_mult"], moved["noise_mult"]
     for i in range(schedule.num_steps):
-        v_uncond, v_cond = guided_v(model_fn, x, timesteps[i:i + 1], cond, uncond, batched_guidance)
+        v_uncond, v_cond = guided_v(model_fn, x, timesteps[i : i + 1], cond, uncond, batched_guidance)
         denoised_uncond = moved["c_skip"][i] * x + moved["c_out"][i] * v_uncond.float()
         denoised_cond = moved["c_skip"][i] * x + moved["c_out"][i] * v_cond.float()
         denoised = denoised_uncond + weights[i] * (denoised_cond - denoised_uncond)

@@ -146,9 +146,16 @@ class TaskLayout:
     def given_inputs(self) -> tuple[GivenInput, ...]:
         """The given layers a user supplies as files (the alpha layer comes with the foreground)."""
         with_matte = "alpha" in self.given_layers
-        return tuple(GivenInput(name, self.span(name).pixel_frames, needs_alpha=with_matte and name == "fg",
-                                takes_mask=with_matte and name == "fg")
-                     for name in self.given_layers if name != "alpha")
+        return tuple(
+            GivenInput(
+                name,
+                self.span(name).pixel_frames,
+                needs_alpha=with_matte and name == "fg",
+                takes_mask=with_matte and name == "fg",
+            )
+            for name in self.given_layers
+            if name != "alpha"
+        )
 
     @property
     def accepted_inputs(self) -> tuple[str, ...]:
@@ -186,9 +193,7 @@ _TWO_PROMPTS = ("fg", "bg")
 
 LAYOUTS: dict[tuple[Task, Variant], TaskLayout] = {
     (Task.GENERATION, Variant.RGB): TaskLayout(Task.GENERATION, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS),
-    (Task.GENERATION, Variant.RGBA): TaskLayout(
-        Task.GENERATION, Variant.RGBA, _stack(Variant.RGBA), _THREE_PROMPTS
-    ),
+    (Task.GENERATION, Variant.RGBA): TaskLayout(Task.GENERATION, Variant.RGBA, _stack(Variant.RGBA), _THREE_PROMPTS),
     (Task.DECOMPOSITION, Variant.RGB): TaskLayout(
         Task.DECOMPOSITION, Variant.RGB, _stack(Variant.RGB), _TWO_PROMPTS, ("blend",), condition=(10, 12)
     ),

@@ -62,8 +62,9 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
             if given.layer != "fg" or video.shape[1] == 3:
                 layers[given.layer] = video[:, :3]
                 continue
-        fg, alpha_layer = read_foreground_layers(source, _mask_source(sample), num_frames=given.pixel_frames,
-                                                 size=size)  # (t, 3, H, W) each
+        fg, alpha_layer = read_foreground_layers(
+            source, _mask_source(sample), num_frames=given.pixel_frames, size=size
+        )  # (t, 3, H, W) each
         layers["fg"] = fg
         if given.needs_alpha:
             layers["alpha"] = alpha_layer

@@ -69,8 +69,10 @@ def check_prompts(prompts: Mapping[str, str], layout: TaskLayout, where: str) ->
     missing = [name for name in layout.prompt_layers if name not in prompts]
     extra = [name for name in prompts if name not in layout.prompt_layers]
     if missing or extra:
-        raise ManifestError(f"{where}: {layout.name} takes prompts for {list(layout.prompt_layers)}; "
-                            f"missing {missing}, not used {extra}")
+        raise ManifestError(
+            f"{where}: {layout.name} takes prompts for {list(layout.prompt_layers)}; "
+            f"missing {missing}, not used {extra}"
+        )
     empty = [name for name in layout.prompt_layers if not prompts[name].strip()]
     if empty:
         raise ManifestError(f"{where}: empty prompt for {empty}")
@@ -81,12 +83,14 @@ def check_inputs(inputs: Mapping[str, str], layout: TaskLayout, where: str) -> N
     if missing or extra:
         required = [given.layer for given in layout.given_inputs]
         mask = " (+ optional mask: the foreground's matte)" if MASK_INPUT in layout.accepted_inputs else ""
-        raise ManifestError(f"{where}: {layout.name} takes input videos for {required}{mask}; "
-                            f"missing {missing}, not used {extra}")
+        raise ManifestError(
+            f"{where}: {layout.name} takes input videos for {required}{mask}; missing {missing}, not used {extra}"
+        )
 
 
-def samples_from_prompt_files(files: Mapping[str, Path], inputs: Mapping[str, str], layout: TaskLayout,
-                              ids: Sequence[str] | None = None) -> list[Sample]:
+def samples_from_prompt_files(
+    files: Mapping[str, Path], inputs: Mapping[str, str], layout: TaskLayout, ids: Sequence[str] | None = None
+) -> list[Sample]:
     """Per-layer prompt files: line i of every file makes sample i (blank lines are skipped)."""
     lines: dict[str, list[str]] = {}
     for layer, path in files.items():
@@ -111,11 +115,15 @@ def samples_from_prompt_files(files: Mapping[str, Path], inputs: Mapping[str, st
 def check_sample_id(sample_id: str, where: str) -> None:
     """A sample id becomes a folder name: safe characters only, and none of the run's own names."""
     if not SAFE_ID.match(sample_id):
-        raise ManifestError(f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-' "
-                            f"(starting with a letter or digit, at most 128 characters)")
+        raise ManifestError(
+            f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-' "
+            f"(starting with a letter or digit, at most 128 characters)"
+        )
     if sample_id.lower() in RESERVED_IDS:
-        raise ManifestError(f"{where}: id {sample_id!r} is reserved for the run's own files "
-                            f"({', '.join(sorted(RESERVED_IDS))}); choose another id")
+        raise ManifestError(
+            f"{where}: id {sample_id!r} is reserved for the run's own files "
+            f"({', '.join(sorted(RESERVED_IDS))}); choose another id"
+        )
 
 
 def _string_map(value: object, field_name: str, where: str) -> dict[str, str]:
@@ -129,8 +137,15 @@ def _string_map(value: object, field_name: str, where: str) -> dict[str, str]:
 
 
 def _json_type(value: object) -> str:
-    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
-             list: "a list", dict: "an object"}
+    names = {
+        type(None): "null",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -177,9 +192,12 @@ def samples_from_manifest(path: Path, layout: TaskLayout, sampling: SamplingSect
         sample_id = raw_id if raw_id is not None else content_id(prompts, given)
         check_sample_id(sample_id, where)
         if sample_id.lower() in seen:
-            raise ManifestError(f"{where}: duplicate id {sample_id!r} (ids differing only in case clash on "
-                                f"case-insensitive file systems)" if sample_id not in {s.id for s in samples}
-                                else f"{where}: duplicate id {sample_id!r}")
+            raise ManifestError(
+                f"{where}: duplicate id {sample_id!r} (ids differing only in case clash on "
+                f"case-insensitive file systems)"
+                if sample_id not in {s.id for s in samples}
+                else f"{where}: duplicate id {sample_id!r}"
+            )
         seen.add(sample_id.lower())
         seed = entry.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):

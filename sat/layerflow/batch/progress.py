@@ -19,8 +19,7 @@ from layerflow.sampling import StepCallback
 class RunProgress:
     """Progress of a run of ``total`` samples, ``finished`` of them complete before it started."""
 
-    def __init__(self, total: int, finished: int, num_steps: int, enabled: bool = True,
-                 stream: TextIO | None = None):
+    def __init__(self, total: int, finished: int, num_steps: int, enabled: bool = True, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.mode = "off" if not enabled else "bars" if self.stream.isatty() else "lines"
         self.total = total
@@ -28,15 +27,17 @@ class RunProgress:
         self.samples_bar = None
         self.steps_bar = None
         if self.mode == "bars":
-            self.samples_bar = tqdm(total=total, initial=finished, desc="samples", unit="sample",
-                                    dynamic_ncols=True, file=self.stream)
+            self.samples_bar = tqdm(
+                total=total, initial=finished, desc="samples", unit="sample", dynamic_ncols=True, file=self.stream
+            )
 
     def start_sample(self, sample_id: str) -> StepCallback | None:
         """Call when a sample starts; returns the sampler's per-step callback, or None."""
         if self.mode != "bars":
             return None
-        self.steps_bar = tqdm(total=self.num_steps, desc=f"  {sample_id}", unit="step", leave=False,
-                              dynamic_ncols=True, file=self.stream)
+        self.steps_bar = tqdm(
+            total=self.num_steps, desc=f"  {sample_id}", unit="step", leave=False, dynamic_ncols=True, file=self.stream
+        )
         return lambda step, x: self.steps_bar.update(1)
 
     def end_sample(self, sample_id: str, finished: int, seconds: float, failure: str | None = None) -> None:

@@ -83,8 +83,13 @@ def _setup_rank_log(output: Path, rank: int) -> None:
     log.setLevel(logging.INFO)
 
 
-def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path,
-                pipeline_factory: Callable[[LayerFlowConfig], object], show_progress: bool = True) -> RunSummary:
+def run_samples(
+    config: LayerFlowConfig,
+    samples: Sequence[Sample],
+    output: Path,
+    pipeline_factory: Callable[[LayerFlowConfig], object],
+    show_progress: bool = True,
+) -> RunSummary:
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring."""
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
@@ -105,16 +110,26 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             if groups.is_leader:
                 failures.append({"id": sample.id, "rank": rank, "error": problem})
             log.error("sample %s cannot run: %s", sample.id, problem, extra=FILE_ONLY)
-    log.info("rank %d/%d: %d samples, %d already complete, %d cannot run", rank, world, len(mine),
-             len(summary.skipped), len(summary.failed))
+    log.info(
+        "rank %d/%d: %d samples, %d already complete, %d cannot run",
+        rank,
+        world,
+        len(mine),
+        len(summary.skipped),
+        len(summary.failed),
+    )
     finished = sum(is_complete(output / s.id) for s in samples)
-    progress = RunProgress(len(samples), finished, config.sampling.num_steps,
-                           enabled=show_progress and distributed.is_main_process())
+    progress = RunProgress(
+        len(samples), finished, config.sampling.num_steps, enabled=show_progress and distributed.is_main_process()
+    )
     pipeline = pipeline_factory(config) if todo else None
     if pipeline is not None:
         passed_over = "; ".join(pipeline.speed.passed_over)
-        log.info("speed path: %s%s", pipeline.speed.describe(),
-                 f" (attention auto passed over {passed_over})" if passed_over else "")
+        log.info(
+            "speed path: %s%s",
+            pipeline.speed.describe(),
+            f" (attention auto passed over {passed_over})" if passed_over else "",
+        )
     for sample in todo:
         start = time.perf_counter()
         on_step = progress.start_sample(sample.id)
@@ -123,13 +138,19 @@ def run_samples(config: LayerFlowConfig, samples: Sequence[Sample], output: Path
             run_config = sample_config(config, sample)
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
-            result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling,
-                                       on_step=on_step)
-            meta = {"id": sample.id, "prompts": dict(sample.prompts), "inputs": dict(sample.inputs), "seed": seed,
-                    "checkpoint": pipeline.weights.description, "device": pipeline.placement.device_kind,
-                    "cpu_threads": torch.get_num_threads(), "speed": pipeline.speed.describe(),
-                    "timings_s": result.timings,
-                    "given_sources": given_layer_sources(sample, run_config)}
+            result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
+            meta = {
+                "id": sample.id,
+                "prompts": dict(sample.prompts),
+                "inputs": dict(sample.inputs),
+                "seed": seed,
+                "checkpoint": pipeline.weights.description,
+                "device": pipeline.placement.device_kind,
+                "cpu_threads": torch.get_num_threads(),
+                "speed": pipeline.speed.describe(),
+                "timings_s": result.timings,
+                "given_sources": given_layer_sources(sample, run_config),
+            }
             if result.peak_bytes:  # CUDA only: the peak allocated memory of each stage
                 meta["peak_allocated_gib"] = {stage: round(n / 2**30, 3) for stage, n in result.peak_bytes.items()}
             if groups.is_leader:

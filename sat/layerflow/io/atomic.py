@@ -104,8 +104,11 @@ def atomic_path(path: str | os.PathLike, may_replace: Callable[[Path], bool] | N
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike, may_replace: Callable[[Path], bool] | None = None,
-                     prepare: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike,
+    may_replace: Callable[[Path], bool] | None = None,
+    prepare: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
     """Like :func:`atomic_path` for a folder: yields the temporary folder already created.
 
     ``prepare(folder)`` runs right after the folder is made, before the caller writes anything

@@ -76,9 +76,11 @@ def check_sample_target(path: Path) -> None:
     """Raise :class:`ForeignPathError` when ``path`` exists (even as a broken link) and is not ours."""
     if os.path.lexists(path) and not is_ours(path):
         kind = "link" if path.is_symlink() else "folder" if path.is_dir() else "file"
-        raise ForeignPathError(f"{path}: a {kind} that LayerFlow did not make is in the way of this sample "
-                               f"(no {SAMPLE_MARKER} marker); it is left untouched: move it away or choose "
-                               f"another --output")
+        raise ForeignPathError(
+            f"{path}: a {kind} that LayerFlow did not make is in the way of this sample "
+            f"(no {SAMPLE_MARKER} marker); it is left untouched: move it away or choose "
+            f"another --output"
+        )
 
 
 def check_output_path(path: Path) -> None:
@@ -97,8 +99,10 @@ def check_output_path(path: Path) -> None:
     if probe == path and not (path / LOCK_FILE).exists():
         for name in RUN_FILES:
             if os.path.lexists(path / name):
-                raise OutputFolderError(f"--output {path}: it already holds '{name}', which LayerFlow did not "
-                                        f"make (no {LOCK_FILE}); choose another folder or move '{name}' away")
+                raise OutputFolderError(
+                    f"--output {path}: it already holds '{name}', which LayerFlow did not "
+                    f"make (no {LOCK_FILE}); choose another folder or move '{name}' away"
+                )
 
 
 @dataclass
@@ -126,8 +130,10 @@ class OutputFolder:
             holder = handle.read().strip() or "another process"
             handle.close()
             if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputFolderError(f"--output {self.path}: in use by another run ({holder}); wait for it to "
-                                        f"finish or choose another folder") from None
+                raise OutputFolderError(
+                    f"--output {self.path}: in use by another run ({holder}); wait for it to "
+                    f"finish or choose another folder"
+                ) from None
             raise OutputFolderError(f"--output {self.path}: cannot lock {LOCK_FILE} ({error.strerror})") from None
         handle.seek(0)
         handle.truncate()

@@ -238,8 +238,10 @@ def _pick_frames(clip: _Source, num_frames: int, start: int) -> list[int]:
 
 
 def _no_alpha_message(path: Path) -> str:
-    return (f"{path}: frames have no alpha channel; give RGBA frames (PNG with alpha, ProRes 4444, VP9 with "
-            f"alpha) or the matte as --input mask=PATH (manifest: inputs.mask)")
+    return (
+        f"{path}: frames have no alpha channel; give RGBA frames (PNG with alpha, ProRes 4444, VP9 with "
+        f"alpha) or the matte as --input mask=PATH (manifest: inputs.mask)"
+    )
 
 
 def _warn_about_geometry(path: Path, width: int, height: int, size: Sequence[int]) -> None:
@@ -248,12 +250,26 @@ def _warn_about_geometry(path: Path, width: int, height: int, size: Sequence[int
     cover_h, cover_w = cover_size(height, width, size)
     scale = cover_h / height
     if scale > 1:
-        log.warning("%s: %dx%d frames are enlarged %.1fx to cover %dx%d; expect a soft result",
-                    path, width, height, scale, target_w, target_h)
+        log.warning(
+            "%s: %dx%d frames are enlarged %.1fx to cover %dx%d; expect a soft result",
+            path,
+            width,
+            height,
+            scale,
+            target_w,
+            target_h,
+        )
     cut = 1 - (target_h * target_w) / (cover_h * cover_w)
     if cut > CROP_WARNING_FRACTION:
-        log.warning("%s: %dx%d frames do not have the %dx%d aspect; the centre crop cuts away %d%% of each frame",
-                    path, width, height, target_w, target_h, round(100 * cut))
+        log.warning(
+            "%s: %dx%d frames do not have the %dx%d aspect; the centre crop cuts away %d%% of each frame",
+            path,
+            width,
+            height,
+            target_w,
+            target_h,
+            round(100 * cut),
+        )
 
 
 def check_layer_source(
@@ -274,8 +290,9 @@ def check_layer_source(
     if mask is not None:
         matte = _open_source(mask)
         if matte.count != clip.count:
-            raise LayerSourceError(f"{matte.path}: mask has {matte.count} frames, expected {clip.count} like "
-                                   f"{clip.path}")
+            raise LayerSourceError(
+                f"{matte.path}: mask has {matte.count} frames, expected {clip.count} like {clip.path}"
+            )
     elif needs_alpha and _layer_mode(first) != "RGBA":
         raise LayerSourceError(_no_alpha_message(clip.path))
     _warn_about_geometry(clip.path, first.size[0], first.size[1], size)
@@ -307,8 +324,12 @@ def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool
     for name in names:
         if (path / name).exists():
             return path / name
-    hint = (" (an RGBA foreground needs the straight export; an RGB sample or one written with "
-            "output.alpha_mode=premultiplied has none)" if layer == "fg" and with_alpha else "")
+    hint = (
+        " (an RGBA foreground needs the straight export; an RGB sample or one written with "
+        "output.alpha_mode=premultiplied has none)"
+        if layer == "fg" and with_alpha
+        else ""
+    )
     raise LayerSourceError(f"{path}: sample folder has no {' or '.join(names)} for the {layer} layer{hint}")
 
 

@@ -31,8 +31,9 @@ class AlphaExport:
 
 ALPHA_EXPORTS = {
     "straight": AlphaExport("straight", "foreground_rgba", "foreground", premultiplied=False),
-    "premultiplied": AlphaExport("premultiplied", "foreground_rgba_premultiplied", "foreground_premultiplied",
-                                 premultiplied=True),
+    "premultiplied": AlphaExport(
+        "premultiplied", "foreground_rgba_premultiplied", "foreground_premultiplied", premultiplied=True
+    ),
 }
 ALPHA_MODE_EXPORTS = {
     "straight": ("straight",),

@@ -43,7 +43,10 @@ def code_version() -> str:
     """``<package version>+<git commit>`` when run from a git checkout."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
             timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -71,8 +74,9 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
                 write_png_sequence(folder / export.png_folder, frames)
             if output.alpha_video != "none":
                 suffix = ALPHA_CODECS[output.alpha_video].suffix
-                write_alpha_video(folder / f"{export.video_stem}{suffix}", frames, codec=output.alpha_video,
-                                  fps=output.fps)
+                write_alpha_video(
+                    folder / f"{export.video_stem}{suffix}", frames, codec=output.alpha_video, fps=output.fps
+                )
     if output.preview:
         fg = rgba if rgba is not None else to_uint8(layers["fg"])
         bg, blend = to_uint8(layers["bg"]), to_uint8(layers["blend"])
@@ -80,8 +84,13 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
         write_contact_sheet(folder / CONTACT_SHEET_FILE, fg, bg, blend)
 
 
-def write_sample(folder: Path, layers: Mapping[str, torch.Tensor], config: LayerFlowConfig,
-                 meta: Mapping[str, object], given: Mapping[str, torch.Tensor] | None = None) -> Path:
+def write_sample(
+    folder: Path,
+    layers: Mapping[str, torch.Tensor],
+    config: LayerFlowConfig,
+    meta: Mapping[str, object],
+    given: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write every output of one sample into ``folder``.
 
     The folder appears only when complete. An existing ``folder`` is replaced only when it is a

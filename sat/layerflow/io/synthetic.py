@@ -22,17 +22,26 @@ def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:
         distance = np.sqrt((rows - cy) ** 2 + (cols - cx) ** 2)
         matte = np.clip((radius - distance) / 2.0 + 0.5, 0.0, 1.0)  # soft 2-pixel edge
         colour = np.stack([200 + 40 * np.sin(cols / 7 + t), 60 + 0 * rows, 50 + 30 * np.cos(rows / 5)], axis=-1)
-        texture = np.stack([
-            110 + 60 * np.sin(cols / 9 + t / 3), 120 + 50 * np.cos(rows / 11), 140 + 40 * np.sin((rows + cols) / 13),
-        ], axis=-1)
+        texture = np.stack(
+            [
+                110 + 60 * np.sin(cols / 9 + t / 3),
+                120 + 50 * np.cos(rows / 11),
+                140 + 40 * np.sin((rows + cols) / 13),
+            ],
+            axis=-1,
+        )
         fg.append(colour)
         alpha.append(matte)
         bg.append(texture)
     fg_a, alpha_a, bg_a = np.stack(fg), np.stack(alpha)[..., None], np.stack(bg)
     blend = fg_a * alpha_a + bg_a * (1 - alpha_a)
     as_bytes = lambda x: np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    return {"fg": as_bytes(fg_a), "alpha": as_bytes(255 * alpha_a[..., 0]), "bg": as_bytes(bg_a),
-            "blend": as_bytes(blend)}
+    return {
+        "fg": as_bytes(fg_a),
+        "alpha": as_bytes(255 * alpha_a[..., 0]),
+        "bg": as_bytes(bg_a),
+        "blend": as_bytes(blend),
+    }
 
 
 def write_layered_clip(folder: Path, frames: int = 16, height: int = 64, width: int = 96) -> dict[str, Path]:

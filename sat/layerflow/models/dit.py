@@ -117,8 +117,9 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_3d_table(dim: int, frames: int, rows: int, cols: int, row_interp: float, col_interp: float,
-                    time_interp: float = 1.0) -> torch.Tensor:
+def sincos_3d_table(
+    dim: int, frames: int, rows: int, cols: int, row_interp: float, col_interp: float, time_interp: float = 1.0
+) -> torch.Tensor:
     """CogVideoX's 3D sin-cos table (frames*rows*cols, dim): [time (dim/4), column (3dim/8), row (3dim/8)].
 
     Positions are computed in float32 as the original does, the sines in float64.
@@ -177,11 +178,16 @@ class LayerPositionEmbedding(BaseMixin):
         config = self.config
         rows, cols = config.patch_grid
         table = sincos_3d_table(
-            config.hidden_size, config.pos_embed_frames, rows, cols,
-            config.height_interpolation, config.width_interpolation, config.time_interpolation,
+            config.hidden_size,
+            config.pos_embed_frames,
+            rows,
+            cols,
+            config.height_interpolation,
+            config.width_interpolation,
+            config.time_interpolation,
         )
         with torch.no_grad():
-            self.pos_embedding[0, self.text_length:].copy_(table)
+            self.pos_embedding[0, self.text_length :].copy_(table)
 
     def layer_embedding(self) -> torch.Tensor:
         """(L, d): txt_embedder(k) repeated over the 226 rows of prompt k."""
@@ -194,7 +200,7 @@ class LayerPositionEmbedding(BaseMixin):
         table = self.pos_embedding[:, : self.text_length + kw_args["seq_length"]]  # (1, L + N, d)
         if self.txt_embedder is not None:
             text = table[:, : self.text_length] + self.layer_embedding()[None]
-            table = torch.cat([text, table[:, self.text_length:]], dim=1)
+            table = torch.cat([text, table[:, self.text_length :]], dim=1)
         shard = kw_args.get("sequence_shard")
         return table if shard is None else shard.take(table)  # (1, n_r, d) on a sequence-parallel rank
 
@@ -233,8 +239,12 @@ class AdaLNLayers(BaseMixin):
             [nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 12 * hidden)) for _ in range(config.num_layers)]
         )
         if config.qk_ln:
-            norm = partial(nn.LayerNorm, config.head_dim, eps=MODULATION_LAYERNORM_EPS,
-                           elementwise_affine=config.elementwise_affine)
+            norm = partial(
+                nn.LayerNorm,
+                config.head_dim,
+                eps=MODULATION_LAYERNORM_EPS,
+                elementwise_affine=config.elementwise_affine,
+            )
             self.query_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
             self.key_layernorm_list = nn.ModuleList([norm() for _ in range(config.num_layers)])
         self.blocks: list[DiTBlock] = []  # a plain list: the blocks own no parameters of their own
@@ -243,16 +253,24 @@ class AdaLNLayers(BaseMixin):
         if not self.blocks:
             layers = self.transformer.layers
             self.blocks = [
-                DiTBlock(layers[i], self.adaLN_modulations[i],
-                         self.query_layernorm_list[i] if self.qk_ln else None,
-                         self.key_layernorm_list[i] if self.qk_ln else None)
+                DiTBlock(
+                    layers[i],
+                    self.adaLN_modulations[i],
+                    self.query_layernorm_list[i] if self.qk_ln else None,
+                    self.key_layernorm_list[i] if self.qk_ln else None,
+                )
                 for i in range(len(self.adaLN_modulations))
             ]
         return self.blocks[layer_id]
 
     def layer_forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, *args, **kw_args) -> torch.Tensor:
-        return self.block(kw_args["layer_id"])(hidden_states, kw_args["emb"], kw_args["text_length"],
-                                               kw_args.get("scale", 0), kw_args.get("sequence_shard"))
+        return self.block(kw_args["layer_id"])(
+            hidden_states,
+            kw_args["emb"],
+            kw_args["text_length"],
+            kw_args.get("scale", 0),
+            kw_args.get("sequence_shard"),
+        )
 
 
 def _project(linear: nn.Module, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -270,8 +288,9 @@ class DiTBlock(nn.Module):
     block compiles the code once and reuses it for all (regional compilation).
     """
 
-    def __init__(self, layer: nn.Module, modulation: nn.Module, query_norm: nn.Module | None,
-                 key_norm: nn.Module | None):
+    def __init__(
+        self, layer: nn.Module, modulation: nn.Module, query_norm: nn.Module | None, key_norm: nn.Module | None
+    ):
         super().__init__()
         self.layer = layer
         self.modulation = modulation
@@ -279,12 +298,29 @@ class DiTBlock(nn.Module):
         self.key_norm = key_norm
         self.attention = FAITHFUL
 
-    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, text_length: int,
-                scale: torch.Tensor | float = 0, shard=None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        emb: torch.Tensor,
+        text_length: int,
+        scale: torch.Tensor | float = 0,
+        shard=None,
+    ) -> torch.Tensor:
         layer = self.layer
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp,
-         text_gate_mlp) = self.modulation(emb).chunk(12, dim=1)  # 12 x (b, d)
+        (
+            shift_msa,
+            scale_msa,
+            gate_msa,
+            shift_mlp,
+            scale_mlp,
+            gate_mlp,
+            text_shift_msa,
+            text_scale_msa,
+            text_gate_msa,
+            text_shift_mlp,
+            text_scale_mlp,
+            text_gate_mlp,
+        ) = self.modulation(emb).chunk(12, dim=1)  # 12 x (b, d)
         text, video = hidden_states[:, :text_length], hidden_states[:, text_length:]  # (b, L, d), (b, N, d)
 
         attention_input = torch.cat(
@@ -358,8 +394,15 @@ class FinalLayer(BaseMixin):
         shift, scale = self.adaLN_modulation(kw_args["emb"]).chunk(2, dim=1)
         video = self.linear(modulate(self.norm_final(video), shift, scale))  # (b, N, c*p*p)
         rows, cols = self.grid
-        return rearrange(video, "b (t h w) (c p q) -> b t c (h p) (w q)",
-                         h=rows, w=cols, c=self.out_channels, p=self.patch_size, q=self.patch_size)
+        return rearrange(
+            video,
+            "b (t h w) (c p q) -> b t c (h p) (w q)",
+            h=rows,
+            w=cols,
+            c=self.out_channels,
+            p=self.patch_size,
+            q=self.patch_size,
+        )
 
 
 class LayerFlowDiT(BaseModel):
@@ -369,8 +412,10 @@ class LayerFlowDiT(BaseModel):
         if config.text_length <= 0:
             raise ValueError("DiTConfig.text_length is not set (226 tokens per prompt of the task)")
         if not mpu.model_parallel_is_initialized():
-            raise RuntimeError("SAT's model-parallel group does not exist yet: call "
-                               "layerflow.runtime.distributed.ensure_model_parallel() before building the network")
+            raise RuntimeError(
+                "SAT's model-parallel group does not exist yet: call "
+                "layerflow.runtime.distributed.ensure_model_parallel() before building the network"
+            )
         device = torch.device(device)
         with torch.device(device):
             transformer = self._build_transformer(config, device, dtype)
@@ -414,8 +459,15 @@ class LayerFlowDiT(BaseModel):
     def dtype(self) -> torch.dtype:
         return self.mixins.patch_embed.proj.weight.dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
-                lora_scale: torch.Tensor | float = 0, sequence_parallel: UlyssesGroup | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        lora_scale: torch.Tensor | float = 0,
+        sequence_parallel: UlyssesGroup | None = None,
+    ) -> torch.Tensor:
         """Predict v for every latent frame of the stack.
 
         x: (b, T, c, H, W) latents, noisy or clean; timesteps: (b,) DDPM indices; context: (b, L, e)

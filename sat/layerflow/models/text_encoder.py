@@ -40,7 +40,10 @@ from layerflow.geometry import TOKENS_PER_PROMPT
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "spiece.model"
 WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 WEIGHTS_HELP = "see README.md, 'Real weights' (THUDM/CogVideoX-2b folders text_encoder + tokenizer)"
 
@@ -122,8 +125,9 @@ class T5TextEncoder:
     :meth:`offload` (the next :meth:`encode` brings it back) or dropped with :meth:`release`.
     """
 
-    def __init__(self, tokenizer, model: torch.nn.Module, device: torch.device, folder: Path,
-                 max_length: int = TOKENS_PER_PROMPT):
+    def __init__(
+        self, tokenizer, model: torch.nn.Module, device: torch.device, folder: Path, max_length: int = TOKENS_PER_PROMPT
+    ):
         self.tokenizer = tokenizer
         self.model: torch.nn.Module | None = model
         self.device = torch.device(device)
@@ -131,8 +135,13 @@ class T5TextEncoder:
         self.max_length = max_length
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, max_length: int = TOKENS_PER_PROMPT) -> T5TextEncoder:
+    def from_folder(
+        cls,
+        folder: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = TOKENS_PER_PROMPT,
+    ) -> T5TextEncoder:
         """Load tokenizer and encoder from a local transformers folder such as ``CogVideoX-2b-sat/t5-v1_1-xxl``.
 
         Every parameter ends up in ``dtype`` (the pipeline passes the placement's), including the
@@ -159,8 +168,9 @@ class T5TextEncoder:
 
     def _live_model(self) -> torch.nn.Module:
         if self.model is None:
-            raise RuntimeError(f"the T5 encoder from {self.folder} was released; load it again with "
-                               "T5TextEncoder.from_folder")
+            raise RuntimeError(
+                f"the T5 encoder from {self.folder} was released; load it again with T5TextEncoder.from_folder"
+            )
         return self.model
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -169,8 +179,9 @@ class T5TextEncoder:
             raise TypeError("prompts must be a list of strings, one per layer")
         if len(prompts) == 0:
             raise ValueError("no prompts to encode")
-        batch = self.tokenizer(list(prompts), truncation=True, max_length=self.max_length, padding="max_length",
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            list(prompts), truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
+        )
         return batch["input_ids"]  # (n, L)
 
     def token_count(self, prompt: str) -> int:

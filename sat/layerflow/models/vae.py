@@ -151,8 +151,14 @@ class CausalVideoVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        sizes = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
-                     z_channels=config.z_channels, groups=config.norm_groups, time_levels=config.time_levels)
+        sizes = dict(
+            ch=config.ch,
+            ch_mult=config.ch_mult,
+            num_res_blocks=config.num_res_blocks,
+            z_channels=config.z_channels,
+            groups=config.norm_groups,
+            time_levels=config.time_levels,
+        )
         self.encoder = Encoder3D(in_channels=config.in_channels, **sizes)
         self.decoder = Decoder3D(out_channels=config.out_channels, **sizes)
 
@@ -168,9 +174,7 @@ class CausalVideoVAE(nn.Module):
         t, h, w = video.shape[2:]
         k, s = cfg.temporal_compress_times, cfg.spatial_compression
         if (t - t % 2) % k or h % s or w % s:
-            raise ValueError(
-                f"video of {t} frames at {h}x{w}: needs {k}n or 1+{k}n frames and sides divisible by {s}"
-            )
+            raise ValueError(f"video of {t} frames at {h}x{w}: needs {k}n or 1+{k}n frames and sides divisible by {s}")
         x = self._like_parameters(video)
         latent_thw = ((t - t % 2) // k + t % 2, h // s, w // s)
         streamed = self._streamed(latent_thw, x.device, **streaming)
@@ -207,14 +211,21 @@ class CausalVideoVAE(nn.Module):
         if latent.dim() != 5 or latent.shape[1] != self.config.z_channels:
             raise ValueError(f"latent must be (b, {self.config.z_channels}, t', h', w'), got {tuple(latent.shape)}")
         z = self._like_parameters(latent)
-        streamed = self._streamed(tuple(z.shape[2:]), z.device, temporal_chunk, spatial_tile, buffer_device,
-                                  device_budget, share)
+        streamed = self._streamed(
+            tuple(z.shape[2:]), z.device, temporal_chunk, spatial_tile, buffer_device, device_budget, share
+        )
         return self.decoder(z) if streamed is None else streamed.decode(self.decoder, z)
 
     @staticmethod
-    def _streamed(latent_thw: tuple[int, ...], device: torch.device, temporal_chunk: int | None = None,
-                  spatial_tile: tuple[int, int] | None = None, buffer_device: torch.device | str | None = None,
-                  device_budget: int | None = None, share: RegionShare | None = None) -> _StreamedNet | None:
+    def _streamed(
+        latent_thw: tuple[int, ...],
+        device: torch.device,
+        temporal_chunk: int | None = None,
+        spatial_tile: tuple[int, int] | None = None,
+        buffer_device: torch.device | str | None = None,
+        device_budget: int | None = None,
+        share: RegionShare | None = None,
+    ) -> _StreamedNet | None:
         """The region-by-region runner for a latent grid of ``latent_thw``, or None for the one-call path."""
         if temporal_chunk is None and spatial_tile is None:
             return None
@@ -229,8 +240,9 @@ class CausalVideoVAE(nn.Module):
         placement = _ActivationPlacement(device, store, device_budget)
         return _StreamedNet(_Regions((t, h, w), steps), device, placement, share)
 
-    def encode_to_latent(self, video: torch.Tensor, generator: torch.Generator | None = None,
-                         **streaming) -> torch.Tensor:
+    def encode_to_latent(
+        self, video: torch.Tensor, generator: torch.Generator | None = None, **streaming
+    ) -> torch.Tensor:
         """The engine's latent: scale_factor * posterior sample; ``streaming`` goes to ``encode``."""
         return self.config.scale_factor * self.encode(video, generator, **streaming)
 
@@ -393,8 +405,9 @@ class _StreamedNet:
     result into its own input (the input is not read again), so it holds two activations, not three.
     """
 
-    def __init__(self, regions: _Regions, device: torch.device, placement: _ActivationPlacement,
-                 share: RegionShare | None = None):
+    def __init__(
+        self, regions: _Regions, device: torch.device, placement: _ActivationPlacement, share: RegionShare | None = None
+    ):
         self.regions, self.device, self.placement, self.share = regions, device, placement, share
         self.z: torch.Tensor | None = None  # the decoder's latent (spatial normalization reads it)
 
@@ -440,9 +453,14 @@ class _StreamedNet:
         h = self.conv(block.conv1, x, block.norm1)
         return self.conv(block.conv2, h, block.norm2, shortcut=(x, block.nin_shortcut), into=out)
 
-    def conv(self, layer: CausalConv3d, x: torch.Tensor | _Upsampled, norm: nn.Module | None = None,
-             shortcut: tuple[torch.Tensor, nn.Module | None] | None = None,
-             into: torch.Tensor | None = None) -> torch.Tensor:
+    def conv(
+        self,
+        layer: CausalConv3d,
+        x: torch.Tensor | _Upsampled,
+        norm: nn.Module | None = None,
+        shortcut: tuple[torch.Tensor, nn.Module | None] | None = None,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """layer(swish(norm(x))) (or layer(x) without a norm), plus the block's shortcut when given;
         written into ``into`` when given (it may be the shortcut's input)."""
         b, _, t, h, w = x.shape
@@ -482,8 +500,10 @@ class _StreamedNet:
             z_maps.append(_index_map(partial(resize_latent_to, size=tuple(size)), self.z.shape[2 + d], 2 + d))
 
         def apply(win: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            z_index = tuple([m[min(max(i, 0), n - 1)] for i in positions]
-                            for m, positions, n in zip(z_maps, index, thw, strict=True))
+            z_index = tuple(
+                [m[min(max(i, 0), n - 1)] for i in positions]
+                for m, positions, n in zip(z_maps, index, thw, strict=True)
+            )
             zq = _window(self.z, z_index, self.device)  # b z (window's t h w)
             y = norm.conv_y(zq).mul_(_group_norm_with(win, mean, rstd, group_norm)).add_(norm.conv_b(zq))
             return torch.sigmoid(y).mul_(y)  # swish(norm(win) * conv_y(zq) + conv_b(zq)), in place
@@ -521,8 +541,11 @@ class _StreamedNet:
         out_thw = (len(pairs), (h - 2) // 2 + 1, (w - 2) // 2 + 1)
         out = self._new_output(b, c, *out_thw, dtype=x.dtype)
         for rt, rh, rw in self._owned(self.regions(out_thw)):
-            index = ([f for pair in pairs[rt] for f in pair], list(range(2 * rh.start, 2 * rh.stop + 1)),
-                     list(range(2 * rw.start, 2 * rw.stop + 1)))
+            index = (
+                [f for pair in pairs[rt] for f in pair],
+                list(range(2 * rh.start, 2 * rh.stop + 1)),
+                list(range(2 * rw.start, 2 * rw.stop + 1)),
+            )
             win = _zero_outside(_window(x, index, self.device), index, (t, h, w))  # b c 2t_r (2h_r+1) (2w_r+1)
             win = (win[:, :, 0::2] + win[:, :, 1::2]) / 2  # b c t_r (2h_r+1) (2w_r+1)
             out[:, :, rt, rh, rw] = _per_frame(win, layer.conv).to(out.device)
@@ -591,8 +614,11 @@ def load_vae(
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise VAECheckpointError(f"{path}: {key} is not a floating-point tensor")
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {shape})" for k, shape in expected.items()
-             if tuple(state[k].shape) != shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {shape})"
+        for k, shape in expected.items()
+        if tuple(state[k].shape) != shape
+    ]
     if wrong:
         raise VAECheckpointError(f"{path}: wrong shapes: {_listing(wrong)}")
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)

@@ -216,8 +216,16 @@ class Encoder3D(nn.Module):
     a Downsample3D that also halves time for the first log2(temporal_compress_times) levels.
     """
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, in_channels: int,
-                 z_channels: int, groups: int, time_levels: int):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        in_channels: int,
+        z_channels: int,
+        groups: int,
+        time_levels: int,
+    ):
         super().__init__()
         self.conv_in = CausalConv3d(in_channels, ch, 3)
         widths = [ch * m for m in ch_mult]
@@ -252,8 +260,16 @@ class Decoder3D(nn.Module):
     level but 0 ends in an Upsample3D that also doubles time for the top log2(temporal_compress_times).
     """
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, out_channels: int,
-                 z_channels: int, groups: int, time_levels: int):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        out_channels: int,
+        z_channels: int,
+        groups: int,
+        time_levels: int,
+    ):
         super().__init__()
         n_levels = len(ch_mult)
         c = ch * ch_mult[-1]

@@ -76,12 +76,15 @@ def _sdpa_tokens_first(backend: SDPBackend | None):
     the model off cuDNN's kernel on the H100 is not yet confirmed: ``benchmarks/attention.py`` prints
     PyTorch's own reasons on a GPU.
     """
+
     def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         restrict = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         with restrict:
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
-                                                 value.contiguous().transpose(1, 2))
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.contiguous().transpose(1, 2)
+            )
         return out.transpose(1, 2)  # (b, h, n, e) -> (b, n, h, e), a view
+
     return run
 
 
@@ -105,9 +108,12 @@ def _torch_backend_unavailable(backend: SDPBackend):
         if backend is SDPBackend.MATH:
             return None
         if not _TORCH_CAN_USE[backend](_probe(device, dtype, head_dim), debug=False):
-            return (f"PyTorch {torch.__version__} cannot run it on {torch.cuda.get_device_name(device)} "
-                    f"for {dtype} heads of size {head_dim}")
+            return (
+                f"PyTorch {torch.__version__} cannot run it on {torch.cuda.get_device_name(device)} "
+                f"for {dtype} heads of size {head_dim}"
+            )
         return None
+
     return unavailable
 
 
@@ -117,8 +123,10 @@ def _always_available(device: torch.device, dtype: torch.dtype, head_dim: int) -
 
 # -- optional packages -------------------------------------------------------------------------------
 
-def _package_unavailable(module: str, function: str, min_capability: tuple[int, int],
-                         exact_dtypes: tuple[torch.dtype, ...]):
+
+def _package_unavailable(
+    module: str, function: str, min_capability: tuple[int, int], exact_dtypes: tuple[torch.dtype, ...]
+):
     def unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         if _find(module) is None:
             return "not installed"
@@ -137,6 +145,7 @@ def _package_unavailable(module: str, function: str, min_capability: tuple[int, 
         if dtype not in exact_dtypes:
             return f"runs {' or '.join(str(d).removeprefix('torch.') for d in exact_dtypes)} only, not {dtype}"
         return None
+
     return unavailable
 
 
@@ -178,19 +187,35 @@ _HALF = (torch.bfloat16, torch.float16)
 KERNELS: dict[str, AttentionKernel] = {
     "sdpa": AttentionKernel("sdpa", TOKENS_FIRST, True, _sdpa_tokens_first(None), _always_available),
     **{
-        name: AttentionKernel(name, TOKENS_FIRST, True, _sdpa_tokens_first(backend),
-                              _torch_backend_unavailable(backend))
+        name: AttentionKernel(
+            name, TOKENS_FIRST, True, _sdpa_tokens_first(backend), _torch_backend_unavailable(backend)
+        )
         for name, backend in _TORCH_BACKENDS.items()
     },
-    "flash-attn-4": AttentionKernel("flash-attn-4", TOKENS_FIRST, True, _flash_attn_4,
-                                    _package_unavailable("flash_attn.cute", "flash_attn_func", (9, 0), _HALF),
-                                    install="pip install flash-attn-4 --pre"),
-    "flash-attn-3": AttentionKernel("flash-attn-3", TOKENS_FIRST, True, _flash_attn_3,
-                                    _package_unavailable("flash_attn_interface", "flash_attn_func", (9, 0), _HALF),
-                                    install="build flash-attention's hopper/ folder: python setup.py install"),
-    "sage": AttentionKernel("sage", TOKENS_FIRST, False, _sage,
-                            _package_unavailable("sageattention", "sageattn", (8, 0), _HALF),
-                            install="pip install sageattention"),
+    "flash-attn-4": AttentionKernel(
+        "flash-attn-4",
+        TOKENS_FIRST,
+        True,
+        _flash_attn_4,
+        _package_unavailable("flash_attn.cute", "flash_attn_func", (9, 0), _HALF),
+        install="pip install flash-attn-4 --pre",
+    ),
+    "flash-attn-3": AttentionKernel(
+        "flash-attn-3",
+        TOKENS_FIRST,
+        True,
+        _flash_attn_3,
+        _package_unavailable("flash_attn_interface", "flash_attn_func", (9, 0), _HALF),
+        install="build flash-attention's hopper/ folder: python setup.py install",
+    ),
+    "sage": AttentionKernel(
+        "sage",
+        TOKENS_FIRST,
+        False,
+        _sage,
+        _package_unavailable("sageattention", "sageattn", (8, 0), _HALF),
+        install="pip install sageattention",
+    ),
 }
 # ``auto``: fastest exact kernel first. On an H100, cuDNN's kernel beat PyTorch's flash kernel
 # (428 against 329 TFLOP/s for one call of the model's shape). FlashAttention-4 (Hopper and
@@ -208,8 +233,9 @@ def _faithful(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
 FAITHFUL = AttentionKernel("original", HEADS_FIRST, True, _faithful, _always_available)
 
 
-def select_attention(choice: str, device: torch.device, dtype: torch.dtype,
-                     head_dim: int) -> tuple[AttentionKernel, tuple[str, ...]]:
+def select_attention(
+    choice: str, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> tuple[AttentionKernel, tuple[str, ...]]:
     """The kernel for ``runtime.attention = choice`` on ``device``, and the kernels ``auto`` passed over.
 
     A named kernel that cannot run here raises :class:`AttentionUnavailable` naming the reason and the
@@ -222,8 +248,9 @@ def select_attention(choice: str, device: torch.device, dtype: torch.dtype,
         if reason is not None:
             hint = f" ({kernel.install})" if kernel.install and reason == "not installed" else ""
             usable = [name for name in KERNELS if KERNELS[name].unavailable(device, dtype, head_dim) is None]
-            raise AttentionUnavailable(f"runtime.attention = {choice}: {reason}{hint}; "
-                                       f"usable here: auto, {', '.join(usable)}")
+            raise AttentionUnavailable(
+                f"runtime.attention = {choice}: {reason}{hint}; usable here: auto, {', '.join(usable)}"
+            )
         return kernel, ()
     skipped = []
     for name in AUTO_ORDER:

@@ -109,8 +109,12 @@ class SpeedPlan:
 
     def describe(self) -> dict:
         """What ran, for meta.json and the logs."""
-        return {"faithful": self.faithful, "attention": self.attention.name, "merge_lora": self.merge_lora,
-                "compile": self.compile}
+        return {
+            "faithful": self.faithful,
+            "attention": self.attention.name,
+            "merge_lora": self.merge_lora,
+            "compile": self.compile,
+        }
 
 
 def resolve_speed(runtime, placement: Placement, head_dim: int) -> SpeedPlan:

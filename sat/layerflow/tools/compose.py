@@ -61,8 +61,10 @@ def read_background(spec: str, num_frames: int, size: Sequence[int]) -> tuple[to
     try:
         rgb = ImageColor.getrgb(spec)[:3]
     except ValueError:
-        raise ComposeError(f"--bg {spec!r}: no such file or folder, and not a colour (expected a video, a frame "
-                           f"folder, an image, a sample folder, or a colour such as '#204080' or 'white')") from None
+        raise ComposeError(
+            f"--bg {spec!r}: no such file or folder, and not a colour (expected a video, a frame "
+            f"folder, an image, a sample folder, or a colour such as '#204080' or 'white')"
+        ) from None
     colour = torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1  # (3,)
     hex_colour = "#" + "".join(f"{channel:02x}" for channel in rgb)
     return colour[None, :, None, None].expand(num_frames, 3, *size).contiguous(), {"colour": hex_colour}
@@ -73,13 +75,24 @@ def compose_layers(rgb: torch.Tensor, alpha: torch.Tensor, bg: torch.Tensor) -> 
 
     The foreground layer is matted over grey as the model's is; ``blend = rgb * a + bg * (1 - a)``.
     """
-    return {"fg": matte_foreground(rgb, alpha), "bg": bg, "blend": rgb * alpha + bg * (1 - alpha),
-            "alpha": alpha_to_layer(alpha)}  # each (t, 3, h, w)
+    return {
+        "fg": matte_foreground(rgb, alpha),
+        "bg": bg,
+        "blend": rgb * alpha + bg * (1 - alpha),
+        "alpha": alpha_to_layer(alpha),
+    }  # each (t, 3, h, w)
 
 
-def compose(fg: str, bg: str, output: str | os.PathLike, mask: str | None = None,
-            num_frames: int = DEFAULT_NUM_FRAMES, size: Sequence[int] = DEFAULT_SIZE,
-            settings: OutputSection | None = None, command: Sequence[str] = ()) -> Path:
+def compose(
+    fg: str,
+    bg: str,
+    output: str | os.PathLike,
+    mask: str | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    size: Sequence[int] = DEFAULT_SIZE,
+    settings: OutputSection | None = None,
+    command: Sequence[str] = (),
+) -> Path:
     """Write the composite sample folder ``output`` (which must not exist yet); returns it."""
     output = Path(output)
     settings = settings or OutputSection()

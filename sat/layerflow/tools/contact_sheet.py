@@ -55,8 +55,9 @@ def layer_rows(fg: np.ndarray, bg: np.ndarray, blend: np.ndarray) -> list[np.nda
     return rows
 
 
-def contact_sheet(rows: Sequence[np.ndarray], columns: int = COLUMNS,
-                  max_cell_width: int = MAX_CELL_WIDTH) -> np.ndarray:
+def contact_sheet(
+    rows: Sequence[np.ndarray], columns: int = COLUMNS, max_cell_width: int = MAX_CELL_WIDTH
+) -> np.ndarray:
     """Grid image (H, W, 3) bytes of rows (t, h, w, 3) of equal shape: row r, column k shows frame k of row r."""
     t, h, w, _ = rows[0].shape
     picks = column_frames(t, columns)

@@ -66,8 +66,10 @@ def reproduce_command(folder: str | os.PathLike, output: str = DEFAULT_REPRODUCE
         raise SampleFolderError(f"{Path(folder) / 'meta.json'}: lacks {missing}, so the sample cannot be reproduced")
     base = _base_files(meta)
     sources = meta.get("given_sources") or {}
-    inputs = {layer: sources[layer]["path"] if layer in sources else str(Path(path).resolve())
-              for layer, path in (meta.get("inputs") or {}).items()}
+    inputs = {
+        layer: sources[layer]["path"] if layer in sources else str(Path(path).resolve())
+        for layer, path in (meta.get("inputs") or {}).items()
+    }
     manifest = {"id": meta["id"], "prompts": meta["prompts"], "inputs": inputs, "seed": meta["seed"]}
     argv = ["layerflow", "generate", "--base", *base]
     for override in config_overrides(meta["config"], base):
@@ -83,10 +85,12 @@ def describe(folder: str | os.PathLike, output: str = DEFAULT_REPRODUCE_OUTPUT) 
     if meta.get("tool") == "compose":
         lines.append("made by     layerflow compose")
     else:
-        lines += [f"task        {meta.get('task', '-')} ({meta.get('variant', '-')})",
-                  f"seed        {meta.get('seed', '-')}",
-                  f"checkpoint  {meta.get('checkpoint', '-')}",
-                  "prompts"]
+        lines += [
+            f"task        {meta.get('task', '-')} ({meta.get('variant', '-')})",
+            f"seed        {meta.get('seed', '-')}",
+            f"checkpoint  {meta.get('checkpoint', '-')}",
+            "prompts",
+        ]
         lines += [f"  {layer:<6} {text}" for layer, text in (meta.get("prompts") or {}).items()]
     sources = meta.get("given_sources") or {}
     if sources:
@@ -95,13 +99,16 @@ def describe(folder: str | os.PathLike, output: str = DEFAULT_REPRODUCE_OUTPUT) 
             origin = source.get("path") or source.get("colour", "")
             sample = source.get("sample")
             if sample:
-                origin += f"  ({source.get('file')} of sample {sample.get('id')}, {sample.get('task')}_" \
-                          f"{sample.get('variant')}, seed {sample.get('seed')})"
+                origin += (
+                    f"  ({source.get('file')} of sample {sample.get('id')}, {sample.get('task')}_"
+                    f"{sample.get('variant')}, seed {sample.get('seed')})"
+                )
             lines.append(f"  {layer:<6} {origin}")
     scores = meta.get("scores")
     if scores:
-        shown = (f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                 for key, value in scores.items())
+        shown = (
+            f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in scores.items()
+        )
         lines.append("scores      " + ", ".join(shown))
     lines += ["reproduce", reproduce_command(folder, output)]
     return "\n".join(lines)

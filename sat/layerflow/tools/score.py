@@ -113,8 +113,10 @@ def alpha_temporal_change(alpha: torch.Tensor) -> float:
 def layer_scores(fg_rgba: np.ndarray, bg: np.ndarray, blend: np.ndarray) -> dict[str, float | None]:
     """The scores (module docstring) of straight RGBA (t, h, w, 4), background and blend (t, h, w, 3) bytes."""
     if fg_rgba.shape[-1] != 4 or not fg_rgba.shape[:3] == bg.shape[:3] == blend.shape[:3]:
-        raise SampleFolderError(f"layers do not match: foreground {fg_rgba.shape}, background {bg.shape}, "
-                                f"blend {blend.shape} (expected RGBA, RGB and RGB of the same frames and size)")
+        raise SampleFolderError(
+            f"layers do not match: foreground {fg_rgba.shape}, background {bg.shape}, "
+            f"blend {blend.shape} (expected RGBA, RGB and RGB of the same frames and size)"
+        )
     fg = torch.from_numpy(np.ascontiguousarray(fg_rgba)).float() / 255.0  # (t, h, w, 4)
     alpha = fg[..., 3:]  # (t, h, w, 1)
     composite = fg[..., :3] * alpha + torch.from_numpy(np.ascontiguousarray(bg)).float() / 255.0 * (1 - alpha)
@@ -134,8 +136,9 @@ def layer_scores(fg_rgba: np.ndarray, bg: np.ndarray, blend: np.ndarray) -> dict
 def _read(folder: Path, name: str) -> np.ndarray:
     path = folder / name
     if not path.exists():
-        raise SampleFolderError(f"{folder}: no {name} (scores need the foreground with its matte, "
-                                f"the background and the blend)")
+        raise SampleFolderError(
+            f"{folder}: no {name} (scores need the foreground with its matte, the background and the blend)"
+        )
     return read_clip_frames(path)
 
 
@@ -175,6 +178,7 @@ def write_scores(folder: str | os.PathLike, scores: Mapping[str, float | None]) 
 
 def format_table(rows: Sequence[tuple[str, Mapping[str, float | None]]]) -> str:
     """A plain-text table: one line per sample folder, one column per score."""
+
     def cell(value) -> str:
         if value is None:
             return "-"
@@ -185,5 +189,6 @@ def format_table(rows: Sequence[tuple[str, Mapping[str, float | None]]]) -> str:
     header = ("sample", *SCORE_KEYS)
     lines = [header, *((name, *(cell(scores.get(key)) for key in SCORE_KEYS)) for name, scores in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

@@ -99,8 +99,9 @@ def _check_index(cache: Path, expected: dict) -> None:
         raise CacheError(f"{index}: unreadable cache index ({error})") from None
     if found.get("format") != CACHE_FORMAT or found.get("fingerprint") != expected:
         differ = sorted(k for k in expected if found.get("fingerprint", {}).get(k) != expected[k])
-        raise CacheError(f"{index}: this cache was made for another config (differs in {differ}); "
-                         f"use another training.cache folder")
+        raise CacheError(
+            f"{index}: this cache was made for another config (differs in {differ}); use another training.cache folder"
+        )
 
 
 @torch.no_grad()
@@ -119,8 +120,9 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
         placement = resolve_placement(config.runtime)
         device, dtype = placement.compute_device, placement.dtype
         vae = build_vae(config, device, dtype)
-        encoder = T5TextEncoder.from_folder(resolve_weights(config, check=False).text_encoder, device=device,
-                                             dtype=dtype)
+        encoder = T5TextEncoder.from_folder(
+            resolve_weights(config, check=False).text_encoder, device=device, dtype=dtype
+        )
         layout, scale = config.layout, config.model.vae.scale_factor
         for number, sample in enumerate(todo, start=1):
             try:
@@ -128,8 +130,7 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
                 posterior = vae.posterior(clip.to(device, dtype))
                 mean = posterior.mean[0].permute(1, 0, 2, 3).float().cpu()  # (T, c, h, w)
                 if mean.shape[0] != layout.latent_frames:
-                    raise SampleError(f"{sample.where}: {mean.shape[0]} latent frames, expected "
-                                      f"{layout.latent_frames}")
+                    raise SampleError(f"{sample.where}: {mean.shape[0]} latent frames, expected {layout.latent_frames}")
                 std = posterior.std[0].permute(1, 0, 2, 3).float().cpu()
                 context = encoder.encode_layers([sample.prompts[name] for name in layout.prompt_layers])[0]
             except SampleError as failure:
@@ -146,8 +147,11 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
     if failed:
         raise SampleError(f"{failed} rank(s) met a bad sample while preparing {cache}; see their errors")
     if distributed.is_main_process():
-        index = {"format": CACHE_FORMAT, "fingerprint": expected,
-                 "samples": [_sample_path(cache, s).name for s in samples]}
+        index = {
+            "format": CACHE_FORMAT,
+            "fingerprint": expected,
+            "samples": [_sample_path(cache, s).name for s in samples],
+        }
         write_text_atomic(cache / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     distributed.sum_over_ranks(0)  # every rank waits until the index is written
     return cache
@@ -164,8 +168,10 @@ class LatentCache:
         _check_index(self.folder, fingerprint(config))
         absent = [s.id for s in samples if not _sample_path(self.folder, s).is_file()]
         if absent:
-            raise CacheError(f"{self.folder}: samples {absent[:5]} of the manifest are not cached (or changed since); "
-                             f"rerun the prepare step")
+            raise CacheError(
+                f"{self.folder}: samples {absent[:5]} of the manifest are not cached (or changed since); "
+                f"rerun the prepare step"
+            )
         self.samples = list(samples)
 
     @property
@@ -182,5 +188,6 @@ class LatentCache:
             record = torch.load(path, map_location="cpu", weights_only=True)
             return CachedSample(sample.id, record["mean"], record["std"], record["context"], sample.still)
         except (OSError, RuntimeError, KeyError, EOFError) as error:
-            raise CacheError(f"{path}: unreadable cached sample {sample.id} ({error}); delete it and rerun "
-                             f"the prepare step") from None
+            raise CacheError(
+                f"{path}: unreadable cached sample {sample.id} ({error}); delete it and rerun the prepare step"
+            ) from None

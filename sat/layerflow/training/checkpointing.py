@@ -54,12 +54,23 @@ def run_identity(config: TrainConfig, trainable: list[str], world_size: int) -> 
     }
 
 
-def save_checkpoint(folder: Path, step: int, network: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, identity: Mapping, keep: int = 0) -> Path:
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    identity: Mapping,
+    keep: int = 0,
+) -> Path:
     """Write iteration ``step`` (model, training state), then point ``latest`` at it."""
     module = {NETWORK_PREFIX + name: value.detach().cpu().contiguous() for name, value in network.state_dict().items()}
-    training_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "identity": dict(identity)}
+    training_state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "identity": dict(identity),
+    }
     target = folder / str(step)
     with atomic_directory(target, may_replace=is_training_checkpoint) as staging:
         torch.save({"module": module}, staging / SAT_MODEL_FILE)
@@ -109,11 +120,12 @@ def load_resume_state(folder: Path, identity: Mapping) -> ResumeState | None:
     changed = sorted(key for key in identity if recorded.get(key) != identity[key])
     if changed:
         details = ", ".join(f"{key}: {recorded.get(key)!r} -> {identity[key]!r}" for key in changed)
-        raise CheckpointError(f"{folder}: cannot resume iteration {step} with changed settings ({details}); "
-                              f"use a new training.save folder")
-    model = {name[len(NETWORK_PREFIX):]: value for name, value in module.items()}
-    return ResumeState(step=int(state["step"]), model=model, optimizer=state["optimizer"],
-                       scheduler=state["scheduler"])
+        raise CheckpointError(
+            f"{folder}: cannot resume iteration {step} with changed settings ({details}); "
+            f"use a new training.save folder"
+        )
+    model = {name[len(NETWORK_PREFIX) :]: value for name, value in module.items()}
+    return ResumeState(step=int(state["step"]), model=model, optimizer=state["optimizer"], scheduler=state["scheduler"])
 
 
 def write_sample_config(config: TrainConfig, folder: Path, vae_path: str | None = None) -> Path:

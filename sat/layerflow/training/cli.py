@@ -42,10 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1],
     )
-    parser.add_argument("--base", nargs="+", required=True, metavar="YAML",
-                        help="config files, merged in order (later files win): model, task, training stage")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.steps=500 (repeatable)")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        required=True,
+        metavar="YAML",
+        help="config files, merged in order (later files win): model, task, training stage",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.steps=500 (repeatable)",
+    )
     parser.add_argument("--prepare-only", action="store_true", help="encode the dataset into the cache and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -110,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
             vae_path = export_random_vae(config, save) if weights.random else None
             sample_config = write_sample_config(config, save, vae_path)
-            print(f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
-                  f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
-                  f"logs in {save / 'logs'}" + (f", TensorBoard in {save / 'tensorboard'}"
-                                                 if config.training.tensorboard else ""))
+            print(
+                f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
+                f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
+                f"logs in {save / 'logs'}"
+                + (f", TensorBoard in {save / 'tensorboard'}" if config.training.tensorboard else "")
+            )
         history = trainer.run()
         if distributed.is_main_process():
             last = f", last loss {history[-1]['loss']:.4f}" if history else " (already complete)"

@@ -63,8 +63,10 @@ class TrainingSection:
         if self.warmup_steps < 0 or self.keep_checkpoints < 0:
             raise ConfigError("training.warmup_steps and training.keep_checkpoints must not be negative")
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
-                              f"{self.learning_rate} and {self.min_lr_ratio}")
+            raise ConfigError(
+                f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
+                f"{self.learning_rate} and {self.min_lr_ratio}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"training.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 <= self.text_dropout < 1:

@@ -66,8 +66,11 @@ def is_image(path: str | Path) -> bool:
 
 
 def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> TrainingSample:
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompts"), dict) \
-            or not isinstance(entry.get("inputs"), dict):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("prompts"), dict)
+        or not isinstance(entry.get("inputs"), dict)
+    ):
         raise SampleError(f"{where}: expected an object with 'prompts' and 'inputs' mappings")
     unknown = sorted(set(entry) - {"id", "prompts", "inputs", "still"})
     if unknown:
@@ -81,13 +84,17 @@ def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> Tr
     wrong_prompts = sorted(set(prompts) - set(LAYER_NAMES))
     missing_prompts = [name for name in layout.prompt_layers if not prompts.get(name, "").strip()]
     if wrong_prompts or missing_prompts:
-        raise SampleError(f"{where}: {layout.name} needs prompts for {list(layout.prompt_layers)}; "
-                          f"missing or empty {missing_prompts}, unknown {wrong_prompts}")
+        raise SampleError(
+            f"{where}: {layout.name} needs prompts for {list(layout.prompt_layers)}; "
+            f"missing or empty {missing_prompts}, unknown {wrong_prompts}"
+        )
     wrong_inputs = sorted(set(inputs) - set(INPUT_NAMES))
     missing_inputs = [name for name in ("fg", "bg") if name not in inputs]
     if wrong_inputs or missing_inputs:
-        raise SampleError(f"{where}: inputs need fg and bg (blend and mask optional); missing {missing_inputs}, "
-                          f"unknown {wrong_inputs}")
+        raise SampleError(
+            f"{where}: inputs need fg and bg (blend and mask optional); missing {missing_inputs}, "
+            f"unknown {wrong_inputs}"
+        )
     still = entry.get("still")
     if still is not None and not isinstance(still, bool):
         raise SampleError(f"{where}: still must be true or false, got {still!r}")
@@ -147,8 +154,11 @@ def _foreground(fg: Path, mask: Path | None, size: tuple[int, int]) -> tuple[tor
             raise LayerSourceError(f"{mask}: mask size {matte.shape[2]}x{matte.shape[1]} differs from {fg}")
     layer = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (1, 3, h0, w0)
     alpha = resize_for_rectangle_crop(uint8_to_unit(matte), size).clamp(0.0, 1.0)
-    return (_frozen(resize_for_rectangle_crop(layer, size)),
-            _frozen(resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)), _frozen(alpha))
+    return (
+        _frozen(resize_for_rectangle_crop(layer, size)),
+        _frozen(resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)),
+        _frozen(alpha),
+    )
 
 
 def _plain_layer(path: Path, size: tuple[int, int]) -> torch.Tensor:

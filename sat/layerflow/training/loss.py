@@ -55,8 +55,9 @@ def diffusion_loss(network, batch: NoisedBatch, layout: TaskLayout) -> torch.Ten
         noised_stack = insert_condition(noised, split_condition(latents, layout), layout)  # (b, T, c, h, w)
     else:
         noised_stack = noised
-    v = remove_condition(network(noised_stack, batch.timesteps, batch.context, lora_scale=batch.lora_scale),
-                         layout)  # (b, T, c, h, w) -> (b, T_gen, c, h, w)
+    v = remove_condition(
+        network(noised_stack, batch.timesteps, batch.context, lora_scale=batch.lora_scale), layout
+    )  # (b, T, c, h, w) -> (b, T_gen, c, h, w)
     denoised = v.float() * -sigma + noised * a
     weight = 1 / (1 - a**2)
     return (weight * (denoised - target) ** 2).reshape(target.shape[0], -1).mean(dim=1)  # (b,)

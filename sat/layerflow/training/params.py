@@ -76,8 +76,10 @@ def select_trainable(network: nn.Module, groups: Iterable[str], layers: Iterable
         if chosen:
             names.append(name)
     if not names:
-        raise ConfigError(f"training.trainable {sorted(groups)} with layers {sorted(layers) or 'all'} selects no "
-                          f"parameter of this network")
+        raise ConfigError(
+            f"training.trainable {sorted(groups)} with layers {sorted(layers) or 'all'} selects no "
+            f"parameter of this network"
+        )
     return names
 
 
@@ -119,8 +121,7 @@ def load_checkpoint_weights(network: nn.Module, path: str, init: str, layout: Ta
     init_fresh_branches(network)
     for key in base_keys:
         expected[key].copy_(state[renamed[key]])
-    log.info("%s: %d base tensors loaded; LoRA, layer embedding and position table start fresh", source,
-             len(base_keys))
+    log.info("%s: %d base tensors loaded; LoRA, layer embedding and position table start fresh", source, len(base_keys))
 
 
 def _lora_name(key: str) -> str:

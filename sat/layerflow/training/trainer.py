@@ -62,8 +62,9 @@ def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(draw_seed(seed, "order", epoch)))
 
 
-def sample_position(step: int, micro: int, rank: int, index: int, batch_size: int, world: int,
-                    accumulation: int) -> int:
+def sample_position(
+    step: int, micro: int, rank: int, index: int, batch_size: int, world: int, accumulation: int
+) -> int:
     """Position in the sample stream of item ``index`` of rank ``rank``'s micro-batch ``micro`` at ``step``."""
     global_batch = batch_size * world * accumulation
     return step * global_batch + micro * batch_size * world + rank * batch_size + index
@@ -155,9 +156,13 @@ class Trainer:
         _place(self.network, self.placement)
         self.network.transformer.checkpoint_activations = self.training.gradient_checkpointing
         self.params = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.training.learning_rate,
-                                           betas=tuple(self.training.betas), eps=self.training.eps,
-                                           weight_decay=self.training.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=self.training.learning_rate,
+            betas=tuple(self.training.betas),
+            eps=self.training.eps,
+            weight_decay=self.training.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         if resume is not None:
             self.optimizer.load_state_dict(resume.optimizer)
@@ -177,8 +182,9 @@ class Trainer:
         for index in range(t.batch_size):
             position = sample_position(step, micro, self.rank, index, t.batch_size, self.world, t.grad_accumulation)
             sample = self.cache.load(int(epoch_order(t.seed, position // size, size)[position % size]))
-            draws.append(draw_sample(sample, draw_seed(t.seed, step, position), t.text_dropout,
-                                     self.layout.generated_frames))
+            draws.append(
+                draw_sample(sample, draw_seed(t.seed, step, position), t.text_dropout, self.layout.generated_frames)
+            )
             scales.append(t.still_lora_scale if sample.still else 0.0)
         device = self.placement.compute_device
         return NoisedBatch(
@@ -223,7 +229,7 @@ class Trainer:
         flat /= self.world
         offset = 0
         for param, grad in zip(self.params, grads, strict=True):
-            param.grad = flat[offset: offset + grad.numel()].view_as(param).clone()
+            param.grad = flat[offset : offset + grad.numel()].view_as(param).clone()
             offset += grad.numel()
 
     def _global_mean(self, values: torch.Tensor) -> float:
@@ -241,8 +247,14 @@ class Trainer:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self._drop_logged_steps_after(self.start_step)
         writer = self._tensorboard()
-        bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.show_progress)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.show_progress,
+        )
         samples_per_step = t.batch_size * t.grad_accumulation * self.world
         try:
             for step in range(self.start_step, t.steps):
@@ -265,8 +277,15 @@ class Trainer:
 
     def _save(self, iteration: int) -> None:
         if distributed.is_main_process():
-            save_checkpoint(self.save_dir, iteration, self.network, self.optimizer, self.scheduler, self.identity,
-                            keep=self.training.keep_checkpoints)
+            save_checkpoint(
+                self.save_dir,
+                iteration,
+                self.network,
+                self.optimizer,
+                self.scheduler,
+                self.identity,
+                keep=self.training.keep_checkpoints,
+            )
             log.info("saved iteration %d to %s", iteration, self.save_dir)
         if self.world > 1:
             dist.barrier()
@@ -276,8 +295,11 @@ class Trainer:
         path = self.save_dir / "train_log.jsonl"
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _tensorboard(self):
@@ -289,15 +311,21 @@ class Trainer:
 
     def _log(self, record: dict, writer, bar: tqdm) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        samples_s=f"{record['samples_per_s']:.2f}")
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.2f}"
+        )
         if not distributed.is_main_process():
             return
         if writer is not None:
             for key in ("loss", "lr", "grad_norm", "samples_per_s"):
                 writer.add_scalar(f"train/{key}", record[key], record["step"])
         if record["step"] % self.training.log_interval == 0:
-            log.info("step %d loss %.6f lr %.3e samples/s %.2f", record["step"], record["loss"], record["lr"],
-                     record["samples_per_s"])
+            log.info(
+                "step %d loss %.6f lr %.3e samples/s %.2f",
+                record["step"],
+                record["loss"],
+                record["lr"],
+                record["samples_per_s"],
+            )
             with open(self.save_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")

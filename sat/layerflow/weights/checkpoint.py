@@ -120,7 +120,7 @@ def network_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, t
     network, ignored, unknown = {}, {}, []
     for key, value in state.items():
         if key.startswith(NETWORK_PREFIX):
-            network[key[len(NETWORK_PREFIX):]] = value
+            network[key[len(NETWORK_PREFIX) :]] = value
             continue
         for prefix, component in IGNORED_PREFIXES.items():
             if key.startswith(prefix):
@@ -176,11 +176,16 @@ def load_network(model: nn.Module, path: str | Path, layout: TaskLayout) -> None
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
         hint = _variant_hint(missing, unexpected, layout)
-        parts = [f"missing {len(missing)} keys: {_listing(missing)}" if missing else "",
-                 f"unexpected {len(unexpected)} keys: {_listing(unexpected)}" if unexpected else ""]
+        parts = [
+            f"missing {len(missing)} keys: {_listing(missing)}" if missing else "",
+            f"unexpected {len(unexpected)} keys: {_listing(unexpected)}" if unexpected else "",
+        ]
         raise CheckpointError(f"{source}: does not fit {layout.name}{hint}: " + "; ".join(p for p in parts if p))
-    wrong = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-             if tuple(state[key].shape) != tuple(value.shape)]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(state[key].shape) != tuple(value.shape)
+    ]
     if wrong:
         hint = ""
         if any(item.startswith("mixins.pos_embed.pos_embedding") for item in wrong):

@@ -32,8 +32,9 @@ def _missing_weights(config: LayerFlowConfig) -> list[str]:
         resolve_checkpoint_file(model.checkpoint)
     except CheckpointError as error:
         folder = release_folder_name(config.layout)
-        problems.append(f"task checkpoint: {error} -> download {TASK_WEIGHTS_URL.format(folder=folder)} "
-                        f"into {model.checkpoint}")
+        problems.append(
+            f"task checkpoint: {error} -> download {TASK_WEIGHTS_URL.format(folder=folder)} into {model.checkpoint}"
+        )
     if not Path(model.vae.path).is_file():
         problems.append(f"VAE: {model.vae.path} not found -> {VAE_URL}, unzip into CogVideoX-2b-sat/")
     try:
@@ -77,8 +78,13 @@ def resolve_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE, check: bo
     if model.weights == "random":
         if (configured / "config.json").is_file():
             return Weights(random=True, checkpoint="", vae="", text_encoder=configured)
-        return Weights(random=True, checkpoint="", vae="", stand_in_t5=True,
-                       text_encoder=_tiny_t5(cache, model.network.text_hidden_size))
+        return Weights(
+            random=True,
+            checkpoint="",
+            vae="",
+            stand_in_t5=True,
+            text_encoder=_tiny_t5(cache, model.network.text_hidden_size),
+        )
     if check:
         problems = _missing_weights(config)
         if problems:

@@ -32,22 +32,86 @@ T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
 T5_EXTRA_IDS = 100  # <extra_id_0..99>, appended after the SentencePiece vocabulary by the tokenizer
 
 _SUBJECTS = (
-    "a brown bear", "a young woman", "an old man", "a small dog", "a white cat", "a red car", "a golden horse",
-    "a little girl", "a boy", "a flock of birds", "a green turtle", "a gray shark", "a silver fish", "a tall giraffe",
-    "an elephant", "a monkey", "a rabbit", "an orange fox", "a wolf", "a lion", "a tiger", "a sailing boat",
-    "a wooden ship", "a dancer", "a child", "a cow", "a sheep", "a purple balloon", "a yellow kite", "a pink flower",
+    "a brown bear",
+    "a young woman",
+    "an old man",
+    "a small dog",
+    "a white cat",
+    "a red car",
+    "a golden horse",
+    "a little girl",
+    "a boy",
+    "a flock of birds",
+    "a green turtle",
+    "a gray shark",
+    "a silver fish",
+    "a tall giraffe",
+    "an elephant",
+    "a monkey",
+    "a rabbit",
+    "an orange fox",
+    "a wolf",
+    "a lion",
+    "a tiger",
+    "a sailing boat",
+    "a wooden ship",
+    "a dancer",
+    "a child",
+    "a cow",
+    "a sheep",
+    "a purple balloon",
+    "a yellow kite",
+    "a pink flower",
 )
 _ACTIONS = (
-    "swimming", "walking slowly", "running quickly", "jumping", "dancing gracefully", "flying", "floating",
-    "standing still", "sitting quietly", "turning around", "rolling", "playing", "eating", "drinking water",
-    "looking at the camera", "waving", "smiling", "laughing", "reading a book", "holding a lamp", "glowing softly",
+    "swimming",
+    "walking slowly",
+    "running quickly",
+    "jumping",
+    "dancing gracefully",
+    "flying",
+    "floating",
+    "standing still",
+    "sitting quietly",
+    "turning around",
+    "rolling",
+    "playing",
+    "eating",
+    "drinking water",
+    "looking at the camera",
+    "waving",
+    "smiling",
+    "laughing",
+    "reading a book",
+    "holding a lamp",
+    "glowing softly",
 )
 _PLACES = (
-    "in the blue sea", "under the water surface", "in a dark forest", "on a busy city street", "across a wide field",
-    "near a quiet lake", "on a sandy beach", "through the snow", "in the rain", "beside an ancient stone bridge",
-    "in a modern kitchen", "in front of a window", "on top of a mountain", "inside a cave", "along a narrow river",
-    "behind a wooden fence", "in a colorful garden", "over the desert", "at sunset", "at sunrise", "in the morning",
-    "in the evening", "at night under the stars", "in a green park", "between tall buildings",
+    "in the blue sea",
+    "under the water surface",
+    "in a dark forest",
+    "on a busy city street",
+    "across a wide field",
+    "near a quiet lake",
+    "on a sandy beach",
+    "through the snow",
+    "in the rain",
+    "beside an ancient stone bridge",
+    "in a modern kitchen",
+    "in front of a window",
+    "on top of a mountain",
+    "inside a cave",
+    "along a narrow river",
+    "behind a wooden fence",
+    "in a colorful garden",
+    "over the desert",
+    "at sunset",
+    "at sunrise",
+    "in the morning",
+    "in the evening",
+    "at night under the stars",
+    "in a green park",
+    "between tall buildings",
 )
 _BACKGROUNDS = (
     "The water surface is reflecting light, indicating that the water is clear and not murky.",
@@ -78,9 +142,19 @@ def train_tiny_spiece(vocab_size: int = 256) -> bytes:
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(tiny_corpus()), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        pad_id=T5_PAD_ID, eos_id=T5_EOS_ID, unk_id=T5_UNK_ID, bos_id=-1, character_coverage=1.0,
-        normalization_rule_name="nmt_nfkc", num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        sentence_iterator=iter(tiny_corpus()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=T5_PAD_ID,
+        eos_id=T5_EOS_ID,
+        unk_id=T5_UNK_ID,
+        bos_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="nmt_nfkc",
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -127,15 +201,27 @@ def build_tiny_t5(
     spiece = train_tiny_spiece(spiece_vocab_size)
     config = T5Config(
         vocab_size=spiece_vocab_size + T5_EXTRA_IDS + 28,  # like 32000 + 100 + 28 = 32128 of the real model
-        d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-        pad_token_id=T5_PAD_ID, eos_token_id=T5_EOS_ID, decoder_start_token_id=T5_PAD_ID,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=T5_PAD_ID,
+        eos_token_id=T5_EOS_ID,
+        decoder_start_token_id=T5_PAD_ID,
     )
     model = T5EncoderModel(config).eval()
     _randomize_t5_(model, seed)
     special_tokens = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    tokenizer_config = {"tokenizer_class": "T5Tokenizer", "extra_ids": T5_EXTRA_IDS, "model_max_length": 226,
-                        **special_tokens}
+    tokenizer_config = {
+        "tokenizer_class": "T5Tokenizer",
+        "extra_ids": T5_EXTRA_IDS,
+        "model_max_length": 226,
+        **special_tokens,
+    }
     with atomic_path(folder) as staging:
         staging.mkdir()
         config.save_pretrained(staging)

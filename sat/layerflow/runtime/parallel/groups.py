@@ -102,7 +102,9 @@ def groups_for(section: ParallelSection) -> ParallelGroups:
     """:func:`current`, checked against the settings a pipeline was configured with."""
     groups = current()
     if (groups.layout.cfg, groups.layout.ulysses) != (section.cfg, section.ulysses):
-        raise ConfigError(f"runtime.parallel is cfg={section.cfg}, ulysses={section.ulysses}, but the process groups "
-                          f"were formed for cfg={groups.layout.cfg}, ulysses={groups.layout.ulysses}; call "
-                          f"layerflow.runtime.parallel.setup(config.runtime.parallel) on every rank first")
+        raise ConfigError(
+            f"runtime.parallel is cfg={section.cfg}, ulysses={section.ulysses}, but the process groups "
+            f"were formed for cfg={groups.layout.cfg}, ulysses={groups.layout.ulysses}; call "
+            f"layerflow.runtime.parallel.setup(config.runtime.parallel) on every rank first"
+        )
     return groups

@@ -66,13 +66,19 @@ class GroupLayout:
 
     def ulysses_groups(self) -> list[tuple[int, ...]]:
         """Every Ulysses group of the world, in a fixed order (same cfg index, same video group)."""
-        return [ranks[c * self.ulysses:(c + 1) * self.ulysses]
-                for ranks in map(self.group_ranks, range(self.num_groups)) for c in range(self.cfg)]
+        return [
+            ranks[c * self.ulysses : (c + 1) * self.ulysses]
+            for ranks in map(self.group_ranks, range(self.num_groups))
+            for c in range(self.cfg)
+        ]
 
     def cfg_groups(self) -> list[tuple[int, ...]]:
         """Every guidance pair of the world, in a fixed order (same ulysses index, same video group)."""
-        return [ranks[u::self.ulysses] for ranks in map(self.group_ranks, range(self.num_groups))
-                for u in range(self.ulysses)]
+        return [
+            ranks[u :: self.ulysses]
+            for ranks in map(self.group_ranks, range(self.num_groups))
+            for u in range(self.ulysses)
+        ]
 
 
 def token_chunks(tokens: int, parts: int) -> tuple[int, ...]:
@@ -99,10 +105,14 @@ def check_layout(config: LayerFlowConfig, world_size: int) -> GroupLayout:
     parallel = config.runtime.parallel
     heads = config.network.num_attention_heads
     if heads % parallel.ulysses:
-        raise ConfigError(f"runtime.parallel.ulysses={parallel.ulysses} must divide the {heads} attention heads "
-                          f"(model.network.num_attention_heads); possible: 1, {', '.join(map(str, _divisors(heads)))}")
+        raise ConfigError(
+            f"runtime.parallel.ulysses={parallel.ulysses} must divide the {heads} attention heads "
+            f"(model.network.num_attention_heads); possible: 1, {', '.join(map(str, _divisors(heads)))}"
+        )
     if world_size % parallel.group_size:
-        raise ConfigError(f"runtime.parallel.cfg x ulysses = {parallel.cfg} x {parallel.ulysses} = "
-                          f"{parallel.group_size} ranks per video must divide the {world_size} processes "
-                          f"(torchrun --nproc_per_node)")
+        raise ConfigError(
+            f"runtime.parallel.cfg x ulysses = {parallel.cfg} x {parallel.ulysses} = "
+            f"{parallel.group_size} ranks per video must divide the {world_size} processes "
+            f"(torchrun --nproc_per_node)"
+        )
     return GroupLayout(world_size, parallel.cfg, parallel.ulysses)

@@ -90,7 +90,7 @@ class SequenceShard:
 
     def take(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, n, d) -> (b, n_r, d)."""
-        return tokens[:, self.start: self.stop]
+        return tokens[:, self.start : self.stop]
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Full attention for this slice's queries over all keys: (b, h, n_r, e) x3 -> (b, h, n_r, e)."""
