@@ -8,9 +8,10 @@
     sample.yaml                          a config that samples this checkpoint with sat/sample_video.py
 
 The iteration folder appears complete or not at all, and ``latest`` names it only afterwards, so
-a run killed at any moment resumes from the last complete checkpoint. The model file is the
-format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is read back with
-``torch.load(weights_only=True)``.
+a run killed at any moment resumes from the last complete checkpoint; the staging folder such a
+kill leaves behind is removed when the next run starts (:func:`remove_stale_staging`). The model
+file is the format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is
+read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
