@@ -17,12 +17,9 @@ interrupted with Ctrl-C and 143 when stopped with SIGTERM (nothing half-written 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from layerflow.arguments import OneLineParser
@@ -35,14 +32,13 @@ from layerflow.models.text_encoder import TextEncoderFilesError
 from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
+from layerflow.runtime.interrupt import exit_status, sigterm_as_interrupt
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 # Errors caused by what the user gave (files, keys, values, folders): one line, exit status 2.
 USER_ERRORS = (
@@ -59,10 +55,6 @@ USER_ERRORS = (
 )
 
 log = logging.getLogger("layerflow")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster scheduler stopping the job), handled like Ctrl-C."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.debug, args.no_progress)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             distributed.stop_with_launcher()
             return _run(args)
     except KeyboardInterrupt as stop:
@@ -152,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume",
             file=sys.stderr,
         )
-        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        return exit_status(stop)
     except USER_ERRORS as error:
         if args.debug:
             logging.getLogger("layerflow").exception("details")
@@ -268,24 +260,6 @@ def _configure_logging(debug: bool, no_progress: bool) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C for the duration of the run (main thread only; restored afterwards)."""
-
-    def stop(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

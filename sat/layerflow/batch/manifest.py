@@ -128,15 +128,33 @@ def check_sample_id(sample_id: str, where: str) -> None:
 
 def _string_map(value: object, field_name: str, where: str) -> dict[str, str]:
     """A JSON object of strings (prompts, inputs); any other JSON type is an error, never stringified."""
-    if not isinstance(value, dict):
-        raise ManifestError(f"{where}: {field_name} must be an object of layer: text, got {_json_type(value)}")
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise ManifestError(f"{where}: {field_name}.{key} must be a string, got {_json_type(item)}")
-    return dict(value)
+    return string_map(value, field_name, where)
 
 
 def _json_type(value: object) -> str:
+    return json_type(value)
+
+
+def string_map(
+    value: object,
+    field_name: str,
+    where: str,
+    item: str = "a string",
+    error_type: type[Exception] = ManifestError,
+    entries: str = "layer: text",
+) -> dict[str, str]:
+    """A JSON object whose values are all strings (prompts, input paths); anything else is one
+    ``error_type`` line naming ``where`` and the field (``inputs.fg``), never a stringified value."""
+    if not isinstance(value, dict):
+        raise error_type(f"{where}: {field_name} must be an object of {entries}, got {json_type(value)}")
+    for key, entry in value.items():
+        if not isinstance(entry, str):
+            raise error_type(f"{where}: {field_name}.{key} must be {item}, got {json_type(entry)}")
+    return dict(value)
+
+
+def json_type(value: object) -> str:
+    """The JSON type of ``value`` as messages name it: null, true/false, a number, a string, a list, an object."""
     names = {
         type(None): "null",
         bool: "true/false",

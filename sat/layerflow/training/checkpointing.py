@@ -8,13 +8,16 @@
     sample.yaml                          a config that samples this checkpoint with sat/sample_video.py
 
 The iteration folder appears complete or not at all, and ``latest`` names it only afterwards, so
-a run killed at any moment resumes from the last complete checkpoint. The model file is the
-format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is read back with
-``torch.load(weights_only=True)``.
+a run killed at any moment resumes from the last complete checkpoint; the staging folder such a
+kill leaves behind is removed when the next run starts (:func:`remove_stale_staging`). The model
+file is the format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is
+read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +34,10 @@ from layerflow.weights.resolve import resolve_weights
 
 TRAINING_STATE_FILE = "training_state.pt"
 SAMPLE_CONFIG_FILE = "sample.yaml"
+CHECKPOINT_FILES = frozenset({SAT_MODEL_FILE, TRAINING_STATE_FILE})
+# What layerflow.io.atomic names its temporary siblings while an iteration folder or ``latest`` is written.
+_ITERATION_LEFTOVER = re.compile(r"^\.(?P<step>\d+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")
+_LATEST_LEFTOVER = re.compile(r"^\.latest\.tmp-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -90,6 +97,43 @@ def _prune(folder: Path, keep: int) -> None:
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_training_checkpoint(p))
     for step in steps[:-keep]:
         shutil.rmtree(folder / str(step), ignore_errors=True)
+
+
+def remove_stale_staging(folder: Path) -> list[str]:
+    """Remove what a run killed while saving left in ``folder``; returns the names removed.
+
+    Only the trainer's own leftovers go, recognised by name and content: a ``.<step>.tmp-<8 hex>``
+    staging folder (or a ``.<step>.old-<8 hex>`` one being swapped out) holding nothing but
+    checkpoint files, and a ``.latest.tmp-<8 hex>`` file. An ``.old`` folder whose iteration is
+    neither in place nor past ``latest`` may be the only copy and is kept. Links, and files or
+    folders of any other name or content, are never touched.
+    """
+    if not folder.is_dir():
+        return []
+    latest = latest_step(folder)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            continue
+        match = _ITERATION_LEFTOVER.match(entry.name)
+        if match is not None and _holds_only_checkpoint_files(entry):
+            step = int(match["step"])
+            redundant = is_training_checkpoint(folder / str(step)) or latest is None or step > latest
+            if match["tag"] == "tmp" or redundant:
+                shutil.rmtree(entry)
+                removed.append(entry.name)
+        elif _LATEST_LEFTOVER.match(entry.name) and entry.is_file():
+            entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+def _holds_only_checkpoint_files(path: Path) -> bool:
+    """A real folder whose entries are plain files named as the trainer's checkpoint files (maybe none yet)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    with os.scandir(path) as entries:
+        return all(e.name in CHECKPOINT_FILES and e.is_file(follow_symlinks=False) for e in entries)
 
 
 def latest_step(folder: Path) -> int | None:

@@ -11,7 +11,8 @@ Examples::
     python sat/train_video.py --base ... --prepare-only
 
 Rerunning the same command resumes from the last checkpoint in ``training.save``.
-Exit status: 0 done, 2 usage, config, data or checkpoint error (one line on stderr).
+Exit status: 0 done, 2 usage, config, data or checkpoint error (one line on stderr), 130 when
+interrupted with Ctrl-C and 143 when stopped with SIGTERM (the last checkpoint is left intact).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 from layerflow.arguments import OneLineParser
 from layerflow.config import ConfigError
 from layerflow.runtime import distributed
+from layerflow.runtime.interrupt import exit_status, sigterm_as_interrupt
 from layerflow.training.cache import CacheError, prepare_cache
 from layerflow.training.checkpointing import latest_step, write_sample_config
 from layerflow.training.config import TrainConfig, load_train_config
-from layerflow.training.dataset import SampleError, read_manifest
+from layerflow.training.dataset import SampleError, TrainingSample, read_manifest
 from layerflow.training.params import describe_trainable
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights
@@ -98,14 +100,42 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_progress:  # nor the text encoder's loading bar
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    save: Path | None = None
     try:
-        config, weights = _checked_config(args)
-        layout = config.layout
-        samples = read_manifest(config.training.manifest, layout)
-    except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    save = Path(config.training.save)
+        with sigterm_as_interrupt():
+            distributed.stop_with_launcher()
+            try:
+                config, weights = _checked_config(args)
+                samples = read_manifest(config.training.manifest, config.layout)
+            except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_USAGE
+            save = Path(config.training.save)
+            return _train(args, config, weights, samples)
+    except KeyboardInterrupt as stop:
+        if distributed.is_main_process():
+            print(f"interrupted: stopped cleanly; {_resume_hint(save)}", file=sys.stderr)
+        return exit_status(stop)
+
+
+def _resume_hint(save: Path | None) -> str:
+    """Where a rerun of the same command continues from (one clause)."""
+    try:
+        step = latest_step(save) if save is not None else None
+    except CheckpointError:
+        step = None
+    if step is None:
+        return "no checkpoint was written yet; rerun the same command to start again"
+    return f"the last checkpoint, iteration {step} in {save}, is intact; rerun the same command to resume from it"
+
+
+def _train(args: argparse.Namespace, config: TrainConfig, weights: Weights, samples: list[TrainingSample]) -> int:
+    """Prepare the cache, then train (or only prepare); user errors are one line and exit 2."""
+    layout, save = config.layout, Path(config.training.save)
     try:
         _setup_logging(save)
         distributed.ensure_model_parallel()

@@ -8,15 +8,33 @@ config that ``sat/sample_video.py`` reads unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerflow.config import ConfigError, LayerFlowConfig, load_config
+from layerflow.config import ConfigError, FieldError, LayerFlowConfig, load_config
 
 PARAMETER_GROUPS = ("content_lora", "motion_lora", "layer_embedding", "transformer")
 INIT_SOURCES = ("release", "cogvideox")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _require(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise FieldError(name, expected)
+
+
+def _check_finite(section: object) -> None:
+    """Every float (and list of floats) of ``section`` is finite: ``.nan`` and ``.inf`` parse as YAML numbers."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if hints[f.name] in (float, tuple[float, ...]):
+            value = getattr(section, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            _require(all(math.isfinite(v) for v in values), f.name, "a finite number (not .nan or .inf)")
 
 
 @dataclass(frozen=True)
@@ -50,29 +68,27 @@ class TrainingSection:
     still_lora_scale: float = 1.0  # motion-LoRA switch for still clips; videos get 0
 
     def __post_init__(self) -> None:
+        """Range checks; each names its key, and :func:`load_config` adds the value and where it was set."""
+        _check_finite(self)
         unknown = [group for group in self.trainable if group not in PARAMETER_GROUPS]
-        if unknown or not self.trainable:
-            raise ConfigError(f"training.trainable: {unknown or 'nothing'} given; choose from {list(PARAMETER_GROUPS)}")
-        if self.init not in INIT_SOURCES:
-            raise ConfigError(f"training.init must be one of {list(INIT_SOURCES)}, got {self.init!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"training.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _require(
+            bool(self.trainable) and not unknown, "trainable", f"groups to train; choose from {list(PARAMETER_GROUPS)}"
+        )
+        _require(self.init in INIT_SOURCES, "init", f"one of {list(INIT_SOURCES)}")
+        _require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        _require(bool(self.save.strip()), "save", "a folder path")
         for name in ("steps", "batch_size", "grad_accumulation", "save_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"training.{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.keep_checkpoints < 0:
-            raise ConfigError("training.warmup_steps and training.keep_checkpoints must not be negative")
-        if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(
-                f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
-                f"{self.learning_rate} and {self.min_lr_ratio}"
-            )
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"training.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not 0 <= self.text_dropout < 1:
-            raise ConfigError(f"training.text_dropout must be in [0, 1), got {self.text_dropout}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"training.grad_clip must not be negative, got {self.grad_clip}")
+            _require(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_steps", "keep_checkpoints"):
+            _require(getattr(self, name) >= 0, name, "an integer >= 0")
+        _require(0 <= self.seed < 2**63, "seed", "an integer from 0 to 2**63-1")
+        _require(self.learning_rate > 0, "learning_rate", "a number > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+        _require(self.eps > 0, "eps", "a number > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        _require(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+        _require(0 <= self.text_dropout < 1, "text_dropout", "a number in [0, 1)")
 
     @property
     def cache_dir(self) -> Path:

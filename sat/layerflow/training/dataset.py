@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerflow.batch.manifest import SAFE_ID, content_id, jsonl_entries
+from layerflow.batch.manifest import SAFE_ID, content_id, json_type, jsonl_entries, string_map
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
 from layerflow.io.pixels import matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.reader import (
@@ -66,18 +66,24 @@ def is_image(path: str | Path) -> bool:
 
 
 def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> TrainingSample:
-    if (
-        not isinstance(entry, dict)
-        or not isinstance(entry.get("prompts"), dict)
-        or not isinstance(entry.get("inputs"), dict)
-    ):
+    """One manifest line, every field type-checked (a wrong type is an error, never stringified)."""
+    if not isinstance(entry, dict) or "prompts" not in entry or "inputs" not in entry:
         raise SampleError(f"{where}: expected an object with 'prompts' and 'inputs' mappings")
     unknown = sorted(set(entry) - {"id", "prompts", "inputs", "still"})
     if unknown:
         raise SampleError(f"{where}: unknown fields {unknown} (expected id, prompts, inputs, still)")
-    prompts = {str(k): str(v) for k, v in entry["prompts"].items()}
-    inputs = {str(k): str(v if Path(v).is_absolute() else base / v) for k, v in entry["inputs"].items()}
-    sample_id = str(entry.get("id") or content_id(prompts, entry["inputs"]))
+    prompts = string_map(entry["prompts"], "prompts", where, error_type=SampleError)
+    given = string_map(
+        entry["inputs"], "inputs", where, item="a string path", error_type=SampleError, entries="layer: path"
+    )
+    empty = [name for name, value in given.items() if not value.strip()]
+    if empty:
+        raise SampleError(f"{where}: inputs.{empty[0]} must be a path, got an empty string")
+    inputs = {name: str(value if Path(value).is_absolute() else base / value) for name, value in given.items()}
+    raw_id = entry.get("id")
+    if raw_id is not None and not isinstance(raw_id, str):
+        raise SampleError(f"{where}: id must be a string, got {json_type(raw_id)}")
+    sample_id = raw_id if raw_id is not None else content_id(prompts, given)
     if not SAFE_ID.match(sample_id):
         raise SampleError(f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-'")
     where = f"{where} (sample {sample_id})"
@@ -96,8 +102,8 @@ def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> Tr
             f"unknown {wrong_inputs}"
         )
     still = entry.get("still")
-    if still is not None and not isinstance(still, bool):
-        raise SampleError(f"{where}: still must be true or false, got {still!r}")
+    if "still" in entry and not isinstance(still, bool):
+        raise SampleError(f"{where}: still must be true or false, got {json_type(still)}")
     if still is None:
         still = all(is_image(path) for path in inputs.values())
     return TrainingSample(sample_id, prompts, inputs, still, where)

@@ -39,7 +39,7 @@ from layerflow.runtime import distributed
 from layerflow.runtime.devices import Placement, resolve_placement
 from layerflow.sampling import DDPM_STEPS
 from layerflow.training.cache import CachedSample, LatentCache
-from layerflow.training.checkpointing import load_resume_state, run_identity, save_checkpoint
+from layerflow.training.checkpointing import load_resume_state, remove_stale_staging, run_identity, save_checkpoint
 from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import TrainingSample
 from layerflow.training.loss import NoisedBatch, diffusion_loss
@@ -245,6 +245,9 @@ class Trainer:
         t = self.training
         if distributed.is_main_process():
             self.save_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_staging(self.save_dir)
+            if removed:
+                log.info("removed leftovers of a run killed while saving: %s", ", ".join(removed))
             self._drop_logged_steps_after(self.start_step)
         writer = self._tensorboard()
         bar = tqdm(
@@ -295,14 +298,11 @@ class Trainer:
         path = self.save_dir / "train_log.jsonl"
         if not path.is_file():
             return
-        kept = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _tensorboard(self):
+        """The TensorBoard writer; ``purge_step`` hides the steps a killed run logged after its checkpoint."""
         if not (self.training.tensorboard and distributed.is_main_process()):
             return None
         from torch.utils.tensorboard import SummaryWriter
@@ -329,3 +329,13 @@ class Trainer:
             )
             with open(self.save_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``train_log.jsonl`` line; a line torn by a kill (or not a record) counts as never logged."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
