@@ -73,6 +73,12 @@ class TrainingSection:
             raise ConfigError(f"training.text_dropout must be in [0, 1), got {self.text_dropout}")
         if self.grad_clip < 0:
             raise ConfigError(f"training.grad_clip must not be negative, got {self.grad_clip}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"training.eps must be positive and weight_decay not negative, got {self.eps} and {self.weight_decay}"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"training.seed must be an integer from 0 to 2**63-1, got {self.seed}")
 
     @property
     def cache_dir(self) -> Path:
