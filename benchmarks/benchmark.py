@@ -46,6 +46,7 @@ from layerflow.io.sample_folder import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed  # noqa: E402
 from layerflow.tasks import TaskLayout  # noqa: E402
+from layerflow.weights.checkpoint import CheckpointError  # noqa: E402
 from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights  # noqa: E402
 
 RANDOM_WEIGHTS_NOTE = (
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         config, weights, text_encoder_note = prepare_config(args)
         # a device or attention kernel this machine lacks: one line before any model loads
         resolve_speed(config.runtime, resolve_placement(config.runtime), config.network.head_dim)
-    except (ConfigError, MissingWeightsError, ValueError) as error:
+    except (ConfigError, MissingWeightsError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report_progress = lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True)

@@ -362,6 +362,22 @@ def test_interrupting_a_run_stops_cleanly(tmp_path, stop, status):
             assert (folder / "meta.json").is_file(), f"{folder.name} is visible but incomplete"
 
 
+def test_the_sample_discarded_by_ctrl_c_is_not_counted_as_done(tmp_path, capsys, monkeypatch):
+    import layerflow.pipeline
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layerflow.pipeline.LayerFlowPipeline, "generate", ctrl_c)
+    jobs = manifest(tmp_path / "jobs.jsonl", entry("a"), entry("b"))
+    progress_on = ["--set", "sampling.num_steps=2", "--set", "output.preview=false"]  # stderr is no terminal: lines
+    code, lines = cli(capsys, *tiny(), *progress_on, "--manifest", str(jobs), "--output", str(tmp_path / "out"))
+    assert code == 130
+    assert lines[-1].startswith("interrupted: stopped cleanly")
+    assert not any(line.startswith("[") for line in lines), lines  # no "[1/2] a done in 0.0 s"
+    assert not (tmp_path / "out" / "a").exists()
+
+
 # -- 8. messages that name what is wrong --------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -12,3 +13,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def folder_argument(text: str) -> Path:
+    """An output folder option: an empty value is refused, not taken as the current folder
+    (``Path('')`` is ``.``), so that ``--output "$UNSET_VARIABLE"`` cannot write into the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a folder ('.' for the current folder)")
+    return Path(text)

@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.arguments import OneLineParser, folder_argument
 from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
@@ -98,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSONL",
         help="many samples: one JSON object per line with prompts, inputs, id, seed",
     )
-    parser.add_argument("--output", type=Path, metavar="DIR", help="output folder (default outputs/<task>_<variant>)")
+    parser.add_argument(
+        "--output", type=folder_argument, metavar="DIR", help="output folder (default outputs/<task>_<variant>)"
+    )
     parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -178,8 +180,10 @@ def _run(args: argparse.Namespace) -> int:
     from layerflow.batch.given import check_given_layers
     from layerflow.batch.runner import merge_failures, run_samples
 
+    checked: set = set()  # given-layer files checked so far: each is checked, and warned about, once
     if not args.manifest and config.layout.given_layers:
-        check_given_layers(samples[0], config)  # --input files are shared by every sample: a bad one stops the run
+        # --input files are shared by every sample: a bad one stops the run
+        check_given_layers(samples[0], config, checked)
 
     distributed.init_process_group()
     folder = OutputFolder(output)
@@ -200,7 +204,9 @@ def _run(args: argparse.Namespace) -> int:
             distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
             parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
             pipeline = functools.partial(LayerFlowPipeline, weights=weights)
-            summary = run_samples(config, samples, output, pipeline, show_progress=not args.no_progress)
+            summary = run_samples(
+                config, samples, output, pipeline, show_progress=not args.no_progress, checked=checked
+            )
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():
             folder.discard_created()

@@ -3,17 +3,19 @@
 A run is described by ``--base a.yaml b.yaml ...`` (later files win, key by key) plus
 ``--set section.key=value`` overrides. After :func:`load_config` no code reads raw keys: an
 unknown key or a value of the wrong type fails with the key, the file it came from and the
-nearest valid key.
+nearest valid key. A value must also be usable: a float key refuses ``.nan`` and ``.inf`` (YAML's
+not-a-number and infinity), and every numeric key has a range named in its error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,35 @@ def _require(ok: bool, name: str, expected: str) -> None:
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+MAX_GUIDANCE_EXPONENT = 100  # the ramp's base reaches -(999 - S)/S; a larger power overflows a float
+
+_AT_LEAST_ONE = (lambda value: value >= 1, "an integer >= 1")
+_POSITIVE = (lambda value: value > 0, "a number > 0")
+# Ranges of the numeric keys of dataclasses that live below the config layer (the network's sizes),
+# checked before they are built so that a 0 names its key instead of failing inside the model.
+_FIELD_RANGES: dict[type, dict[str, tuple[Callable[[object], bool], str]]] = {
+    DiTConfig: {
+        **{
+            name: _AT_LEAST_ONE
+            for name in (
+                "num_frames",
+                "hidden_size",
+                "num_layers",
+                "num_attention_heads",
+                "time_embed_dim",
+                "text_hidden_size",
+                "in_channels",
+                "out_channels",
+                "patch_size",
+                "latent_height",
+                "latent_width",
+            )
+        },
+        "text_length": (lambda value: value >= 0, "0 (from the task) or a multiple of 226"),
+        **{name: _POSITIVE for name in ("height_interpolation", "width_interpolation", "time_interpolation")},
+    },
+}
+
 
 @dataclass(frozen=True)
 class TaskSection:
@@ -72,6 +103,10 @@ class VAESection:
     scale_factor: float = VAEConfig.scale_factor
 
     def __post_init__(self) -> None:
+        for name in ("ch", "num_res_blocks", "z_channels"):
+            _require(getattr(self, name) >= 1, name, "an integer >= 1")
+        _require(bool(self.ch_mult) and min(self.ch_mult) >= 1, "ch_mult", "a non-empty list of integers >= 1")
+        _require(self.scale_factor > 0, "scale_factor", "a number > 0")
         _ = self.sizes  # building it checks the sizes (load_config names model.vae in the error)
 
     @property
@@ -121,6 +156,11 @@ class SamplingSection:
     def __post_init__(self) -> None:
         _require(2 <= self.num_steps <= 1000, "num_steps", "an integer from 2 to 1000")
         _require(self.guidance_scale >= 0, "guidance_scale", "a number >= 0")
+        _require(
+            float(self.guidance_exponent).is_integer() and 0 <= self.guidance_exponent <= MAX_GUIDANCE_EXPONENT,
+            "guidance_exponent",
+            f"a whole number from 0 to {MAX_GUIDANCE_EXPONENT} (the guidance ramp raises a negative base to it)",
+        )
         _require(0 <= self.seed < 2**63, "seed", "an integer from 0 to 2**63-1")
 
 
@@ -281,6 +321,7 @@ def _mark(mapping: Mapping, origins: dict, source: str, prefix: str) -> None:
 
 
 def _origin(origins: dict, path: str) -> str:
+    path = re.sub(r"(\[\d+\])+$", "", path)  # a list item was set with its list
     while path:
         if path in origins:
             return origins[path]
@@ -326,7 +367,13 @@ def _convert(value, hint, path: str, origins: dict):
             value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path} = {number!r} (from {_origin(origins, path)}): expected a finite number")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -350,6 +397,8 @@ def _build(cls, data: Mapping, prefix: str, origins: dict):
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "sources":
             raise ConfigError(f"missing key {prefix}{f.name} (none of the config files sets it)")
     try:
+        for name, (ok, expected) in _FIELD_RANGES.get(cls, {}).items():
+            _require(name not in values or ok(values[name]), name, expected)
         return cls(**values)
     except FieldError as error:
         path = f"{prefix}{error.name}"
@@ -376,18 +425,29 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return str(error).splitlines()[0]
 
 
+# Sampling keys that hold for the whole run, with what a manifest line should give instead.
+RUN_ONLY_SAMPLING_KEYS = {
+    "seed": 'not allowed per sample: give the sample its own "seed" field (sampling.seed is the run seed, '
+    "from which the samples without one derive theirs)",
+}
+
+
 def apply_sampling_overrides(sampling: SamplingSection, overrides: Mapping[str, object], where: str) -> SamplingSection:
     """``sampling`` with per-sample overrides ``{"sampling.key": value}`` applied and validated.
 
     Only ``sampling.*`` keys are allowed; each value is checked like the same key in a YAML file,
     and an error names ``where`` (the manifest line), the key and what was expected.
+    ``sampling.seed`` is refused: it is the run seed (it also seeds random weights, made once per
+    run), and a sample's own seed is the manifest's ``seed`` field.
     """
     if not overrides:
         return sampling
-    names = [f.name for f in dataclasses.fields(SamplingSection)]
+    names = [f.name for f in dataclasses.fields(SamplingSection) if f.name not in RUN_ONLY_SAMPLING_KEYS]
     data = {}
     for key, value in overrides.items():
         section, _, name = str(key).partition(".")
+        if section == "sampling" and name in RUN_ONLY_SAMPLING_KEYS:
+            raise ConfigError(f"{where}: override {key!r}: {RUN_ONLY_SAMPLING_KEYS[name]}")
         if section != "sampling" or name not in names:
             nearest = difflib.get_close_matches(name, names, n=1) if section == "sampling" else []
             hint = f"; did you mean sampling.{nearest[0]}?" if nearest else ""
@@ -423,8 +483,12 @@ def load_config(
         except FileNotFoundError:
             hint = RENAMED_CONFIGS.get(file.name, "")
             raise ConfigError(f"{file}: config file not found{hint}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{file}: cannot read config ({error})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{file}: is a folder, expected a YAML config file") from None
+        except OSError as error:
+            raise ConfigError(f"{file}: cannot read the config file ({error.strerror or error})") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{file}: not UTF-8 text (byte {error.start}), expected a YAML config file") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.arguments import OneLineParser, folder_argument
 
 EXIT_USAGE = 2
 
@@ -57,7 +57,7 @@ def run_demo(argv: list[str]) -> int:
         "All four tasks in both variants with the tiny built-in model on CPU (no weights).",
         "layerflow demo outputs/demo gen_rgba fg2bg_rgba",
     )
-    parser.add_argument("output", nargs="?", type=Path, default=Path("outputs/demo"), help="output folder")
+    parser.add_argument("output", nargs="?", type=folder_argument, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("configs", nargs="*", metavar="CONFIG", help="only these, e.g. gen_rgba (default: all 8)")
     args = parser.parse_args(argv)
     from layerflow.demo import run_demo as demo
@@ -87,7 +87,7 @@ def run_compose(argv: list[str]) -> int:
         metavar="PATH|COLOUR",
         help="video, frame folder, still image, sample folder or a colour ('#204080', 'white')",
     )
-    parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="the new sample folder")
+    parser.add_argument("--output", required=True, type=folder_argument, metavar="DIR", help="the new sample folder")
     parser.add_argument("--frames", type=int, default=16, help="frames (picked from the first 64 as in sampling)")
     parser.add_argument("--size", type=_size, default=(480, 720), metavar="HxW", help="frame size (default 480x720)")
     parser.add_argument("--fps", type=int, default=8)

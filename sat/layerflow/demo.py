@@ -2,7 +2,9 @@
 
 ``python -m layerflow.demo OUTPUT_DIR`` writes synthetic given-layer inputs to
 ``OUTPUT_DIR/inputs`` and one sample folder per configuration, ``OUTPUT_DIR/<task>_<variant>/``,
-through the same command-line path a user runs (real MP4s, PNG sequences, alpha videos).
+through the same command-line path a user runs (real MP4s, PNG sequences, alpha videos). A
+misspelt configuration name or an output path that is a file stops it before anything is written
+(one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from layerflow.io.synthetic import write_layered_clip
 from layerflow.tasks import LAYOUTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_USAGE = 2
 PROMPTS = {
     "fg": "a red balloon drifting slowly",
     "bg": "a calm lake with hills at sunrise",
@@ -31,8 +34,27 @@ def demo_inputs(layout, inputs: dict[str, Path]) -> dict[str, str]:
     return files
 
 
+class DemoError(ValueError):
+    """A demo request that cannot run: the message is one line naming what is wrong."""
+
+
+def check_demo_request(output: Path, configs: list[str] | None) -> None:
+    """Refuse unknown configuration names (listing the valid ones) and an output path that is not a folder."""
+    names = [layout.name for layout in LAYOUTS.values()]
+    unknown = [name for name in configs or () if name not in names]
+    if unknown:
+        raise DemoError(f"unknown config {', '.join(map(repr, unknown))}; the demo configs are {', '.join(names)}")
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == output else f"{path} is a file"
+                raise DemoError(f"{output}: {what}, expected a folder for the demo's outputs")
+            break
+
+
 def run_demo(output: Path, configs: list[str] | None = None) -> int:
     output = Path(output)
+    check_demo_request(output, configs)
     inputs = write_layered_clip(output / "inputs")
     status = 0
     for layout in LAYOUTS.values():
@@ -65,5 +87,14 @@ def run_demo(output: Path, configs: list[str] | None = None) -> int:
     return status
 
 
+def main(argv: list[str]) -> int:
+    """``python -m layerflow.demo [OUTPUT_DIR] [CONFIG...]`` (scripts/demo.sh)."""
+    try:
+        return run_demo(Path(argv[0] if argv else "outputs/demo"), argv[1:] or None)
+    except DemoError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 if __name__ == "__main__":
-    sys.exit(run_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo"), sys.argv[2:] or None))
+    sys.exit(main(sys.argv[1:]))

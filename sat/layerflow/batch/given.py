@@ -39,12 +39,42 @@ def _mask_source(sample: Sample):
     return resolve_layer_source(mask, MASK_INPUT) if mask is not None else None
 
 
-def check_given_layers(sample: Sample, config: LayerFlowConfig) -> None:
-    """Cheap checks of a sample's given-layer files before any model loads: the errors reading would give."""
+def check_given_layers(sample: Sample, config: LayerFlowConfig, checked: set | None = None) -> None:
+    """Check a sample's given-layer files before any model loads: the errors reading them would give.
+
+    A video is decoded by the check itself; a folder of frames is read in full, so that a frame that
+    does not decode, has another size or lacks the alpha of the others stops the run here, not after
+    the model has loaded. ``checked`` (one set per run) holds the files already checked: files that
+    every sample shares (``--input``) are checked, and warned about, once.
+    """
+    size = config.video_size
     for given in config.layout.given_inputs:
-        source = resolve_layer_source(sample.inputs[given.layer], given.layer, _with_matte(given, sample))
+        with_matte = _with_matte(given, sample)
+        source = resolve_layer_source(sample.inputs[given.layer], given.layer, with_matte)
         mask = _mask_source(sample) if given.takes_mask else None
-        check_layer_source(source, given.pixel_frames, config.video_size, needs_alpha=given.needs_alpha, mask=mask)
+        key = (given, with_matte, source, mask, size)
+        if checked is not None and key in checked:
+            continue
+        check_layer_source(source, given.pixel_frames, size, needs_alpha=given.needs_alpha, mask=mask)
+        if source.is_dir() or (mask is not None and mask.is_dir()):
+            _read_given_layer(given, sample, size)
+        if checked is not None:
+            checked.add(key)
+
+
+def _read_given_layer(given: GivenInput, sample: Sample, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """One given layer of ``sample`` as model pixels (t, 3, H, W); the foreground of an RGBA task
+    comes with its ``alpha`` layer."""
+    with_matte = _with_matte(given, sample)
+    source = resolve_layer_source(sample.inputs[given.layer], given.layer, with_matte)
+    if not with_matte:
+        video = read_layer_video(source, num_frames=given.pixel_frames, size=size)  # (t, 3 or 4, H, W)
+        if given.layer != "fg" or video.shape[1] == 3:
+            return {given.layer: video[:, :3]}
+    fg, alpha_layer = read_foreground_layers(
+        source, _mask_source(sample), num_frames=given.pixel_frames, size=size
+    )  # (t, 3, H, W) each
+    return {"fg": fg, "alpha": alpha_layer} if given.needs_alpha else {"fg": fg}
 
 
 def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torch.Tensor]:
@@ -52,22 +82,9 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
 
     An RGBA task also gets its ``alpha`` layer (the matte as three channels).
     """
-    size = config.video_size
     layers: dict[str, torch.Tensor] = {}
     for given in config.layout.given_inputs:
-        with_matte = _with_matte(given, sample)
-        source = resolve_layer_source(sample.inputs[given.layer], given.layer, with_matte)
-        if not with_matte:
-            video = read_layer_video(source, num_frames=given.pixel_frames, size=size)  # (t, 3 or 4, H, W)
-            if given.layer != "fg" or video.shape[1] == 3:
-                layers[given.layer] = video[:, :3]
-                continue
-        fg, alpha_layer = read_foreground_layers(
-            source, _mask_source(sample), num_frames=given.pixel_frames, size=size
-        )  # (t, 3, H, W) each
-        layers["fg"] = fg
-        if given.needs_alpha:
-            layers["alpha"] = alpha_layer
+        layers.update(_read_given_layer(given, sample, config.video_size))
     return layers
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from layerflow.config import ConfigError, SamplingSection, apply_sampling_overrides
 from layerflow.tasks import MASK_INPUT, TaskLayout
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a final newline, which would let "a\n" through as a folder name.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # Names the run itself uses in the output folder; a sample may not take them (in any letter case,
 # since macOS and Windows file systems ignore case).
 RESERVED_IDS = frozenset({"logs", "failures.jsonl"})
@@ -117,7 +118,8 @@ def check_sample_id(sample_id: str, where: str) -> None:
     if not SAFE_ID.match(sample_id):
         raise ManifestError(
             f"{where}: id {sample_id!r} must be letters, digits, '.', '_' or '-' "
-            f"(starting with a letter or digit, at most 128 characters)"
+            f"(starting with a letter or digit, at most 128 characters; no spaces, newlines or other "
+            f"control characters)"
         )
     if sample_id.lower() in RESERVED_IDS:
         raise ManifestError(

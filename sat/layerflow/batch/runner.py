@@ -58,13 +58,16 @@ def sample_config(config: LayerFlowConfig, sample: Sample) -> LayerFlowConfig:
     return dataclasses.replace(config, sampling=sampling)
 
 
-def preflight(sample: Sample, config: LayerFlowConfig, output: Path) -> str | None:
-    """Why ``sample`` cannot run (one line), or None: its folder is free or ours, its files are usable."""
+def preflight(sample: Sample, config: LayerFlowConfig, output: Path, checked: set | None = None) -> str | None:
+    """Why ``sample`` cannot run (one line), or None: its folder is free or ours, its files are usable.
+
+    ``checked``: the given-layer files this run has checked already (see :func:`check_given_layers`).
+    """
     try:
         check_sample_target(output / sample.id)
         sample_config(config, sample)
         if config.layout.given_layers:
-            check_given_layers(sample, config)
+            check_given_layers(sample, config, checked)
     except (ValueError, OSError) as error:
         return _reason(error)
     return None
@@ -89,8 +92,13 @@ def run_samples(
     output: Path,
     pipeline_factory: Callable[[LayerFlowConfig], object],
     show_progress: bool = True,
+    checked: set | None = None,
 ) -> RunSummary:
-    """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring."""
+    """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring.
+
+    ``checked``: given-layer files the caller has checked already, so that each is checked (and
+    warned about) once per run.
+    """
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
     groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
@@ -98,11 +106,12 @@ def run_samples(
     summary = RunSummary()
     failures: list[dict] = []
     todo = []
+    checked = set() if checked is None else checked
     for sample in mine:
         if is_complete(output / sample.id):
             summary.skipped.append(sample.id)
             continue
-        problem = preflight(sample, config, output)
+        problem = preflight(sample, config, output, checked)
         if problem is None:
             todo.append(sample)
         else:
@@ -166,9 +175,11 @@ def run_samples(
             log.exception("sample %s failed: %s", sample.id, failure, extra=FILE_ONLY)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        finally:
-            finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
-            progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
+        except BaseException:  # Ctrl-C or SIGTERM: the sample is discarded, so it is neither done nor failed
+            progress.close()
+            raise
+        finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
+        progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
     progress.close()
     _record_failures(output, rank, failures)
     return summary

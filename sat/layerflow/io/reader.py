@@ -223,6 +223,9 @@ def _read_frames(source: _Source, indices: Sequence[int], modes: Sequence[str]) 
                 f"{source.path}: frame {i} is {image.size[0]}x{image.size[1]}, "
                 f"expected {size[0]}x{size[1]} like frame {indices[0]}"
             )
+        elif "layer" in modes and resolved[modes.index("layer")] == "RGBA" and _layer_mode(image) != "RGBA":
+            name = getattr(image, "filename", "") or f"{source.path} frame {i}"
+            raise LayerSourceError(f"{name}: an RGB frame (no alpha) in a sequence of RGBA frames; give it its alpha")
         for stack, mode in zip(stacks, resolved, strict=True):
             array = np.asarray(image.convert(mode))
             stack.append(array[..., None] if array.ndim == 2 else array)  # (h, w, c)

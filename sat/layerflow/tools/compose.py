@@ -107,7 +107,9 @@ def compose(
     try:
         rgb, alpha = read_layer_with_alpha(fg_source, mask_source, num_frames=num_frames, size=size)
     except LayerSourceError as error:
-        raise ComposeError(f"--fg: {error}") from None
+        raise ComposeError(
+            f"--fg: {str(error).replace('--input mask=PATH (manifest: inputs.mask)', '--mask PATH')}"
+        ) from None
     background, bg_record = read_background(bg, num_frames, size)
     layers = compose_layers(rgb, alpha, background)
     sources = {"fg": layer_provenance(fg, "fg", with_alpha=True), "bg": bg_record}

@@ -8,9 +8,6 @@ config that ``sat/sample_video.py`` reads unchanged.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +22,6 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 def _require(ok: bool, name: str, expected: str) -> None:
     if not ok:
         raise FieldError(name, expected)
-
-
-def _check_finite(section: object) -> None:
-    """Every float (and list of floats) of ``section`` is finite: ``.nan`` and ``.inf`` parse as YAML numbers."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        if hints[f.name] in (float, tuple[float, ...]):
-            value = getattr(section, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            _require(all(math.isfinite(v) for v in values), f.name, "a finite number (not .nan or .inf)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +56,6 @@ class TrainingSection:
 
     def __post_init__(self) -> None:
         """Range checks; each names its key, and :func:`load_config` adds the value and where it was set."""
-        _check_finite(self)
         unknown = [group for group in self.trainable if group not in PARAMETER_GROUPS]
         _require(
             bool(self.trainable) and not unknown, "trainable", f"groups to train; choose from {list(PARAMETER_GROUPS)}"

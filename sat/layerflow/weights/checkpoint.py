@@ -5,7 +5,9 @@ The original release stores a task as ``<dir>/latest`` (the iteration number as 
 keys start with ``model.diffusion_model.``; a full engine file may also hold the VAE
 (``first_stage_model.``) and the T5 encoder (``conditioner.``), which are reported as ignored
 because those weights come from ``CogVideoX-2b-sat/``. Pickles are read with
-``weights_only=True`` only, so a crafted file cannot run code.
+``weights_only=True`` only, so a crafted file cannot run code; such a file is refused as one that
+could run code, while a file that is not a torch file at all (random bytes, text, a truncated
+download) is called that.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """The checkpoint's files are not there (to download), as opposed to there but unusable."""
+
+
 def release_folder_name(layout: TaskLayout) -> str:
     for folder, task in RELEASE_FOLDER_TASKS.items():
         if task is layout.task:
@@ -55,26 +61,51 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointNotFoundError(f"{path}: checkpoint not found")
     for name in ("model.safetensors",):
         if (path / name).is_file():
             return path / name
     latest = path / "latest"
     if not latest.is_file():
-        raise CheckpointError(f"{path}: no 'latest' file (expected the iteration number, as in the original release)")
+        raise CheckpointNotFoundError(
+            f"{path}: no 'latest' file (expected the iteration number, as in the original release)"
+        )
     iteration = latest.read_text(encoding="utf-8", errors="replace").strip()
-    if not iteration.isdigit():
-        raise CheckpointError(f"{latest}: expected an iteration number, found {iteration[:40]!r}")
+    if not (iteration.isascii() and iteration.isdigit()):
+        iterations = sorted(p.name for p in path.iterdir() if p.name.isdigit() and (p / SAT_MODEL_FILE).is_file())
+        present = f"; this folder has iteration {', '.join(iterations)}" if iterations else ""
+        raise CheckpointError(
+            f"{latest}: corrupt 'latest' file: it should hold only the iteration number to load (the name of "
+            f"the subfolder with {SAT_MODEL_FILE}, e.g. 1000), found {iteration[:40]!r}{present}"
+        )
     weights = path / iteration / SAT_MODEL_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing ('latest' names iteration {iteration})")
+        raise CheckpointNotFoundError(f"{weights}: missing ('latest' names iteration {iteration})")
     return weights
+
+
+# What PyTorch's weights-only unpickler says when a pickle asks for an object beyond tensors and
+# plain containers (a file that would run code); its other refusals are of malformed data.
+_BLOCKED_OBJECT = re.compile(r"GLOBAL [\w.]+|reduce for unrecognized function|Can only (create new object|build)")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (what torch.load itself tests)
 
 
 def _unsafe_detail(error: BaseException) -> str:
     """What PyTorch's weights-only refusal names as the blocked object, without its advice."""
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     return f"the object '{found.group(1)}'" if found else "an object that is not a tensor or a plain container"
+
+
+def _not_a_torch_file(file: Path, error: BaseException) -> str:
+    """The one-line reason a file that is no loadable torch file was refused."""
+    with open(file, "rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    if not head:
+        return f"{file}: empty file, not a torch checkpoint"
+    if head == _ZIP_MAGIC:
+        reason = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+        return f"{file}: corrupt or truncated file ({reason})"
+    return f"{file}: not a checkpoint (not a valid torch file: neither a torch.save archive nor a legacy torch pickle)"
 
 
 def load_pickled_tensors(file: Path, error_type: type[Exception]) -> object:
@@ -86,13 +117,25 @@ def load_pickled_tensors(file: Path, error_type: type[Exception]) -> object:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as error:
+        if not _BLOCKED_OBJECT.search(str(error)):
+            raise error_type(_not_a_torch_file(file, error)) from None
         raise error_type(
             f"{file}: refused: loading it would call {_unsafe_detail(error)}, which could run code; only "
             f"tensors and plain containers are accepted (get the file again from its original release)"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise error_type(f"{file}: corrupt or truncated file ({reason})") from None
+    except PermissionError as error:
+        raise error_type(f"{file}: cannot read the file ({error.strerror})") from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as error:
+        raise error_type(_not_a_torch_file(file, error)) from None  # IndexError: the unpickler on random bytes
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

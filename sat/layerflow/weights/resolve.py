@@ -13,7 +13,7 @@ from pathlib import Path
 
 from layerflow.config import LayerFlowConfig
 from layerflow.models.text_encoder import TextEncoderFilesError, check_t5_folder
-from layerflow.weights.checkpoint import CheckpointError, release_folder_name, resolve_checkpoint_file
+from layerflow.weights.checkpoint import CheckpointNotFoundError, release_folder_name, resolve_checkpoint_file
 
 TASK_WEIGHTS_URL = "https://huggingface.co/zjuJish/LayerFlow (folder {folder})"
 VAE_URL = "https://cloud.tsinghua.edu.cn/f/fdba7608a49c463ba754/?dl=1 (CogVideoX-2B SAT VAE, vae.zip)"
@@ -30,7 +30,7 @@ def _missing_weights(config: LayerFlowConfig) -> list[str]:
     problems = []
     try:
         resolve_checkpoint_file(model.checkpoint)
-    except CheckpointError as error:
+    except CheckpointNotFoundError as error:  # a corrupt one (e.g. its 'latest' file) is no download problem
         folder = release_folder_name(config.layout)
         problems.append(
             f"task checkpoint: {error} -> download {TASK_WEIGHTS_URL.format(folder=folder)} into {model.checkpoint}"
