@@ -23,8 +23,8 @@ from layerflow.io.reader import layer_provenance, read_clip_frames, resolve_laye
 from layerflow.io.synthetic import layered_clip, write_layered_clip
 
 CONFIGS = REPO_ROOT / "configs"
-PICKED = np.linspace(0, 14, 16).astype(int)  # the 16 frames sampling takes from a 16-frame clip
-SIZE = ["--size", "64x96"]
+PICKED = np.arange(16)  # compose takes a 16-frame clip one for one
+SIZE = ["--size", "96x64"]  # WIDTHxHEIGHT
 
 
 def tiny(name: str) -> list[str]:
@@ -77,7 +77,7 @@ def test_usage_errors_are_one_line(capsys):
     for argv, pattern in (
         (["compose", "--bg", "white"], "--fg"),
         (["score"], "SAMPLE_DIR"),
-        (["compose", "--fg", "a", "--bg", "b", "--output", "c", "--size", "big"], "HEIGHTxWIDTH"),
+        (["compose", "--fg", "a", "--bg", "b", "--output", "c", "--size", "big"], "WIDTHxHEIGHT"),
     ):
         code, out, err = run(capsys, argv)
         assert code == 2 and not out
@@ -100,7 +100,8 @@ def test_compose_over_a_colour_gives_the_known_blend(composite, clip):
     assert np.abs(pngs[inside][:, :3].astype(int) - truth["fg"][PICKED][inside]).max() <= 1
     meta = json.loads((composite / "meta.json").read_text())
     assert meta["given_sources"]["bg"] == {"colour": "#204080"}
-    assert meta["given_sources"]["fg"] == {"path": str(clip["fg_rgba"].resolve())}
+    assert meta["given_sources"]["fg"]["path"] == str(clip["fg_rgba"].resolve())
+    assert meta["given_sources"]["fg"]["frames"] == PICKED.tolist()
     assert meta["command"][:2] == ["layerflow", "compose"]
     change = np.abs(np.diff(alpha.astype(float), axis=0)).mean() / 255
     assert meta["scores"]["alpha_temporal_change"] == pytest.approx(change, abs=2e-3)
@@ -111,7 +112,7 @@ def test_inspect_a_composite_shows_its_command(capsys, composite, clip):
     code, out, _ = run(capsys, ["inspect", str(composite)])
     assert code == 0 and "made by     layerflow compose" in out
     assert out.strip().endswith(
-        f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} --size 64x96"
+        f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} --size 96x64"
     )
 
 
@@ -148,8 +149,8 @@ def test_compose_bad_inputs_write_nothing(capsys, tmp_path, clip, composite):
         (["--fg", str(tmp_path / "missing"), "--bg", "white"], "does not exist"),
         (["--fg", str(clip["fg_rgba"]), "--bg", "not-a-colour"], "--bg 'not-a-colour': no such file"),
         (["--fg", str(clip["fg"]), "--bg", "white"], "frames have no alpha channel"),
-        (["--fg", str(clip["fg_rgba"]), "--bg", "white", "--size", "63x96"], "even height and width"),
-        (["--fg", str(clip["fg_rgba"]), "--bg", str(clip["bg"]), "--frames", "40"], "40 output frames"),
+        (["--fg", str(clip["fg_rgba"]), "--bg", "white", "--size", "96x63"], "even width and height"),
+        (["--fg", str(clip["fg_rgba"]), "--bg", str(clip["bg"]), "--frames", "0"], "--frames must be at least 1"),
     ]
     for argv, pattern in cases:
         one_line_error(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from layerflow.io.writer import DEFAULT_CRF, MASTER_CHOICES
 from layerflow.models.dit import DiTConfig
 from layerflow.models.vae import VAEConfig
 from layerflow.runtime.attention import ATTENTION_CHOICES
@@ -241,11 +242,17 @@ class RuntimeSection:
 
 
 ALPHA_MODES = ("straight", "premultiplied", "both")
+MASTER_LAYERS = ("fg", "bg", "blend", "alpha")
 
 
 @dataclass(frozen=True)
 class OutputSection:
-    """``alpha_mode`` picks the RGBA files written: straight colour, colour premultiplied by alpha, or both."""
+    """``alpha_mode`` picks the RGBA files written: straight colour, colour premultiplied by alpha, or both.
+
+    ``crf`` is the H.264 quality of the layer videos; ``master`` adds an editing master of each layer
+    in ``master_layers`` next to its H.264 file: PNG frames, FFV1 (both lossless), ProRes 422 HQ or
+    ProRes 4444 (see :mod:`layerflow.io.writer`).
+    """
 
     fps: int = 8
     alpha_video: str = "prores"
@@ -253,11 +260,21 @@ class OutputSection:
     preview: bool = True
     alpha_mode: str = "straight"
     scores: bool = True  # RGBA: layer-consistency scores in meta.json (a few CPU seconds per sample)
+    crf: int = DEFAULT_CRF  # H.264 constant rate factor of the layer videos: 0 lossless .. 51; 25 the original's
+    master: str = "none"
+    master_layers: tuple[str, ...] = MASTER_LAYERS
 
     def __post_init__(self) -> None:
         _require(1 <= self.fps <= 240, "fps", "frames per second from 1 to 240")
         _require(self.alpha_video in ("prores", "vp9", "none"), "alpha_video", "prores, vp9 or none")
         _require(self.alpha_mode in ALPHA_MODES, "alpha_mode", "straight, premultiplied or both")
+        _require(0 <= self.crf <= 51, "crf", "an H.264 constant rate factor from 0 (lossless) to 51")
+        _require(self.master in MASTER_CHOICES, "master", ", ".join(MASTER_CHOICES))
+        _require(
+            bool(self.master_layers) and set(self.master_layers) <= set(MASTER_LAYERS),
+            "master_layers",
+            f"a non-empty list of {', '.join(MASTER_LAYERS)}",
+        )
 
 
 @dataclass(frozen=True)

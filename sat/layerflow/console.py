@@ -33,10 +33,13 @@ def _parser(name: str, description: str, example: str) -> OneLineParser:
 
 
 def _size(text: str) -> tuple[int, int]:
-    height, sep, width = text.lower().partition("x")
-    if not sep or not height.isdigit() or not width.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 480x720")
-    return int(height), int(width)
+    """``--size WIDTHxHEIGHT`` -> (height, width); the old HEIGHTxWIDTH form is refused (one line)."""
+    from layerflow.tools.compose import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run_generate(argv: list[str]) -> int:
@@ -67,6 +70,7 @@ def run_demo(argv: list[str]) -> int:
 
 def run_compose(argv: list[str]) -> int:
     from layerflow.config import ALPHA_MODES
+    from layerflow.io.writer import MASTER_CHOICES
 
     parser = _parser(
         "compose",
@@ -88,16 +92,29 @@ def run_compose(argv: list[str]) -> int:
         help="video, frame folder, still image, sample folder or a colour ('#204080', 'white')",
     )
     parser.add_argument("--output", required=True, type=folder_argument, metavar="DIR", help="the new sample folder")
-    parser.add_argument("--frames", type=int, default=16, help="frames (picked from the first 64 as in sampling)")
-    parser.add_argument("--size", type=_size, default=(480, 720), metavar="HxW", help="frame size (default 480x720)")
+    parser.add_argument(
+        "--frames", type=int, help="frames, taken one for one from frame 0 (default: all of --fg, at most 64)"
+    )
+    parser.add_argument(
+        "--size", type=_size, default=(480, 720), metavar="WxH", help="frame size, WIDTHxHEIGHT (default 720x480)"
+    )
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default="straight", help="RGBA exports to write")
     parser.add_argument("--alpha-video", choices=("prores", "vp9", "none"), default="prores")
+    parser.add_argument(
+        "--blend-space", choices=("display", "linear"), default="display", help="blend sRGB values or linear light"
+    )
+    parser.add_argument("--crf", type=int, default=25, help="H.264 quality of the layer videos (0 lossless .. 51)")
+    parser.add_argument(
+        "--master", choices=MASTER_CHOICES, default="none", help="also write each layer as PNGs, FFV1 or ProRes"
+    )
     args = parser.parse_args(argv)
     from layerflow.config import OutputSection
     from layerflow.tools.compose import compose
 
-    settings = OutputSection(fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode)
+    settings = OutputSection(
+        fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode, crf=args.crf, master=args.master
+    )
     folder = compose(
         args.fg,
         args.bg,
@@ -107,6 +124,7 @@ def run_compose(argv: list[str]) -> int:
         size=args.size,
         settings=settings,
         command=["layerflow", "compose", *argv],
+        blend_space=args.blend_space,
     )
     print(f"wrote {folder}")
     return 0

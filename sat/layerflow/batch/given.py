@@ -8,7 +8,9 @@ the files of one sample:
 * an RGB task's foreground is taken as it is when it has three channels; RGBA frames are first
   matted over grey, as the original data code does;
 * background and blend are read as RGB;
-* an input may be an earlier sample folder, whose matching file is used.
+* an input may be an earlier sample folder, whose matching file is used, or a still image (held);
+* frames are taken one for one (frames 0, 1, ... of the clip, the last one held if it is short);
+  ``meta.json`` records which (``given_sources.<layer>.frames``).
 
 Legend: t frames, H/W pixel size.
 """
@@ -20,6 +22,7 @@ import torch
 from layerflow.batch.manifest import Sample
 from layerflow.config import LayerFlowConfig
 from layerflow.io.reader import (
+    PICK_ONE_FOR_ONE,
     check_layer_source,
     layer_provenance,
     read_foreground_layers,
@@ -55,7 +58,9 @@ def check_given_layers(sample: Sample, config: LayerFlowConfig, checked: set | N
         key = (given, with_matte, source, mask, size)
         if checked is not None and key in checked:
             continue
-        check_layer_source(source, given.pixel_frames, size, needs_alpha=given.needs_alpha, mask=mask)
+        check_layer_source(
+            source, given.pixel_frames, size, needs_alpha=given.needs_alpha, mask=mask, pick=PICK_ONE_FOR_ONE
+        )
         if source.is_dir() or (mask is not None and mask.is_dir()):
             _read_given_layer(given, sample, size)
         if checked is not None:
@@ -68,11 +73,13 @@ def _read_given_layer(given: GivenInput, sample: Sample, size: tuple[int, int]) 
     with_matte = _with_matte(given, sample)
     source = resolve_layer_source(sample.inputs[given.layer], given.layer, with_matte)
     if not with_matte:
-        video = read_layer_video(source, num_frames=given.pixel_frames, size=size)  # (t, 3 or 4, H, W)
+        video = read_layer_video(
+            source, num_frames=given.pixel_frames, size=size, pick=PICK_ONE_FOR_ONE
+        )  # (t, 3 or 4, H, W)
         if given.layer != "fg" or video.shape[1] == 3:
             return {given.layer: video[:, :3]}
     fg, alpha_layer = read_foreground_layers(
-        source, _mask_source(sample), num_frames=given.pixel_frames, size=size
+        source, _mask_source(sample), num_frames=given.pixel_frames, size=size, pick=PICK_ONE_FOR_ONE
     )  # (t, 3, H, W) each
     return {"fg": fg, "alpha": alpha_layer} if given.needs_alpha else {"fg": fg}
 
@@ -89,6 +96,13 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
 
 
 def given_layer_sources(sample: Sample, config: LayerFlowConfig) -> dict[str, dict]:
-    """Where each given file came from (absolute path; the file and sample when it is a sample folder)."""
+    """Where each given file came from (absolute path; the file and sample when it is a sample folder) and
+    which of its frames were used (``frames``: the source frame of each of the layer's frames)."""
     with_matte = any(_with_matte(given, sample) for given in config.layout.given_inputs)
-    return {name: layer_provenance(source, name, with_matte) for name, source in sample.inputs.items()}
+    frames = {given.layer: given.pixel_frames for given in config.layout.given_inputs}
+    if MASK_INPUT in sample.inputs and "fg" in frames:
+        frames[MASK_INPUT] = frames["fg"]
+    return {
+        name: layer_provenance(source, name, with_matte, num_frames=frames.get(name), pick=PICK_ONE_FOR_ONE)
+        for name, source in sample.inputs.items()
+    }

@@ -1,27 +1,34 @@
-"""Reading given layers: frame folders or video files -> model pixels, as the original stage-2 data code.
+"""Reading given layers: frame folders, video files or still images -> model pixels.
 
-The original (``SFTDataset_layer_f3_stage2``) reads every layer from folders of numbered frames
-and treats them all alike:
+The rules follow the original stage-2 data code (``SFTDataset_layer_f3_stage2``), which reads
+every layer from folders of numbered frames and treats them all alike, with two exceptions
+made for users (compose and sampling ``--input``):
 
-1. Only the first 64 frames of a clip are considered.
-2. It picks ``T`` frame indices spread evenly over a window of ``min(n, T - 1)`` consecutive
-   frames starting at ``start``: ``floor(linspace(start, start + window - 1, T))``. With the
-   default ``T = 16`` the 16 frames come from 15 source frames, one of them used twice. The
-   original draws ``start`` at random; here it is an argument (default 0).
-3. Each frame becomes float32 in [-1, 1] (``u8 / 127.5 - 1``); the foreground is matted over
+1. **Which frames.** The original picks ``T`` frame indices spread evenly over a window of
+   ``min(n, T - 1)`` consecutive frames starting at ``start``: ``floor(linspace(start, start +
+   window - 1, T))``, so the 16 frames of a 16-frame clip come out as 0, 0, 1, ..., 14 (pick
+   :data:`PICK_ORIGINAL`; training keeps it). Compose and sampling take the frames one for one
+   instead (:data:`PICK_ONE_FOR_ONE`): frames ``start .. start + T - 1`` in order, and a clip
+   with fewer frames is refused. Both look at the first 64 frames only.
+2. Each frame becomes float32 in [-1, 1] (``u8 / 127.5 - 1``); the foreground is matted over
    grey with the mask at the source resolution (see :mod:`layerflow.io.pixels`).
-4. The stacked clip is resized with bicubic, antialiased interpolation (torchvision ``resize``
+3. The stacked clip is resized with bicubic, antialiased interpolation (torchvision ``resize``
    on a tensor) so that it covers the target size with its aspect kept, sizes truncated to int,
    and then centre-cropped with offsets ``(excess_h // 2, excess_w // 2)``. A clip already at the
    target size is left untouched. Bicubic filtering can overshoot [-1, 1] slightly; like the
    original, the layers are not clamped (mattes returned in [0, 1] are).
+4. **Colour with alpha** is resized premultiplied (colour x alpha, resized, divided by the
+   resized alpha), never as straight colour, which would pull the colour of transparent pixels
+   into the edge (dark halos). A clip whose alpha is opaque everywhere is resized as plain RGB.
 
-A source may also be a sample folder of an earlier run (a folder with ``meta.json``): the layer
-is then read from that folder's file for it (:func:`resolve_layer_source`).
+A still image (PNG, JPEG) is a clip of one frame, held for every frame. A source may also be a
+sample folder of an earlier run (a folder with ``meta.json``): the layer is then read from that
+folder's file for it (:func:`resolve_layer_source`).
 
 Video files (mp4, mov, webm, ...) are decoded with the ffmpeg binary of ``imageio-ffmpeg``
 (without auto-rotation, as decord does) and then handled exactly like frame folders. A video
-with an alpha channel (ProRes 4444, VP9 with alpha, ...) gives RGBA frames.
+with an alpha channel (ProRes 4444, VP9 with alpha, ...) gives RGBA frames; VP9/VP8 alpha is
+decoded with libvpx, because ffmpeg's native decoders drop it.
 
 Legend: t frames, c channels, h height, w width, n frames available in the source.
 """
@@ -42,8 +49,8 @@ import torch.nn.functional as F
 from imageio_ffmpeg import get_ffmpeg_exe
 from PIL import Image, UnidentifiedImageError
 
-from layerflow.io.pixels import LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
-from layerflow.io.sample_files import ALPHA_EXPORTS, is_sample_folder, layer_video, read_meta
+from layerflow.io.pixels import MATTE_EPSILON, LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
+from layerflow.io.sample_files import ALPHA_EXPORTS, is_sample_folder, layer_files, read_meta
 from layerflow.io.writer import ALPHA_CODECS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -52,6 +59,9 @@ DEFAULT_NUM_FRAMES = 16
 DEFAULT_SIZE = (480, 720)  # (height, width)
 
 CROP_WARNING_FRACTION = 0.2  # warn when the centre crop cuts away more than this share of a frame
+PICK_ONE_FOR_ONE = "one-for-one"  # frames start, start + 1, ... in order (compose, sampling --input)
+PICK_ORIGINAL = "original"  # the original data code's spread over T - 1 frames (training)
+FRAME_PICKS = (PICK_ONE_FOR_ONE, PICK_ORIGINAL)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,36 @@ def sample_frame_indices(available: int, num_frames: int = DEFAULT_NUM_FRAMES, s
     return [int(i) for i in picks]
 
 
+def one_for_one_indices(available: int, num_frames: int = DEFAULT_NUM_FRAMES, start: int = 0) -> list[int]:
+    """Frames ``start, start + 1, ..., start + num_frames - 1`` of a clip, in order, one output frame each.
+
+    Raises :class:`LayerSourceError` when the clip (its first 64 frames) does not hold them all:
+    no frame is invented or repeated.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if start < 0:
+        raise ValueError(f"start frame {start} is negative")
+    usable = min(available, MAX_SOURCE_FRAMES)
+    if start + num_frames > usable:
+        read = f" (only the first {MAX_SOURCE_FRAMES} are read)" if available > MAX_SOURCE_FRAMES else ""
+        first = f" from frame {start}" if start else ""
+        raise LayerSourceError(
+            f"clip has {available} frames{read}, {num_frames} output frames{first} need {start + num_frames} "
+            f"(frames are taken one for one; give a longer clip, fewer frames or a still image)"
+        )
+    return list(range(start, start + num_frames))
+
+
+def frame_indices(available: int, num_frames: int, start: int = 0, pick: str = PICK_ORIGINAL) -> list[int]:
+    """The source frames that become the ``num_frames`` output frames, by the rule ``pick`` (see the module)."""
+    if pick == PICK_ONE_FOR_ONE:
+        return one_for_one_indices(available, num_frames, start)
+    if pick == PICK_ORIGINAL:
+        return sample_frame_indices(available, num_frames, start)
+    raise ValueError(f"unknown frame pick {pick!r}, expected one of {', '.join(FRAME_PICKS)}")
+
+
 def cover_size(height: int, width: int, size: Sequence[int]) -> tuple[int, int]:
     """Size after the aspect-keeping resize that covers ``size`` = (H, W) (before the centre crop)."""
     target_h, target_w = size
@@ -113,6 +153,24 @@ def resize_for_rectangle_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Ten
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     return x[..., top : top + target_h, left : left + target_w].contiguous()  # (t, c, H, W)
+
+
+def resize_with_alpha(rgb: torch.Tensor, alpha: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight colour (t, c, h, w) in [-1, 1] and its matte (t, 1, h, w) in [0, 1], resized and cropped to ``size``.
+
+    The colour is resized premultiplied: ``resize(rgb * a) / resize(a)``, clamped to [-1, 1],
+    where the resized matte exceeds :data:`~layerflow.io.pixels.MATTE_EPSILON`; where it does not
+    (transparent all around) the colour is resized straight, as nothing shows there. The matte is
+    returned clamped to [0, 1]. A clip that is only cropped, or whose matte is 1 everywhere, keeps
+    its colour exactly as an RGB clip would.
+    """
+    matte = resize_for_rectangle_crop(alpha, size).clamp(0.0, 1.0)  # (t, 1, H, W)
+    straight = resize_for_rectangle_crop(rgb, size)  # (t, c, H, W)
+    if cover_size(*rgb.shape[-2:], size) == tuple(rgb.shape[-2:]) or bool((alpha == 1).all()):
+        return straight, matte  # only cropped (nothing resampled) or opaque: straight colour is exact
+    premultiplied = resize_for_rectangle_crop(rgb * alpha, size)  # (t, c, H, W)
+    unpremultiplied = (premultiplied / matte.clamp(min=MATTE_EPSILON)).clamp(-1.0, 1.0)
+    return torch.where(matte > MATTE_EPSILON, unpremultiplied, straight), matte
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,26 +236,60 @@ def _decode_video(path: Path) -> np.ndarray:
     return np.frombuffer(result.stdout, np.uint8).reshape(-1, stream.height, stream.width, channels)
 
 
+def _count_video_frames(path: Path) -> int:
+    """Frames in the first video stream, counted from its packets (no decoding)."""
+    command = [
+        get_ffmpeg_exe(), "-v", "error", "-nostdin", "-nostats", "-i", str(path),
+        "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    counts = re.findall(r"^frame=(\d+)$", result.stdout, flags=re.MULTILINE)
+    if result.returncode != 0 or not counts:
+        reason = result.stderr.strip().splitlines()
+        raise LayerSourceError(f"{path}: not a readable video ({reason[-1] if reason else 'no frames'})")
+    return int(counts[-1])
+
+
 @dataclass(frozen=True)
 class _Source:
-    """A clip of ``count`` frames; ``frame(i)`` gives frame i as a PIL image."""
+    """A clip of ``count`` frames; ``frame(i)`` gives frame i as a PIL image. A still image is one held frame."""
 
     path: Path
     count: int
     frame: Callable[[int], Image.Image]
+    still: bool = False
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in FRAME_SUFFIXES
 
 
 def _open_source(source: str | os.PathLike) -> _Source:
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"layer source {path} does not exist (expected a video file or a folder of frames)")
+        raise FileNotFoundError(
+            f"layer source {path} does not exist (expected a video file, a folder of frames or an image)"
+        )
     if path.is_dir():
         files = _frame_files(path)
         return _Source(path, len(files), lambda i: _load_image(files[i]))
-    if path.suffix.lower() in FRAME_SUFFIXES:
-        raise LayerSourceError(f"{path}: a single image is not a clip (expected a video file or a folder of frames)")
+    if _is_image_file(path):
+        image = _load_image(path)
+        return _Source(path, 1, lambda i: image, still=True)
     frames = _decode_video(path)
     return _Source(path, len(frames), lambda i: Image.fromarray(frames[i]))
+
+
+def clip_length(source: str | os.PathLike) -> tuple[int, bool]:
+    """(frames, still) of a clip without decoding it: a folder's frame count, a video's packets, 1 for an image."""
+    path = Path(source)
+    if path.is_dir():
+        return len(_frame_files(path)), False
+    if _is_image_file(path):
+        return 1, True
+    if not path.exists():
+        raise FileNotFoundError(f"layer source {path} does not exist")
+    return _count_video_frames(path), False
 
 
 def _layer_mode(image: Image.Image) -> str:
@@ -232,10 +324,25 @@ def _read_frames(source: _Source, indices: Sequence[int], modes: Sequence[str]) 
     return [np.stack(stack) for stack in stacks]  # (t, h, w, c) each
 
 
-def _pick_frames(clip: _Source, num_frames: int, start: int) -> list[int]:
-    """:func:`sample_frame_indices` for ``clip``, with its path in the error."""
+_warned: set[tuple] = set()  # warnings already given in this process: each is given once
+
+
+def _warn_once(key: tuple, message: str, *args) -> None:
+    """``log.warning(message, *args)`` the first time ``key`` is seen (checks and reads share one warning)."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def picked_indices(count: int, still: bool, num_frames: int, start: int = 0, pick: str = PICK_ORIGINAL) -> list[int]:
+    """The source frames taken for a clip of ``count`` frames (a still: frame 0 every time)."""
+    return [0] * num_frames if still else frame_indices(count, num_frames, start, pick)
+
+
+def _pick_frames(clip: _Source, num_frames: int, start: int, pick: str) -> list[int]:
+    """:func:`picked_indices` for ``clip``, with its path in the error."""
     try:
-        return sample_frame_indices(clip.count, num_frames, start)
+        return picked_indices(clip.count, clip.still, num_frames, start, pick)
     except LayerSourceError as error:
         raise LayerSourceError(f"{clip.path}: {error}") from None
 
@@ -248,12 +355,17 @@ def _no_alpha_message(path: Path) -> str:
 
 
 def _warn_about_geometry(path: Path, width: int, height: int, size: Sequence[int]) -> None:
-    """One warning line when the clip is enlarged, and one when the centre crop cuts much of it away."""
+    """One warning line when the clip is enlarged, and one when the centre crop cuts much of it away.
+
+    Each is given once per process for a file and target size, however often the file is checked.
+    """
     target_h, target_w = size
     cover_h, cover_w = cover_size(height, width, size)
     scale = cover_h / height
+    key = (str(path), width, height, target_h, target_w)
     if scale > 1:
-        log.warning(
+        _warn_once(
+            ("enlarged", *key),
             "%s: %dx%d frames are enlarged %.1fx to cover %dx%d; expect a soft result",
             path,
             width,
@@ -264,7 +376,8 @@ def _warn_about_geometry(path: Path, width: int, height: int, size: Sequence[int
         )
     cut = 1 - (target_h * target_w) / (cover_h * cover_w)
     if cut > CROP_WARNING_FRACTION:
-        log.warning(
+        _warn_once(
+            ("cropped", *key),
             "%s: %dx%d frames do not have the %dx%d aspect; the centre crop cuts away %d%% of each frame",
             path,
             width,
@@ -281,14 +394,15 @@ def check_layer_source(
     size: Sequence[int] = DEFAULT_SIZE,
     needs_alpha: bool = False,
     mask: str | os.PathLike | None = None,
+    pick: str = PICK_ORIGINAL,
 ) -> None:
     """Check a given layer before any model loads: it exists, decodes, is long enough, has alpha if needed.
 
-    Raises the error reading it would raise (one line naming the file); warns once when the clip
-    will be enlarged or heavily cropped.
+    Raises the error reading it would raise (one line naming the file); warns (once per file and
+    size in a process) when the clip will be enlarged or heavily cropped.
     """
     clip = _open_source(source)
-    _pick_frames(clip, num_frames, 0)
+    _pick_frames(clip, num_frames, 0, pick)
     first = clip.frame(0)
     if mask is not None:
         matte = _open_source(mask)
@@ -310,12 +424,12 @@ def sample_layer_files(layer: str, with_alpha: bool) -> list[str]:
 
     An RGBA foreground comes from the straight RGBA export (PNGs, else the alpha video); an RGB
     foreground from ``foreground.mp4`` (colour matted over grey, the RGB variant's layer); a mask
-    from ``alpha.mp4``.
+    from ``alpha.mp4`` (the matte). A master copy of the layer (``output.master``) comes first.
     """
     if layer == "fg" and with_alpha:
         straight = ALPHA_EXPORTS["straight"]
         return [straight.png_folder, *(straight.video_stem + codec.suffix for codec in ALPHA_CODECS.values())]
-    return [layer_video("alpha" if layer == "mask" else layer)]
+    return layer_files("alpha" if layer == "mask" else layer)
 
 
 def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> Path:
@@ -327,24 +441,40 @@ def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool
     for name in names:
         if (path / name).exists():
             return path / name
-    hint = (
-        " (an RGBA foreground needs the straight export; an RGB sample or one written with "
-        "output.alpha_mode=premultiplied has none)"
-        if layer == "fg" and with_alpha
-        else ""
-    )
-    raise LayerSourceError(f"{path}: sample folder has no {' or '.join(names)} for the {layer} layer{hint}")
+    if layer == "fg" and with_alpha:
+        wanted = " or ".join(names)
+        hint = (
+            " (an RGBA foreground needs the straight export; an RGB sample or one written with "
+            "output.alpha_mode=premultiplied has none)"
+        )
+    else:
+        wanted, hint = f"{names[-1]} (nor a master copy of it)", ""
+    raise LayerSourceError(f"{path}: sample folder has no {wanted} for the {layer} layer{hint}")
 
 
-def layer_provenance(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> dict:
+def layer_provenance(
+    source: str | os.PathLike,
+    layer: str,
+    with_alpha: bool = False,
+    num_frames: int | None = None,
+    pick: str = PICK_ORIGINAL,
+) -> dict:
     """Where a given layer came from, for ``meta.json``: the absolute path and, for a sample folder,
-    the file taken and that sample's id, task, variant, seed and checkpoint."""
+    the file taken and that sample's id, task, variant, seed and checkpoint.
+
+    With ``num_frames``, also which of its frames were used: ``frames`` (the source frame of each
+    output frame, by the rule ``frame_pick``) and ``still`` for a still image.
+    """
     path = Path(source)
     record: dict = {"path": str(path.resolve())}
     if is_sample_folder(path):
         meta = read_meta(path)
         record["file"] = resolve_layer_source(path, layer, with_alpha).name
         record["sample"] = {key: meta.get(key) for key in ("id", "task", "variant", "seed", "checkpoint")}
+    if num_frames is not None:
+        count, still = clip_length(resolve_layer_source(path, layer, with_alpha))
+        record["frames"] = picked_indices(count, still, num_frames, 0, pick)
+        record["frame_pick"] = "still" if still else pick
     return record
 
 
@@ -362,13 +492,9 @@ def read_clip_frames(source: str | os.PathLike) -> np.ndarray:
     return frames
 
 
-def read_still_video(
-    source: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES, size: Sequence[int] = DEFAULT_SIZE
-) -> torch.Tensor:
-    """A still image held for ``num_frames`` frames: (t, c, h, w) in [-1, 1], resized and cropped like a clip."""
-    image = _load_image(Path(source))
-    frame = np.array(image.convert(_layer_mode(image)))[None]  # (1, h0, w0, c)
-    return resize_for_rectangle_crop(uint8_to_model(frame), size).expand(num_frames, -1, -1, -1).contiguous()
+def _held(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """A still's one resized frame (1, c, h, w) held for ``num_frames`` frames."""
+    return x.expand(num_frames, *x.shape[1:]).contiguous()
 
 
 def read_layer_video(
@@ -376,31 +502,45 @@ def read_layer_video(
     num_frames: int = DEFAULT_NUM_FRAMES,
     size: Sequence[int] = DEFAULT_SIZE,
     start: int = 0,
+    pick: str = PICK_ORIGINAL,
 ) -> torch.Tensor:
     """One layer as model pixels (t, c, h, w) float32 in [-1, 1], t = ``num_frames``, (h, w) = ``size``.
 
     ``c`` is 3, or 4 when the frames carry alpha (RGBA PNGs, alpha videos); the alpha channel is
-    mapped to [-1, 1] like the colours. Use this for the background and blend layers, which the
-    original reads as plain RGB.
+    mapped to [-1, 1] like the colours, and the colour of such frames is resized premultiplied
+    (:func:`resize_with_alpha`). Use this for the background and blend layers, which the original
+    reads as plain RGB. ``pick`` chooses the frames (see the module); a still image is held.
     """
     clip = _open_source(source)
-    indices = _pick_frames(clip, num_frames, start)
-    (frames,) = _read_frames(clip, indices, ["layer"])  # (t, h0, w0, c)
-    return resize_for_rectangle_crop(uint8_to_model(frames), size)  # (t, c, h, w)
+    indices = _pick_frames(clip, num_frames, start, pick)
+    (frames,) = _read_frames(clip, indices[:1] if clip.still else indices, ["layer"])  # (t, h0, w0, c)
+    x = uint8_to_model(frames)  # (t, c, h0, w0)
+    if x.shape[1] == 4:
+        rgb, matte = resize_with_alpha(x[:, :3], (x[:, 3:] + 1) / 2, size)
+        x = torch.cat([rgb, 2 * matte - 1], dim=1)  # (t, 4, h, w)
+    else:
+        x = resize_for_rectangle_crop(x, size)  # (t, 3, h, w)
+    return _held(x, num_frames) if clip.still else x
 
 
 def _colour_and_mask(
-    rgb_source: str | os.PathLike, mask_source: str | os.PathLike | None, num_frames: int, start: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Picked colour (t, h, w, 3), grey matte (t, h, w, 1) and mask as RGB (t, h, w, 3), all bytes."""
+    rgb_source: str | os.PathLike,
+    mask_source: str | os.PathLike | None,
+    num_frames: int,
+    start: int,
+    pick: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Picked colour (t, h, w, 3), grey matte (t, h, w, 1) and mask as RGB (t, h, w, 3), all bytes,
+    and whether the source is a still (then t = 1)."""
     clip = _open_source(rgb_source)
-    indices = _pick_frames(clip, num_frames, start)
+    indices = _pick_frames(clip, num_frames, start, pick)
+    indices = indices[:1] if clip.still else indices
     if mask_source is None:
         (rgba,) = _read_frames(clip, indices, ["layer"])  # (t, h, w, c)
         if rgba.shape[-1] != 4:
             raise LayerSourceError(_no_alpha_message(clip.path))
         matte = rgba[..., 3:]  # (t, h, w, 1)
-        return rgba[..., :3], matte, np.repeat(matte, 3, axis=-1)
+        return rgba[..., :3], matte, np.repeat(matte, 3, axis=-1), clip.still
     mask = _open_source(mask_source)
     if mask.count != clip.count:
         raise LayerSourceError(f"{mask.path}: mask has {mask.count} frames, expected {clip.count} like {clip.path}")
@@ -409,7 +549,7 @@ def _colour_and_mask(
     if matte.shape[1:3] != colour.shape[1:3]:
         (mh, mw), (h, w) = matte.shape[1:3], colour.shape[1:3]
         raise LayerSourceError(f"{mask.path}: mask frames are {mw}x{mh}, expected {w}x{h} like {clip.path}")
-    return colour, matte, mask_rgb
+    return colour, matte, mask_rgb, clip.still
 
 
 def read_layer_with_alpha(
@@ -418,17 +558,18 @@ def read_layer_with_alpha(
     num_frames: int = DEFAULT_NUM_FRAMES,
     size: Sequence[int] = DEFAULT_SIZE,
     start: int = 0,
+    pick: str = PICK_ORIGINAL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Straight colour (t, 3, h, w) in [-1, 1] and matte (t, 1, h, w) in [0, 1] of a foreground.
 
     The matte comes from ``mask_source`` (grey or RGB frames, turned into one grey channel as
-    PIL's ``"L"`` conversion does), or from the alpha channel of ``rgb_source`` when no mask is
-    given. The mask must have as many frames as the colour clip and the same frame size.
+    PIL's ``"L"`` conversion does; white is opaque), or from the alpha channel of ``rgb_source``
+    when no mask is given. The mask must have as many frames as the colour clip and the same frame
+    size. The colour is resized premultiplied (:func:`resize_with_alpha`), so edges keep their colour.
     """
-    colour, matte, _ = _colour_and_mask(rgb_source, mask_source, num_frames, start)
-    rgb = resize_for_rectangle_crop(uint8_to_model(colour), size)  # (t, 3, h, w)
-    alpha = uint8_to_unit(matte)  # (t, 1, h0, w0)
-    return rgb, resize_for_rectangle_crop(alpha, size).clamp(0.0, 1.0)  # (t, 1, h, w)
+    colour, matte, _, still = _colour_and_mask(rgb_source, mask_source, num_frames, start, pick)
+    rgb, alpha = resize_with_alpha(uint8_to_model(colour), uint8_to_unit(matte), size)  # (t, 3|1, h, w)
+    return (_held(rgb, num_frames), _held(alpha, num_frames)) if still else (rgb, alpha)
 
 
 def read_foreground_layers(
@@ -437,13 +578,15 @@ def read_foreground_layers(
     num_frames: int = DEFAULT_NUM_FRAMES,
     size: Sequence[int] = DEFAULT_SIZE,
     start: int = 0,
+    pick: str = PICK_ORIGINAL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The foreground and alpha layers (t, 3, h, w) each, in [-1, 1], exactly as the original builds them.
 
-    The foreground is matted over grey at the source resolution and only then resized; the
-    alpha layer is the mask's RGB conversion (the alpha channel repeated for RGBA sources),
-    resized on its own. The RGB variant uses the foreground layer only.
+    The foreground is matted over grey at the source resolution and only then resized (which is a
+    premultiplied resize); the alpha layer is the mask's RGB conversion (the alpha channel repeated
+    for RGBA sources), resized on its own. The RGB variant uses the foreground layer only.
     """
-    colour, matte, mask_rgb = _colour_and_mask(rgb_source, mask_source, num_frames, start)
+    colour, matte, mask_rgb, still = _colour_and_mask(rgb_source, mask_source, num_frames, start, pick)
     fg = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (t, 3, h0, w0)
-    return resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)
+    fg, alpha_layer = resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)
+    return (_held(fg, num_frames), _held(alpha_layer, num_frames)) if still else (fg, alpha_layer)

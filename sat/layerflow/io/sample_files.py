@@ -4,6 +4,10 @@ A sample folder (``OUTPUT/<id>/``) is complete when it holds ``meta.json``; the 
 named below. RGBA exports come in two kinds: straight colour (the default) and colour
 premultiplied by alpha, each as a PNG folder and an alpha video; the kind is in the file name,
 because ProRes and WebM do not record it.
+
+Every layer also has an H.264 file (``background.mp4``; for ``alpha`` the grey matte) and, when
+``output.master`` asks for one, a master copy whose codec is in its name (``background_ffv1.mkv``,
+``background_png/``), so the foreground's master never collides with its alpha export.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ SCORES_FILE = "scores.json"
 PREVIEW_FILE = "preview.mp4"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha": "alpha"}
+# output.master codecs and the suffix of their file ("" is a folder of PNG frames); the encoder
+# settings are in layerflow.io.writer.MASTER_CODECS
+MASTER_SUFFIXES = {"png": "", "ffv1": ".mkv", "prores_hq": ".mov", "prores_4444": ".mov"}
+MASTER_PREFERENCE = ("png", "ffv1", "prores_4444", "prores_hq")  # best first, for reading a layer back
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,16 @@ class SampleFolderError(ValueError):
 def layer_video(layer: str) -> str:
     """The H.264 file of a layer: ``fg`` -> ``foreground.mp4``."""
     return f"{VIDEO_NAMES[layer]}.mp4"
+
+
+def master_file(layer: str, codec: str) -> str:
+    """The master copy of a layer in ``codec``: ``bg``, ``ffv1`` -> ``background_ffv1.mkv``."""
+    return f"{VIDEO_NAMES[layer]}_{codec}{MASTER_SUFFIXES[codec]}"
+
+
+def layer_files(layer: str) -> list[str]:
+    """The files of a sample folder that hold ``layer``, best first: its masters, then the H.264 file."""
+    return [*(master_file(layer, codec) for codec in MASTER_PREFERENCE), layer_video(layer)]
 
 
 def alpha_exports(mode: str) -> list[AlphaExport]:

@@ -6,7 +6,8 @@ hidden marker file ``.layerflow-sample`` is written first: it proves the folder 
 (see :mod:`layerflow.io.output_folder`).
 
 Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflow.io.sample_files`):
-  foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer
+  foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer (alpha: the grey matte)
+  background_ffv1.mkv, ...                            output.master: a master copy of each layer
   foreground_rgba/0000.png ...                        straight RGBA frames (output.alpha_mode straight, both)
   foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha, straight
   foreground_rgba_premultiplied/, foreground_premultiplied.mov|.webm   the same premultiplied
@@ -34,7 +35,14 @@ from layerflow.io.atomic import atomic_directory
 from layerflow.io.output_folder import is_ours, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
 from layerflow.io.sample_files import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
-from layerflow.io.writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
+from layerflow.io.writer import (
+    ALPHA_CODECS,
+    write_alpha_video,
+    write_layer,
+    write_mp4,
+    write_png_sequence,
+    write_preview,
+)
 from layerflow.tools.contact_sheet import write_contact_sheet
 from layerflow.tools.score import score_folder, to_json
 
@@ -65,7 +73,8 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
     """The layer files of one sample into an existing ``folder``: a video per layer, the RGBA exports
     of ``output.alpha_mode``, the preview and the contact sheet."""
     for name, video in layers.items():
-        write_mp4(folder / f"{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
+        master = output.master if name in output.master_layers else "none"
+        write_layer(folder, name, video, fps=output.fps, crf=output.crf, master=master)
     rgba = foreground_rgba(layers)
     if rgba is not None:
         for export in alpha_exports(output.alpha_mode):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from layerflow.io.writer import write_mp4
+from layerflow.io.writer import write_matte_mp4, write_mp4
 
 
 def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:
@@ -45,7 +45,7 @@ def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:
 
 
 def write_layered_clip(folder: Path, frames: int = 16, height: int = 64, width: int = 96) -> dict[str, Path]:
-    """Write the clip as the demo's inputs: fg_rgba/ (RGBA PNGs), fg.mp4 + mask.mp4, bg.mp4, blend.mp4."""
+    """Write the clip as the demo's inputs: fg_rgba/ (RGBA PNGs), fg.mp4 + mask.mp4 (the matte), bg.mp4, blend.mp4."""
     folder = Path(folder)
     layers = layered_clip(frames, height, width)
     (folder / "fg_rgba").mkdir(parents=True, exist_ok=True)
@@ -55,5 +55,5 @@ def write_layered_clip(folder: Path, frames: int = 16, height: int = 64, width: 
     paths = {"fg_rgba": folder / "fg_rgba"}
     for name in ("fg", "bg", "blend"):
         paths[name] = write_mp4(folder / f"{name}.mp4", layers[name])
-    paths["mask"] = write_mp4(folder / "mask.mp4", np.repeat(layers["alpha"][..., None], 3, axis=-1))
+    paths["mask"] = write_matte_mp4(folder / "mask.mp4", layers["alpha"])
     return paths
