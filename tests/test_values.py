@@ -335,7 +335,7 @@ def test_clip_warnings_print_once_for_an_input_every_sample_shares(tmp_path, cap
 
 def test_compose_names_its_own_mask_option(tmp_path, capsys):
     fg = write_mp4(tmp_path / "fg.mp4", layered_clip(16, 64, 96)["fg"])
-    code = layerflow(["compose", "--fg", str(fg), "--bg", "white", "--output", str(tmp_path / "c"), "--size", "64x96"])
+    code = layerflow(["compose", "--fg", str(fg), "--bg", "white", "--output", str(tmp_path / "c"), "--size", "96x64"])
     assert code == 2
     (line,) = error_lines(capsys)
     assert "--mask PATH" in line and "--input" not in line and "inputs.mask" not in line
