@@ -17,6 +17,7 @@ SCORES_FILE = "scores.json"
 PREVIEW_FILE = "preview.mp4"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha": "alpha"}
+GIVEN_FOLDER = "given"  # conditional tasks: each given input as it was given, given/<input>/<its name>
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,18 @@ class SampleFolderError(ValueError):
 def layer_video(layer: str) -> str:
     """The H.264 file of a layer: ``fg`` -> ``foreground.mp4``."""
     return f"{VIDEO_NAMES[layer]}.mp4"
+
+
+def given_video(layer: str) -> str:
+    """The model's re-decode of a given layer, as it entered the model: ``fg`` -> ``given_foreground.mp4``."""
+    return f"given_{VIDEO_NAMES[layer]}.mp4"
+
+
+def kept_given_path(name: str, source: str | Path, inside: str | Path | None = None) -> str:
+    """Where a sample folder keeps given input ``name`` as it was given: ``given/<name>/<source's own name>``
+    (a file, or a frame folder), and for ``inside`` a frame folder, the path of that frame file."""
+    path = f"{GIVEN_FOLDER}/{name}/{Path(source).name}"
+    return f"{path}/{Path(inside).as_posix()}" if inside is not None else path
 
 
 def alpha_exports(mode: str) -> list[AlphaExport]:
