@@ -180,6 +180,17 @@ class Fingerprinter:
         self._weights = weights_identity(self.weights, self.config)
         self._runtime = _resolved_runtime(self.config)
 
+    @property
+    def weights_named(self) -> dict[str, object]:
+        """How this run names its weights (``weights.*``)."""
+        return self._weights
+
+    def adopt_weights(self, named: dict[str, object]) -> None:
+        """Name the weights as another rank does (rank 0), so every rank records the same even when
+        each node reads its own copy of the files. The runtime part stays this rank's own: it says
+        where this rank computes."""
+        self._weights = named
+
     def settings(
         self, sample: Sample, run_config: LayerFlowConfig, seed: int, unreadable: dict[str, str] | None = None
     ) -> dict[str, object]:

@@ -207,9 +207,10 @@ def plan_reruns(
     """Which finished samples this run makes again: ``{id: modification time of its meta.json}``.
 
     Rank 0 compares every finished sample's recorded fingerprint with this run's (before any model
-    loads) and tells every rank. A difference without ``redo_changed`` raises
-    :class:`ChangedSampleError` on every rank, naming the first changed sample and setting; nothing
-    has been written then. Collective.
+    loads) and tells every rank, with how it names the weights, which every rank then records (so
+    ranks on nodes with their own copy of the weights agree). A difference without ``redo_changed``
+    raises :class:`ChangedSampleError` on every rank, naming the first changed sample and setting;
+    nothing has been written then. Collective.
     """
     plan, failure = "", None
     if distributed.is_main_process():
@@ -218,7 +219,8 @@ def plan_reruns(
             if changed and not redo_changed:
                 (sample_id, why), others = changed[0], len(changed) - 1
                 raise ChangedSampleError(refusal(output / sample_id, why, others))
-            plan = json.dumps({"redo": {sample_id: _meta_time(output / sample_id) for sample_id, _ in changed}})
+            redo = {sample_id: _meta_time(output / sample_id) for sample_id, _ in changed}
+            plan = json.dumps({"redo": redo, "weights": fingerprinter.weights_named})
         except Exception as error:  # every rank must hear of it, or the others wait for rank 0 forever
             failure = error
             plan = json.dumps({"error": str(error) if isinstance(error, ChangedSampleError) else _reason(error)})
@@ -227,6 +229,7 @@ def plan_reruns(
         raise failure
     if "error" in plan:
         raise ChangedSampleError(plan["error"])
+    fingerprinter.adopt_weights(plan["weights"])  # the weights as rank 0 compared them, recorded by every rank
     for sample_id in plan["redo"]:
         log.info("sample %s was made with other settings; making it again (--redo-changed)", sample_id)
     return plan["redo"]
