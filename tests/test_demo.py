@@ -71,6 +71,8 @@ def test_demo_outputs(demo, name):
         f"given_{ {'fg': 'foreground', 'bg': 'background', 'blend': 'blend', 'alpha': 'alpha'}[n] }.mp4"
         for n in layout.given_layers
     }
+    if layout.given_layers:
+        expected.add("given")  # the given inputs as they were given
     assert {p.name for p in folder.iterdir()} == expected
     frames = layout.span("fg").pixel_frames
     for video in folder.glob("*.mp4"):

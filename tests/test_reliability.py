@@ -286,24 +286,33 @@ def test_zero_fps_is_refused_before_loading(tmp_path, capsys):
 
 def test_leftovers_of_killed_runs_are_cleaned_and_foreign_lookalikes_kept(tmp_path, capsys):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / LOCK_FILE).touch()  # the folder was used by LayerFlow before
+    jobs = manifest(tmp_path / "jobs.jsonl", entry("a"), entry("b"))
+    assert (
+        cli(
+            capsys,
+            *tiny(),
+            *FAST,
+            "--manifest",
+            str(manifest(tmp_path / "b.jsonl", entry("b"))),
+            "--output",
+            str(output),
+        )[0]
+        == 0
+    )
+    finished = tree(output / "b")
+    swapped = output / ".b.old-89abcdef"  # killed between moving the old sample aside and the new one in
+    (output / "b").rename(swapped)
     ours = output / ".a.tmp-0123abcd"
     ours.mkdir()
     write_marker(ours, "a")
     (ours / "foreground.mp4").write_bytes(b"half")
-    swapped = output / ".b.old-89abcdef"  # killed between moving the old sample aside and the new one in
-    swapped.mkdir()
-    write_marker(swapped, "b")
-    (swapped / "meta.json").write_text("{}")
     foreign = output / ".c.tmp-deadbeef"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("not layerflow's")
-    jobs = manifest(tmp_path / "jobs.jsonl", entry("a"), entry("b"))
     code, _ = cli(capsys, *tiny(), *FAST, "--manifest", str(jobs), "--output", str(output))
     assert code == 0
     assert not ours.exists() and not swapped.exists()
-    assert (output / "b" / "meta.json").read_text() == "{}", "the finished sample was put back, not redone"
+    assert tree(output / "b") == finished, "the finished sample was put back, not redone"
     assert (foreign / "mine.txt").read_text() == "not layerflow's"
     assert (output / "a" / "meta.json").is_file()
 

@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output", type=folder_argument, metavar="DIR", help="output folder (default outputs/<task>_<variant>)"
     )
     parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
+    parser.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="make again the finished samples in --output that were made with other settings or inputs "
+        "(without it such a run stops before any model loads)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser.parse_args(argv)
@@ -205,7 +211,14 @@ def _run(args: argparse.Namespace) -> int:
             parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
             pipeline = functools.partial(LayerFlowPipeline, weights=weights)
             summary = run_samples(
-                config, samples, output, pipeline, show_progress=not args.no_progress, checked=checked
+                config,
+                samples,
+                output,
+                pipeline,
+                show_progress=not args.no_progress,
+                checked=checked,
+                weights=weights,
+                redo_changed=args.redo_changed,
             )
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():

@@ -11,17 +11,23 @@ the files of one sample:
 * an input may be an earlier sample folder, whose matching file is used, or a still image (held);
 * frames are taken one for one (frames 0, 1, ... of the clip, the last one held if it is short);
   ``meta.json`` records which (``given_sources.<layer>.frames``).
+* the sample folder keeps every given input as it was given (:func:`kept_given_files`), next to
+  the model's re-decode of each given layer (``given_<layer>.mp4``).
 
 Legend: t frames, H/W pixel size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 
 from layerflow.batch.manifest import Sample
 from layerflow.config import LayerFlowConfig
 from layerflow.io.reader import (
+    FRAME_SUFFIXES,
     PICK_ONE_FOR_ONE,
     check_layer_source,
     layer_provenance,
@@ -29,7 +35,12 @@ from layerflow.io.reader import (
     read_layer_video,
     resolve_layer_source,
 )
+from layerflow.io.sample_files import given_video, kept_given_path
 from layerflow.tasks import MASK_INPUT, GivenInput
+
+# The layers of the model input that each given input goes into (the mask mattes the foreground and
+# is the alpha layer); a sample writes each of those layers as ``given_<layer>.mp4``.
+INPUT_FEEDS = {"fg": ("fg", "alpha"), MASK_INPUT: ("fg", "alpha"), "bg": ("bg",), "blend": ("blend",)}
 
 
 def _with_matte(given: GivenInput, sample: Sample) -> bool:
@@ -106,3 +117,48 @@ def given_layer_sources(sample: Sample, config: LayerFlowConfig) -> dict[str, di
         name: layer_provenance(source, name, with_matte, num_frames=frames.get(name), pick=PICK_ONE_FOR_ONE)
         for name, source in sample.inputs.items()
     }
+
+
+def given_layer_file(sample: Sample, config: LayerFlowConfig, name: str) -> Path:
+    """The file or frame folder that given input ``name`` is read from (a sample folder's file resolved)."""
+    with_matte = any(_with_matte(given, sample) for given in config.layout.given_inputs)
+    return resolve_layer_source(sample.inputs[name], name, with_matte)
+
+
+def given_layer_files(sample: Sample, config: LayerFlowConfig) -> dict[str, Path]:
+    """:func:`given_layer_file` of every given input, by input name."""
+    return {name: given_layer_file(sample, config, name) for name in sample.inputs}
+
+
+def source_files(source: Path) -> list[Path]:
+    """The files that make a given source: the file itself, or a frame folder's frames in name order
+    (the files the reader takes: those with a frame suffix)."""
+    if not source.is_dir():
+        return [source]
+    return sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+
+
+def kept_given_files(sample: Sample, config: LayerFlowConfig) -> dict[str, Path]:
+    """Every file of every given input by its place in the sample folder (``given/<input>/<name>...``),
+    to be copied there byte for byte."""
+    files = {}
+    for name, source in given_layer_files(sample, config).items():
+        for file in source_files(source):
+            inside = file.relative_to(source) if source.is_dir() else None
+            files[kept_given_path(name, source, inside)] = file
+    return files
+
+
+def given_layer_record(
+    sample: Sample, config: LayerFlowConfig, given: Mapping[str, torch.Tensor], content: Mapping[str, str]
+) -> dict[str, dict]:
+    """``meta.json``'s ``given_layers``: per given input, the kept copy (as given, lossless), its content
+    hash and the re-decoded files of the layers it went into (as the model took them)."""
+    record = {}
+    for name, source in given_layer_files(sample, config).items():
+        record[name] = {
+            "as_given": kept_given_path(name, source),
+            "content": content.get(name),
+            "as_model_input": [given_video(layer) for layer in INPUT_FEEDS[name] if layer in given],
+        }
+    return record

@@ -5,6 +5,11 @@
 * A sample whose folder is complete (LayerFlow's marker and ``meta.json``; folders appear only
   when complete) is skipped, so rerunning the same command after a crash redoes only what was
   not finished. A path in the way that LayerFlow did not make is never touched: that sample fails.
+* A rerun never keeps a stale result: each sample records its fingerprint (everything that decides
+  its files, :mod:`layerflow.batch.fingerprint`) in ``meta.json``. Before any model loads, rank 0
+  compares every finished sample's with this run's; if any differs the whole run stops with one
+  line naming the first such sample and setting (nothing touched), unless ``redo_changed`` asks
+  to make those samples again (each replaced only once its new folder is complete).
 * Before any model loads, every sample is checked (its given-layer files, its folder); a sample
   that cannot run is recorded at once and the others go on.
 * A sample that fails (bad input, out of memory) is written to ``failures.jsonl`` with its id and
@@ -25,14 +30,23 @@ from pathlib import Path
 
 import torch
 
-from layerflow.batch.given import check_given_layers, given_layer_sources, read_given_layers
+from layerflow.batch.fingerprint import ChangedSampleError, Fingerprinter, refusal, why_changed
+from layerflow.batch.given import (
+    check_given_layers,
+    given_layer_record,
+    given_layer_sources,
+    kept_given_files,
+    read_given_layers,
+)
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
 from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
+from layerflow.io.sample_files import META_FILE, SampleFolderError, read_meta
 from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
+from layerflow.weights.resolve import Weights, resolve_weights
 
 log = logging.getLogger("layerflow")
 FILE_ONLY = {"file_only": True}  # a record for the rank log; the terminal shows it through the progress and summary
@@ -93,22 +107,28 @@ def run_samples(
     pipeline_factory: Callable[[LayerFlowConfig], object],
     show_progress: bool = True,
     checked: set | None = None,
+    weights: Weights | None = None,
+    redo_changed: bool = False,
 ) -> RunSummary:
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring.
 
     ``checked``: given-layer files the caller has checked already, so that each is checked (and
-    warned about) once per run.
+    warned about) once per run. ``weights`` (default: :func:`resolve_weights` of ``config``) are what
+    the pipeline loads, named in each fingerprint; ``redo_changed`` makes finished samples with another
+    fingerprint again instead of stopping with :class:`ChangedSampleError`.
     """
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
     groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
     mine = shard(samples, groups.group_index, groups.num_groups)
+    fingerprinter = Fingerprinter(config, weights if weights is not None else resolve_weights(config))
+    redo = plan_reruns(config, samples, output, fingerprinter, redo_changed)
     summary = RunSummary()
     failures: list[dict] = []
     todo = []
     checked = set() if checked is None else checked
     for sample in mine:
-        if is_complete(output / sample.id):
+        if is_complete(output / sample.id) and sample.id not in redo:
             summary.skipped.append(sample.id)
             continue
         problem = preflight(sample, config, output, checked)
@@ -127,7 +147,7 @@ def run_samples(
         len(summary.skipped),
         len(summary.failed),
     )
-    finished = sum(is_complete(output / s.id) for s in samples)
+    finished = count_finished(output, samples, redo)
     progress = RunProgress(
         len(samples), finished, config.sampling.num_steps, enabled=show_progress and distributed.is_main_process()
     )
@@ -145,8 +165,9 @@ def run_samples(
         failure = None
         try:
             run_config = sample_config(config, sample)
-            given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
+            fingerprint = fingerprinter.record(sample, run_config, seed)  # before reading: what was read is named
+            given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
             meta = {
                 "id": sample.id,
@@ -159,11 +180,14 @@ def run_samples(
                 "speed": pipeline.speed.describe(),
                 "timings_s": result.timings,
                 "given_sources": given_layer_sources(sample, run_config),
+                **rerun_records(sample, run_config, fingerprint, given),
             }
             if result.peak_bytes:  # CUDA only: the peak allocated memory of each stage
                 meta["peak_allocated_gib"] = {stage: round(n / 2**30, 3) for stage, n in result.peak_bytes.items()}
             if groups.is_leader:
-                write_sample(output / sample.id, result.layers, run_config, meta, given)
+                write_sample(
+                    output / sample.id, result.layers, run_config, meta, given, kept_given_files(sample, run_config)
+                )
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
@@ -178,11 +202,91 @@ def run_samples(
         except BaseException:  # Ctrl-C or SIGTERM: the sample is discarded, so it is neither done nor failed
             progress.close()
             raise
-        finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
+        finished = count_finished(output, samples, redo) + len(summary.failed)
         progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
     progress.close()
     _record_failures(output, rank, failures)
     return summary
+
+
+def plan_reruns(
+    config: LayerFlowConfig, samples: Sequence[Sample], output: Path, fingerprinter: Fingerprinter, redo_changed: bool
+) -> dict[str, int]:
+    """Which finished samples this run makes again: ``{id: modification time of its meta.json}``.
+
+    Rank 0 compares every finished sample's recorded fingerprint with this run's (before any model
+    loads) and tells every rank, with how it names the weights, which every rank then records (so
+    ranks on nodes with their own copy of the weights agree). A difference without ``redo_changed``
+    raises :class:`ChangedSampleError` on every rank, naming the first changed sample and setting;
+    nothing has been written then. Collective.
+    """
+    plan, failure = "", None
+    if distributed.is_main_process():
+        try:
+            changed = _changed_samples(config, samples, output, fingerprinter)
+            if changed and not redo_changed:
+                (sample_id, why), others = changed[0], len(changed) - 1
+                raise ChangedSampleError(refusal(output / sample_id, why, others))
+            redo = {sample_id: _meta_time(output / sample_id) for sample_id, _ in changed}
+            plan = json.dumps({"redo": redo, "weights": fingerprinter.weights_named})
+        except Exception as error:  # every rank must hear of it, or the others wait for rank 0 forever
+            failure = error
+            plan = json.dumps({"error": str(error) if isinstance(error, ChangedSampleError) else _reason(error)})
+    plan = json.loads(distributed.share_from_main(plan))
+    if failure is not None:
+        raise failure
+    if "error" in plan:
+        raise ChangedSampleError(plan["error"])
+    fingerprinter.adopt_weights(plan["weights"])  # the weights as rank 0 compared them, recorded by every rank
+    for sample_id in plan["redo"]:
+        log.info("sample %s was made with other settings; making it again (--redo-changed)", sample_id)
+    return plan["redo"]
+
+
+def _changed_samples(
+    config: LayerFlowConfig, samples: Sequence[Sample], output: Path, fingerprinter: Fingerprinter
+) -> list[tuple[str, str]]:
+    """``(id, why)`` of every finished sample whose fingerprint is not this run's, in run order."""
+    changed = []
+    for sample in samples:
+        folder = output / sample.id
+        if not is_complete(folder):
+            continue
+        try:
+            meta = read_meta(folder)
+        except SampleFolderError:
+            meta = None
+        run_config = sample_config(config, sample)
+        unreadable: dict[str, str] = {}
+        current = fingerprinter.settings(sample, run_config, sample.resolved_seed(config.sampling.seed), unreadable)
+        for setting, reason in unreadable.items():
+            log.warning("%s: %s cannot be read now (%s), so that input is not compared", folder, setting, reason)
+        why = why_changed(meta, current, unreadable)
+        if why is not None:
+            changed.append((sample.id, why))
+    return changed
+
+
+def _meta_time(folder: Path) -> int:
+    return (folder / META_FILE).stat().st_mtime_ns
+
+
+def count_finished(output: Path, samples: Sequence[Sample], redo: dict[str, int]) -> int:
+    """Complete sample folders, not counting the changed ones that this run has not made again yet."""
+    return sum(
+        is_complete(output / s.id) and (s.id not in redo or _meta_time(output / s.id) != redo[s.id]) for s in samples
+    )
+
+
+def rerun_records(
+    sample: Sample, run_config: LayerFlowConfig, fingerprint: dict, given: dict[str, torch.Tensor] | None
+) -> dict[str, object]:
+    """``meta.json``'s ``fingerprint`` and, for a conditional task, ``given_layers`` (which file is which)."""
+    records: dict[str, object] = {"fingerprint": fingerprint}
+    if given is not None:
+        content = {name: fingerprint["settings"].get(f"inputs.{name}") for name in sample.inputs}
+        records["given_layers"] = given_layer_record(sample, run_config, given, content)
+    return records
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:

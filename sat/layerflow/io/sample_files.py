@@ -25,6 +25,7 @@ VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha"
 # settings are in layerflow.io.writer.MASTER_CODECS
 MASTER_SUFFIXES = {"png": "", "ffv1": ".mkv", "prores_hq": ".mov", "prores_4444": ".mov"}
 MASTER_PREFERENCE = ("png", "ffv1", "prores_4444", "prores_hq")  # best first, for reading a layer back
+GIVEN_FOLDER = "given"  # conditional tasks: each given input as it was given, given/<input>/<its name>
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,18 @@ def master_file(layer: str, codec: str) -> str:
 def layer_files(layer: str) -> list[str]:
     """The files of a sample folder that hold ``layer``, best first: its masters, then the H.264 file."""
     return [*(master_file(layer, codec) for codec in MASTER_PREFERENCE), layer_video(layer)]
+
+
+def given_video(layer: str) -> str:
+    """The model's re-decode of a given layer, as it entered the model: ``fg`` -> ``given_foreground.mp4``."""
+    return f"given_{VIDEO_NAMES[layer]}.mp4"
+
+
+def kept_given_path(name: str, source: str | Path, inside: str | Path | None = None) -> str:
+    """Where a sample folder keeps given input ``name`` as it was given: ``given/<name>/<source's own name>``
+    (a file, or a frame folder), and for ``inside`` a frame folder, the path of that frame file."""
+    path = f"{GIVEN_FOLDER}/{name}/{Path(source).name}"
+    return f"{path}/{Path(inside).as_posix()}" if inside is not None else path
 
 
 def alpha_exports(mode: str) -> list[AlphaExport]:

@@ -14,15 +14,19 @@ Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflo
                                                       (output.alpha_mode premultiplied, both)
   preview.mp4                                         foreground over checkerboard | background | blend
   contact_sheet.png                                   a grid of frames by layers (with the preview)
-  given_<layer>.mp4                                   conditional tasks: the given layer as it was used
+  given/<input>/<name>                                conditional tasks: each given input as it was given,
+                                                      copied byte for byte (a file, or a folder's frames)
+  given_<layer>.mp4                                   conditional tasks: the given layer as it entered the
+                                                      model (resized, cropped, frames picked), re-decoded
   meta.json                                           prompts, task, config, seed, checkpoint, versions,
-                                                      given-layer sources, layer scores (RGBA)
+                                                      given-layer sources and files, fingerprint, scores
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +38,13 @@ from layerflow.config import LayerFlowConfig, OutputSection
 from layerflow.io.atomic import atomic_directory
 from layerflow.io.output_folder import is_ours, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
-from layerflow.io.sample_files import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
+from layerflow.io.sample_files import (
+    CONTACT_SHEET_FILE,
+    META_FILE,
+    PREVIEW_FILE,
+    alpha_exports,
+    given_video,
+)
 from layerflow.io.writer import (
     ALPHA_CODECS,
     write_alpha_video,
@@ -93,14 +103,24 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
         write_contact_sheet(folder / CONTACT_SHEET_FILE, fg, bg, blend)
 
 
+def copy_files(folder: Path, files: Mapping[str, Path]) -> None:
+    """Copy each file's bytes to ``folder / relative path`` (the file's content only, not its times)."""
+    for relative, source in files.items():
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
 def write_sample(
     folder: Path,
     layers: Mapping[str, torch.Tensor],
     config: LayerFlowConfig,
     meta: Mapping[str, object],
     given: Mapping[str, torch.Tensor] | None = None,
+    kept: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write every output of one sample into ``folder``.
+    """Write every output of one sample into ``folder``; ``kept`` (relative path -> file) is copied in
+    byte for byte (the given inputs as they were given).
 
     The folder appears only when complete. An existing ``folder`` is replaced only when it is a
     sample folder of ours (it has the marker); anything else there is left untouched and
@@ -110,7 +130,8 @@ def write_sample(
     with atomic_directory(folder, may_replace=is_ours, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:
         write_layer_files(tmp, layers, output)
         for name, video in (given or {}).items():
-            write_mp4(tmp / f"given_{VIDEO_NAMES[name]}.mp4", to_uint8(video), fps=output.fps)
+            write_mp4(tmp / given_video(name), to_uint8(video), fps=output.fps)
+        copy_files(tmp, kept or {})
         scores = {"scores": to_json(score_folder(tmp))} if "alpha" in layers and output.scores else {}
         record = {
             **meta,
