@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+    finally:
+        distributed.detach_rank_log()  # the next run in this process (the demo's next config) logs afresh
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -76,11 +76,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _setup_rank_log(output: Path, rank: int) -> None:
-    (output / LOGS_DIR).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output / LOGS_DIR / f"rank{rank}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    distributed.attach_rank_log(output / LOGS_DIR / f"rank{rank}.log")  # replaces an earlier run's handler
 
 
 def run_samples(
