@@ -107,12 +107,35 @@ def test_compose_over_a_colour_gives_the_known_blend(composite, clip):
     assert meta["scores"]["psnr_db"] > 30 and meta["scores"]["ssim"] > 0.9
 
 
-def test_inspect_a_composite_shows_its_command(capsys, composite, clip):
-    code, out, _ = run(capsys, ["inspect", str(composite)])
+def layerflow_shim(folder):
+    """A ``layerflow`` command on PATH that runs this checkout, for running printed commands."""
+    shim = folder / "bin"
+    shim.mkdir()
+    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
+    (shim / "layerflow").chmod(0o755)
+    return {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
+
+
+def test_inspect_a_composite_prints_a_compose_command_that_runs(capsys, tmp_path, clip):
+    inputs = clip["fg_rgba"].parent
+    made = tmp_path / "made"
+    env = layerflow_shim(tmp_path)
+    command = ["layerflow", "compose", "--fg", clip["fg_rgba"].name, "--bg=bg.mp4", "--output", str(made), *SIZE]
+    done = subprocess.run(command, cwd=inputs, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # relative paths, as a user types them
+    code, out, _ = run(capsys, ["inspect", str(made), "--output", str(tmp_path / "again")])
     assert code == 0 and "made by     layerflow compose" in out
-    assert out.strip().endswith(
-        f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} --size 64x96"
+    printed = out.split("\nreproduce\n", 1)[1].strip()
+    assert printed == (
+        f"layerflow compose --fg {clip['fg_rgba'].resolve()} --bg={clip['bg'].resolve()} "
+        f"--output {tmp_path / 'again' / 'made'} --size 64x96"
     )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = subprocess.run(["sh", "-c", printed], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name in ("blend.mp4", "alpha.mp4", "background.mp4", "foreground.mov"):
+        assert (tmp_path / "again" / "made" / name).read_bytes() == (made / name).read_bytes(), name
 
 
 def test_compose_over_a_still_image(tmp_path, clip):
@@ -298,11 +321,7 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
     assert code == 0 and "fg2bg (rgba)" in out and f"seed        {meta['seed']}" in out
     command = out.split("\nreproduce\n", 1)[1]
     assert "--set sampling.num_steps=2" in command
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
-    (shim / "layerflow").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
+    env = layerflow_shim(tmp_path)
     result = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     again = tmp_path / "again" / folder.name
