@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from layerflow import __version__
+
 EXIT_USAGE = 2
 
 
@@ -12,3 +14,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version_line() -> str:
+    """What ``--version`` prints."""
+    return f"layerflow {__version__}"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print :func:`version_line` and exit 0."""
+    parser.add_argument("--version", action="version", version=version_line())

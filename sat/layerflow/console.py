@@ -7,8 +7,8 @@
     layerflow score DIR...     layer consistency of sample folders -> scores.json and a table
     layerflow inspect DIR      what made a sample folder and the command that makes it again
 
-``layerflow SUBCOMMAND --help`` shows each one's options and an example. Errors are one line
-on stderr with exit status 2.
+``layerflow SUBCOMMAND --help`` shows each one's options and an example; ``layerflow --version``
+the version. Errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -18,18 +18,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.arguments import OneLineParser, add_version, version_line
 
 EXIT_USAGE = 2
+COMPOSE_STAGES = {"read": "reading layers", "write": "writing files", "score": "scoring"}  # compose's on_stage
 
 
 def _parser(name: str, description: str, example: str) -> OneLineParser:
-    return OneLineParser(
+    parser = OneLineParser(
         prog=f"layerflow {name}",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"example:\n  {example}",
     )
+    add_version(parser)
+    return parser
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -42,13 +45,13 @@ def _size(text: str) -> tuple[int, int]:
 def run_generate(argv: list[str]) -> int:
     from layerflow.cli import main
 
-    return main(argv)
+    return main(argv, prog="layerflow generate")
 
 
 def run_convert(argv: list[str]) -> int:
     from layerflow.convert import main
 
-    return main(argv)
+    return main(argv, prog="layerflow convert")
 
 
 def run_demo(argv: list[str]) -> int:
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else EXIT_USAGE
+    if argv[0] == "--version":
+        print(version_line())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(
