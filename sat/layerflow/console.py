@@ -96,21 +96,29 @@ def run_compose(argv: list[str]) -> int:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default="straight", help="RGBA exports to write")
     parser.add_argument("--alpha-video", choices=("prores", "vp9", "none"), default="prores")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     args = parser.parse_args(argv)
+    from layerflow.batch.progress import StageBar
     from layerflow.config import OutputSection
     from layerflow.tools.compose import compose
 
     settings = OutputSection(fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode)
-    folder = compose(
-        args.fg,
-        args.bg,
-        args.output,
-        mask=args.mask,
-        num_frames=args.frames,
-        size=args.size,
-        settings=settings,
-        command=["layerflow", "compose", *argv],
-    )
+    bar = StageBar.for_terminal(len(COMPOSE_STAGES), "compose", enabled=not args.no_progress)
+    try:
+        folder = compose(
+            args.fg,
+            args.bg,
+            args.output,
+            mask=args.mask,
+            num_frames=args.frames,
+            size=args.size,
+            settings=settings,
+            command=["layerflow", "compose", *argv],
+            on_stage=(lambda name: bar.stage(COMPOSE_STAGES[name])) if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
     print(f"wrote {folder}")
     return 0
 
@@ -124,13 +132,24 @@ def run_score(argv: list[str]) -> int:
         "layerflow score outputs/demo/gen_rgba outputs/demo/seg_rgba",
     )
     parser.add_argument("folders", nargs="+", type=Path, metavar="SAMPLE_DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     args = parser.parse_args(argv)
+    from layerflow.batch.progress import StageBar
     from layerflow.io.sample_files import read_meta
     from layerflow.tools.score import format_table, score_folder, write_scores
 
     for folder in args.folders:
         read_meta(folder)  # every folder must be a sample folder before anything is written
-    results = [(folder, score_folder(folder)) for folder in args.folders]
+    bar = StageBar.for_terminal(len(args.folders), "score", enabled=not args.no_progress)
+    results = []
+    try:
+        for folder in args.folders:
+            if bar:
+                bar.stage(folder.name)
+            results.append((folder, score_folder(folder)))
+    finally:
+        if bar:
+            bar.close()
     for folder, scores in results:
         write_scores(folder, scores)
     print(format_table([(str(folder), scores) for folder, scores in results]))

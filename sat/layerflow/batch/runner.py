@@ -134,7 +134,9 @@ def run_samples(
             run_config = sample_config(config, sample)
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
-            result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
+            result = pipeline.generate(
+                sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step, on_stage=progress.stage
+            )
             meta = {
                 "id": sample.id,
                 "prompts": dict(sample.prompts),
@@ -149,6 +151,7 @@ def run_samples(
             }
             if result.peak_bytes:  # CUDA only: the peak allocated memory of each stage
                 meta["peak_allocated_gib"] = {stage: round(n / 2**30, 3) for stage, n in result.peak_bytes.items()}
+            progress.stage("write")
             if groups.is_leader:
                 write_sample(output / sample.id, result.layers, run_config, meta, given)
             summary.done.append(sample.id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -92,8 +92,13 @@ def compose(
     size: Sequence[int] = DEFAULT_SIZE,
     settings: OutputSection | None = None,
     command: Sequence[str] = (),
+    on_stage: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the composite sample folder ``output`` (which must not exist yet); returns it."""
+    """Write the composite sample folder ``output`` (which must not exist yet); returns it.
+
+    ``on_stage(name)`` is told as each stage starts: ``read``, ``write``, ``score`` (for a progress bar).
+    """
+    stage = on_stage or (lambda name: None)
     output = Path(output)
     settings = settings or OutputSection()
     if output.exists():
@@ -102,6 +107,7 @@ def compose(
         raise ComposeError(f"--frames must be at least 1, got {num_frames}")
     if len(size) != 2 or min(size) < 2 or size[0] % 2 or size[1] % 2:
         raise ComposeError(f"--size {size[0]}x{size[1]}: expected an even height and width (H.264 needs them)")
+    stage("read")
     fg_source = resolve_layer_source(fg, "fg", with_alpha=True)
     mask_source = resolve_layer_source(mask, "mask") if mask else None
     try:
@@ -115,7 +121,9 @@ def compose(
         sources["mask"] = layer_provenance(mask, "mask")
     never_replace = lambda existing: False  # compose only ever writes a new folder
     with atomic_directory(output, may_replace=never_replace, prepare=lambda tmp: write_marker(tmp, output.name)) as tmp:
+        stage("write")
         write_layer_files(tmp, layers, settings)
+        stage("score")
         record = {
             "id": output.name,
             "tool": "compose",
