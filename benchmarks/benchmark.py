@@ -260,13 +260,12 @@ def prepare_config(args: argparse.Namespace) -> tuple[LayerFlowConfig, Weights, 
     if not weights.stand_in_t5:
         return config, weights, f"T5 from {weights.text_encoder}"
     width = config.model.network.text_hidden_size
+    configured = config.model.text_encoder.path
+    why = f"{configured} not found" if configured else "no T5 folder configured"
     return (
         config,
         weights,
-        (
-            f"small stand-in T5 of width {width} ({config.model.text_encoder.path} not found): "
-            "text_encoder times are not those of T5-XXL"
-        ),
+        f"small stand-in T5 of width {width} ({why}): text_encoder times are not those of T5-XXL",
     )
 
 

@@ -14,6 +14,15 @@ def reference_fixture_dir() -> Path:
     return Path(os.environ.get("LAYERFLOW_REFERENCE_FIXTURES", default))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layerflow_cache(tmp_path_factory) -> Path:
+    """Built files (the tiny T5) go to a folder of this test session, never into the real home or the cwd;
+    subprocesses inherit it. An explicit ``LAYERFLOW_CACHE`` is kept."""
+    if not os.environ.get("LAYERFLOW_CACHE"):
+        os.environ["LAYERFLOW_CACHE"] = str(tmp_path_factory.mktemp("layerflow-cache"))
+    return Path(os.environ["LAYERFLOW_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The fixture directory; tests that need it skip only when the whole directory is absent."""

@@ -132,3 +132,51 @@ def test_missing_real_weights_name_every_file(tmp_path, capsys, monkeypatch):
     assert "ckpts_2b_lora/multi-layer-generation-rgba" in line
     assert "huggingface.co/zjuJish/LayerFlow" in line
     assert "CogVideoX-2b-sat/vae/3d-vae.pt" in line and "t5-v1_1-xxl" in line
+
+
+def inline_samples(tmp_path, *argv):
+    """The samples that ``argv`` (prompt options) makes for gen_rgb, from ``tmp_path`` as the current folder."""
+    from layerflow.cli import collect_samples, parse_args
+    from layerflow.config import load_config
+
+    base = tiny("gen")
+    args = parse_args([*base, *argv])
+    return collect_samples(args, load_config(base[1:]))
+
+
+def test_a_prompt_is_a_file_when_it_exists_and_text_otherwise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bg.txt").write_text("a calm lake\na stormy sea\n")
+    samples = inline_samples(
+        tmp_path, "--prompt", "fg=a red balloon", "--prompt", "bg=bg.txt", "--prompt-text", "blend=bg.txt"
+    )
+    assert [s.prompts for s in samples] == [
+        {"fg": "a red balloon", "bg": "a calm lake", "blend": "bg.txt"},  # --prompt-text is text, file or not
+        {"fg": "a red balloon", "bg": "a stormy sea", "blend": "bg.txt"},  # inline text goes with every line
+    ]
+    long = "a balloon " * 40  # longer than a file name may be: still text, not an error
+    (only,) = inline_samples(
+        tmp_path, "--prompt", f"fg={long}", "--prompt", "bg=a cat/dog hybrid", "--prompt", "blend=x"
+    )
+    assert only.prompts == {"fg": long.strip(), "bg": "a cat/dog hybrid", "blend": "x"}
+
+
+@pytest.mark.parametrize("typo", ["promtps/fg.txt", "fg.txt", "prompts/fg", "my prompts/fg.TXT"])
+def test_a_prompt_file_name_that_does_not_exist_is_refused(tmp_path, capsys, typo):
+    argv = [*tiny("gen"), "--prompt", f"fg={typo}", "--prompt", "bg=a lake", "--prompt", "blend=a balloon"]
+    line = run_failing(capsys, argv, tmp_path / "out", f"--prompt fg={typo}: no such prompt file")
+    assert "--prompt-text fg=TEXT" in line
+
+
+def test_inline_prompts_run_end_to_end_and_help_says_how_they_are_read(tmp_path, capsys):
+    argv = [*tiny("gen"), "--prompt", "fg=a red balloon", "--prompt", "bg=a calm lake", "--prompt", "blend=both"]
+    fast = ["--set", "sampling.num_steps=2", "--set", "output.preview=false"]
+    assert main([*argv, *fast, "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/meta.json")]
+    assert meta["prompts"] == {"fg": "a red balloon", "bg": "a calm lake", "blend": "both"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a file when that path exists" in text and "else the prompt text itself" in text
+    assert "--prompt-text LAYER=TEXT" in text and "is refused" in text

@@ -77,7 +77,7 @@ def test_demo_outputs(demo, name):
     frames = layout.span("fg").pixel_frames
     for video in folder.glob("*.mp4"):
         decoded = decode(video)
-        wide = 3 if video.name == "preview.mp4" else 1
+        wide = (4 if layout.variant.value == "rgba" else 3) if video.name == "preview.mp4" else 1  # + the matte
         assert decoded.shape == (frames, height, width * wide, 3), video.name
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["task"] == layout.task.value and meta["variant"] == layout.variant.value
@@ -146,3 +146,11 @@ def test_output_folder_not_writable(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(blocker) in errors[0]
     assert blocker.read_text() == "not a folder"
+
+
+def test_the_rank_log_holds_each_line_once(demo):
+    """The demo runs its 8 configurations in one process into one folder: one log line per record."""
+    lines = (demo / "logs" / "rank0.log").read_text(encoding="utf-8").splitlines()
+    starts = [line for line in lines if " rank 0/1: " in line]
+    assert len(starts) == len(NAMES), starts  # one per configuration; each was repeated by every later run
+    assert len(lines) == len(set(lines))

@@ -59,3 +59,4 @@ def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
     assert [line for line in err if line.startswith("failed: broken: ")], err
     assert len(err) == len(progress) + 1, err
     assert result.stdout.startswith("rank 0: 2 done, 0 skipped (already complete), 1 failed"), result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.jsonl", "out"], "no .cache/ in the current folder"

@@ -67,10 +67,29 @@ def test_help_shows_an_example(capsys, name):
     assert main([name, "--help"]) == 0
     out = capsys.readouterr().out
     examples = {
-        "generate": "\n    python sat/sample_video.py --base configs/",
-        "convert": "example:\n    python -m layerflow.convert SRC",
+        "generate": "\n    layerflow generate --base configs/",
+        "convert": "example:\n    layerflow convert SRC",
     }
     assert examples.get(name, f"example:\n  layerflow {name} ") in out
+    assert out.startswith(f"usage: layerflow {name} "), "help names the command that was typed"
+
+
+def test_help_and_version_name_the_command_typed(capsys):
+    from layerflow import __version__
+    from layerflow.cli import main as sample_video
+    from layerflow.convert import main as convert
+
+    for command in (["--version"], ["generate", "--version"], ["compose", "--version"]):
+        code, out, _ = run(capsys, command)
+        assert code == 0 and out == f"layerflow {__version__}\n", command
+    for entry, prog in ((sample_video, "sample_video.py"), (convert, "python -m layerflow.convert")):
+        with pytest.raises(SystemExit):
+            entry(["--help"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {prog} ") and "layerflow generate" not in out
+        with pytest.raises(SystemExit) as stop:
+            entry(["--version"])
+        assert stop.value.code == 0 and capsys.readouterr().out == f"layerflow {__version__}\n"
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -108,12 +127,35 @@ def test_compose_over_a_colour_gives_the_known_blend(composite, clip):
     assert meta["scores"]["psnr_db"] > 30 and meta["scores"]["ssim"] > 0.9
 
 
-def test_inspect_a_composite_shows_its_command(capsys, composite, clip):
-    code, out, _ = run(capsys, ["inspect", str(composite)])
+def layerflow_shim(folder):
+    """A ``layerflow`` command on PATH that runs this checkout, for running printed commands."""
+    shim = folder / "bin"
+    shim.mkdir()
+    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
+    (shim / "layerflow").chmod(0o755)
+    return {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
+
+
+def test_inspect_a_composite_prints_a_compose_command_that_runs(capsys, tmp_path, clip):
+    inputs = clip["fg_rgba"].parent
+    made = tmp_path / "made"
+    env = layerflow_shim(tmp_path)
+    command = ["layerflow", "compose", "--fg", clip["fg_rgba"].name, "--bg=bg.mp4", "--output", str(made), *SIZE]
+    done = subprocess.run(command, cwd=inputs, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # relative paths, as a user types them
+    code, out, _ = run(capsys, ["inspect", str(made), "--output", str(tmp_path / "again")])
     assert code == 0 and "made by     layerflow compose" in out
-    assert out.strip().endswith(
-        f"layerflow compose --fg {clip['fg_rgba']} --bg '#204080' --output {composite} --size 96x64"
+    printed = out.split("\nreproduce\n", 1)[1].strip()
+    assert printed == (
+        f"layerflow compose --fg {clip['fg_rgba'].resolve()} --bg={clip['bg'].resolve()} "
+        f"--output {tmp_path / 'again' / 'made'} --size 96x64"
     )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = subprocess.run(["sh", "-c", printed], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name in ("blend.mp4", "alpha.mp4", "background.mp4", "foreground.mov"):
+        assert (tmp_path / "again" / "made" / name).read_bytes() == (made / name).read_bytes(), name
 
 
 def test_compose_over_a_still_image(tmp_path, clip):
@@ -299,11 +341,7 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
     assert code == 0 and "fg2bg (rgba)" in out and f"seed        {meta['seed']}" in out
     command = out.split("\nreproduce\n", 1)[1]
     assert "--set sampling.num_steps=2" in command
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
-    (shim / "layerflow").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
+    env = layerflow_shim(tmp_path)
     result = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     again = tmp_path / "again" / folder.name
@@ -311,3 +349,37 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
         assert (again / "foreground_rgba" / png.name).read_bytes() == png.read_bytes()
     for video in ("foreground.mp4", "background.mp4", "blend.mp4", "alpha.mp4"):
         assert np.array_equal(read_clip_frames(again / video), read_clip_frames(folder / video)), video
+
+
+def test_convert_keeps_existing_files_records_the_task_both_ways_and_writes_normal_modes(tmp_path, capsys):
+    from layerflow.weights.checkpoint import read_checkpoint
+
+    state = {"model.diffusion_model.weight": torch.arange(6.0).reshape(2, 3)}
+    release = tmp_path / "multi-layer-decomposition-rgba"  # a release folder: its name says seg_rgba
+    release.mkdir()
+    (release / "latest").write_text("1")
+    (release / "1").mkdir()
+    torch.save({"module": state}, release / "1" / "mp_rank_00_model_states.pt")
+    target = tmp_path / "model.safetensors"
+    code, out, _ = run(capsys, ["convert", str(release), str(target)])
+    assert code == 0 and "seg_rgba" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "the mode a new file gets, not a temp file's 0600"
+    assert read_checkpoint(target)[1] == {"layerflow_task": "seg", "layerflow_variant": "rgba"}
+    back = tmp_path / "back"
+    assert run(capsys, ["convert", str(target), "--to-sat", str(back)])[0] == 0
+    tensors, recorded = read_checkpoint(back)
+    assert recorded == {"layerflow_task": "seg", "layerflow_variant": "rgba"}, "the SAT file records them too"
+    assert torch.equal(tensors["model.diffusion_model.weight"], state["model.diffusion_model.weight"])
+    assert (back / "1" / "mp_rank_00_model_states.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    before = target.read_bytes()
+    for argv in ([str(back), str(target)], [str(target), "--to-sat", str(back)]):
+        line = one_line_error(capsys, ["convert", *argv], "already exists (add --force to replace it)")
+        assert line.startswith("layerflow convert: error: ")
+    assert target.read_bytes() == before
+    one_line_error(
+        capsys, ["convert", str(back), str(target), "--force", "--task", "gen", "--variant", "rgb"], "records seg_rgba"
+    )
+    code, out, _ = run(capsys, ["convert", str(back), str(target), "--force"])
+    assert code == 0 and read_checkpoint(target)[1]["layerflow_task"] == "seg"

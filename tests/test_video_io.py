@@ -22,6 +22,7 @@ from PIL import Image
 
 from layerflow.io import writer as video_writer
 from layerflow.io.atomic import NotWritableError, atomic_path, write_text_atomic
+from layerflow.io.labels import label_height
 from layerflow.io.pixels import (
     EncodeError,
     EncoderUnavailableError,
@@ -352,17 +353,22 @@ def test_alpha_video_decodes_with_alpha(tmp_path, layers, codec, suffix, decoder
     assert x.shape == (T, 4, H, W), "the reader keeps the alpha of an alpha video"
 
 
-def test_preview_is_three_panels_wide(tmp_path, layers):
+def test_preview_shows_fg_alpha_bg_blend_side_by_side(tmp_path, layers):
     rgba = np.concatenate([layers["fg"][:T], layers["alpha"][:T, ..., None]], axis=-1)
     path = write_preview(tmp_path / "preview.mp4", rgba, layers["bg"][:T], layers["blend"][:T])
-    frames = decode(path, H, 3 * W).astype(float)
-    assert frames.shape == (T, H, 3 * W, 3)
-    assert np.abs(frames[:, :, W : 2 * W] - layers["bg"][:T]).mean() < MP4_WRITE_TOLERANCE
-    assert np.abs(frames[:, :, 2 * W :] - layers["blend"][:T]).mean() < MP4_WRITE_TOLERANCE
-    left = frames[:, :, :W]
-    opaque, clear = layers["alpha"][:T] == 255, layers["alpha"][:T] == 0
-    assert np.abs(left - layers["fg"][:T])[opaque].mean() < 8
-    assert min(CHECKER_SHADES) - 8 < left[clear].mean() < max(CHECKER_SHADES) + 8
+    frames = decode(path, H, 4 * W).astype(float)
+    assert frames.shape == (T, H, 4 * W, 3)
+    rows = slice(label_height(H) + 8, H - label_height(H) - 8)  # clear of the labels (and H.264's blocks)
+    panel = lambda k: frames[:, rows, k * W : (k + 1) * W]
+    matte = np.repeat(layers["alpha"][:T, rows, :, None], 3, axis=-1)
+    assert np.abs(panel(1) - matte).mean() < MP4_WRITE_TOLERANCE
+    assert np.abs(panel(2) - layers["bg"][:T, rows]).mean() < MP4_WRITE_TOLERANCE
+    assert np.abs(panel(3) - layers["blend"][:T, rows]).mean() < MP4_WRITE_TOLERANCE
+    opaque, clear = layers["alpha"][:T, rows] == 255, layers["alpha"][:T, rows] == 0
+    assert np.abs(panel(0) - layers["fg"][:T, rows])[opaque].mean() < 8
+    assert min(CHECKER_SHADES) - 8 < panel(0)[clear].mean() < max(CHECKER_SHADES) + 8
+    rgb = write_preview(tmp_path / "rgb.mp4", layers["fg"][:T], layers["bg"][:T], layers["blend"][:T])
+    assert decode(rgb, H, 3 * W).shape == (T, H, 3 * W, 3), "no matte, no alpha panel"
 
 
 # ---------------------------------------------------------------------------------------------

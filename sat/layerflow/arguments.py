@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layerflow import __version__
+
 EXIT_USAGE = 2
 
 
@@ -21,3 +23,13 @@ def folder_argument(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path; give a folder ('.' for the current folder)")
     return Path(text)
+
+
+def version_line() -> str:
+    """What ``--version`` prints."""
+    return f"layerflow {__version__}"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print :func:`version_line` and exit 0."""
+    parser.add_argument("--version", action="version", version=version_line())

@@ -5,6 +5,9 @@ Examples::
     python sat/sample_video.py --base configs/model.yaml configs/tasks/gen_rgba.yaml \\
         --prompt fg=prompts/fg.txt --prompt bg=prompts/bg.txt --prompt blend=prompts/blend.txt
 
+    python sat/sample_video.py --base configs/model.yaml configs/tasks/gen_rgb.yaml \\
+        --prompt fg="a red balloon" --prompt bg="a calm lake" --prompt blend="a red balloon over a lake"
+
     torchrun --nproc_per_node=8 sat/sample_video.py --base configs/model.yaml \\
         configs/tasks/seg_rgb.yaml --manifest jobs.jsonl --output outputs/seg
 
@@ -22,8 +25,15 @@ import logging
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser, folder_argument
-from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
+from layerflow.arguments import OneLineParser, add_version, folder_argument
+from layerflow.batch.manifest import (
+    ManifestError,
+    Sample,
+    inline_prompt,
+    prompt_source,
+    samples_from_manifest,
+    samples_from_prompt_files,
+)
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
 from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path
@@ -36,6 +46,7 @@ from layerflow.runtime.interrupt import exit_status, sigterm_as_interrupt
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
+SCRIPT_PROG = "sample_video.py"
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
@@ -57,13 +68,15 @@ USER_ERRORS = (
 log = logging.getLogger("layerflow")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> argparse.Namespace:
+    """Parse the options; ``prog`` is the command the user typed (``layerflow generate`` or the script)."""
     parser = OneLineParser(
-        prog="sample_video.py",
+        prog=prog,
         description="LayerFlow: layer-aware video generation (foreground, background, blend).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples::", 1)[1],
+        epilog=examples_for(prog),
     )
+    add_version(parser)
     parser.add_argument(
         "--base", nargs="+", required=True, metavar="YAML", help="config files, merged in order (later files win)"
     )
@@ -78,8 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prompt",
         action="append",
         default=[],
-        metavar="LAYER=FILE",
-        help="per-layer prompt file (fg, bg, blend); line i of each file is sample i",
+        metavar="LAYER=FILE|TEXT",
+        help="a layer's prompts (fg, bg, blend): a file when that path exists (line i is sample i), else the "
+        "prompt text itself, used for every sample; a file name that does not exist (e.g. ends in .txt) is refused",
+    )
+    parser.add_argument(
+        "--prompt-text",
+        action="append",
+        default=[],
+        metavar="LAYER=TEXT",
+        help="a layer's prompt as text, never read as a file (repeatable)",
     )
     parser.add_argument(
         "--prompt-dir", type=Path, metavar="DIR", help="folder with fg.txt, bg.txt (and blend.txt) prompt files"
@@ -113,12 +134,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def examples_for(prog: str) -> str:
+    """The examples of the module docstring, written with the command the user typed."""
+    examples = __doc__.split("Examples::", 1)[1]
+    return examples if prog == SCRIPT_PROG else examples.replace(f"python sat/{SCRIPT_PROG}", prog)
+
+
+def _pairs(values: list[str], flag: str, form: str = "LAYER=PATH") -> dict[str, str]:
     pairs = {}
     for value in values:
         key, sep, path = value.partition("=")
         if not sep or not key or not path:
-            raise ConfigError(f"{flag} {value!r}: expected LAYER=PATH")
+            raise ConfigError(f"{flag} {value!r}: expected {form}")
         pairs[key.strip()] = path.strip()
     return pairs
 
@@ -126,22 +153,29 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[Sample]:
     layout = config.layout
     if args.manifest:
-        if args.prompt or args.prompt_dir or args.input:
+        if args.prompt or args.prompt_text or args.prompt_dir or args.input:
             raise ConfigError("--manifest carries prompts and inputs; do not combine it with --prompt/--input")
         return samples_from_manifest(args.manifest, layout, config.sampling)
-    files = {layer: Path(path) for layer, path in _pairs(args.prompt, "--prompt").items()}
+    files = {
+        layer: prompt_source(layer, value)
+        for layer, value in _pairs(args.prompt, "--prompt", "LAYER=FILE or LAYER=TEXT").items()
+    }
+    for layer, text in _pairs(args.prompt_text, "--prompt-text", "LAYER=TEXT").items():
+        if layer in files:
+            raise ConfigError(f"--prompt-text {layer}: the {layer} prompt is given twice (--prompt and --prompt-text)")
+        files[layer] = inline_prompt(layer, text)
     if args.prompt_dir:
         for layer in layout.prompt_layers:
             files.setdefault(layer, args.prompt_dir / f"{layer}.txt")
     if not files:
         raise ConfigError(
-            f"no prompts: give --prompt LAYER=FILE for {list(layout.prompt_layers)}, --prompt-dir or --manifest"
+            f"no prompts: give --prompt LAYER=FILE|TEXT for {list(layout.prompt_layers)}, --prompt-dir or --manifest"
         )
     return samples_from_prompt_files(files, _pairs(args.input, "--input"), layout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> int:
+    args = parse_args(argv, prog)
     _configure_logging(args.debug, args.no_progress)
     try:
         with sigterm_as_interrupt():
@@ -166,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+    finally:
+        distributed.detach_rank_log()  # the next run in this process (the demo's next config) logs afresh
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@
     layerflow score DIR...     layer consistency of sample folders -> scores.json and a table
     layerflow inspect DIR      what made a sample folder and the command that makes it again
 
-``layerflow SUBCOMMAND --help`` shows each one's options and an example. Errors are one line
-on stderr with exit status 2.
+``layerflow SUBCOMMAND --help`` shows each one's options and an example; ``layerflow --version``
+the version. Errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -18,18 +18,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser, folder_argument
+from layerflow.arguments import OneLineParser, add_version, folder_argument, version_line
 
 EXIT_USAGE = 2
+COMPOSE_STAGES = {"read": "reading layers", "write": "writing files", "score": "scoring"}  # compose's on_stage
 
 
 def _parser(name: str, description: str, example: str) -> OneLineParser:
-    return OneLineParser(
+    parser = OneLineParser(
         prog=f"layerflow {name}",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"example:\n  {example}",
     )
+    add_version(parser)
+    return parser
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,13 +48,13 @@ def _size(text: str) -> tuple[int, int]:
 def run_generate(argv: list[str]) -> int:
     from layerflow.cli import main
 
-    return main(argv)
+    return main(argv, prog="layerflow generate")
 
 
 def run_convert(argv: list[str]) -> int:
     from layerflow.convert import main
 
-    return main(argv)
+    return main(argv, prog="layerflow convert")
 
 
 def run_demo(argv: list[str]) -> int:
@@ -108,24 +111,32 @@ def run_compose(argv: list[str]) -> int:
     parser.add_argument(
         "--master", choices=MASTER_CHOICES, default="none", help="also write each layer as PNGs, FFV1 or ProRes"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     args = parser.parse_args(argv)
+    from layerflow.batch.progress import StageBar
     from layerflow.config import OutputSection
     from layerflow.tools.compose import compose
 
     settings = OutputSection(
         fps=args.fps, alpha_video=args.alpha_video, alpha_mode=args.alpha_mode, crf=args.crf, master=args.master
     )
-    folder = compose(
-        args.fg,
-        args.bg,
-        args.output,
-        mask=args.mask,
-        num_frames=args.frames,
-        size=args.size,
-        settings=settings,
-        command=["layerflow", "compose", *argv],
-        blend_space=args.blend_space,
-    )
+    bar = StageBar.for_terminal(len(COMPOSE_STAGES), "compose", enabled=not args.no_progress)
+    try:
+        folder = compose(
+            args.fg,
+            args.bg,
+            args.output,
+            mask=args.mask,
+            num_frames=args.frames,
+            size=args.size,
+            settings=settings,
+            command=["layerflow", "compose", *argv],
+            blend_space=args.blend_space,
+            on_stage=(lambda name: bar.stage(COMPOSE_STAGES[name])) if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
     print(f"wrote {folder}")
     return 0
 
@@ -139,13 +150,24 @@ def run_score(argv: list[str]) -> int:
         "layerflow score outputs/demo/gen_rgba outputs/demo/seg_rgba",
     )
     parser.add_argument("folders", nargs="+", type=Path, metavar="SAMPLE_DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     args = parser.parse_args(argv)
+    from layerflow.batch.progress import StageBar
     from layerflow.io.sample_files import read_meta
     from layerflow.tools.score import format_table, score_folder, write_scores
 
     for folder in args.folders:
         read_meta(folder)  # every folder must be a sample folder before anything is written
-    results = [(folder, score_folder(folder)) for folder in args.folders]
+    bar = StageBar.for_terminal(len(args.folders), "score", enabled=not args.no_progress)
+    results = []
+    try:
+        for folder in args.folders:
+            if bar:
+                bar.stage(folder.name)
+            results.append((folder, score_folder(folder)))
+    finally:
+        if bar:
+            bar.close()
     for folder, scores in results:
         write_scores(folder, scores)
     print(format_table([(str(folder), scores) for folder, scores in results]))
@@ -190,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else EXIT_USAGE
+    if argv[0] == "--version":
+        print(version_line())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(

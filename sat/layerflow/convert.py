@@ -4,8 +4,11 @@
     python -m layerflow.convert model.safetensors --to-sat ckpts_2b_lora/multi-layer-generation-rgba
 
 SRC is a checkpoint folder (``latest`` + iteration) or a ``.pt``/``.safetensors`` file. Only the
-network keys are kept; the safetensors file records the task and variant so that loading it for
-another task fails clearly.
+network keys are kept. Both directions record the task and variant (the safetensors metadata, or
+``layerflow_task``/``layerflow_variant`` beside ``module`` in the SAT file), taken from --task and
+--variant, else from what SRC records, else from a release folder name such as
+``multi-layer-generation-rgba``; loading the result for another task then fails clearly. An
+existing target is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -14,51 +17,89 @@ import argparse
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
-from layerflow.tasks import get_layout
+from layerflow.arguments import OneLineParser, add_version
+from layerflow.tasks import TaskLayout, get_layout
 from layerflow.weights.checkpoint import (
+    METADATA_TASK,
+    METADATA_VARIANT,
     NETWORK_PREFIX,
     CheckpointError,
     read_checkpoint,
+    release_folder_layout,
     save_safetensors,
     save_sat_checkpoint,
 )
 
+PROG = "python -m layerflow.convert"
+EXIT_USAGE = 2
 
-def main(argv: list[str] | None = None) -> int:
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked; one line naming the file or option."""
+
+
+def target_layout(args: argparse.Namespace, metadata: dict[str, str]) -> TaskLayout | None:
+    """The task and variant to record: the options, else the source's record, else its release folder name."""
+    recorded = (metadata.get(METADATA_TASK), metadata.get(METADATA_VARIANT))
+    if (args.task is None) != (args.variant is None):
+        raise ConvertError("give --task and --variant together (the checkpoint records both)")
+    if args.task:
+        if all(recorded) and recorded != (args.task, args.variant):
+            raise ConvertError(
+                f"{args.source}: records {recorded[0]}_{recorded[1]}, not {args.task}_{args.variant} "
+                "(leave --task/--variant out to keep what it records)"
+            )
+        return get_layout(args.task, args.variant)
+    if all(recorded):
+        return get_layout(*recorded)
+    return release_folder_layout(args.source)
+
+
+def check_target(target: Path, force: bool) -> None:
+    """An existing target (a file, or a folder that is not empty) is replaced only with ``--force``."""
+    if force or not target.exists():
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        return
+    raise ConvertError(f"{target}: already exists (add --force to replace it)")
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     parser = OneLineParser(
-        prog="python -m layerflow.convert",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n" + __doc__.split("\n\n")[1],
+        epilog="example:\n" + __doc__.split("\n\n")[1].replace(PROG, prog),
     )
+    add_version(parser)
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path, nargs="?", help="the .safetensors file to write")
     parser.add_argument("--to-sat", type=Path, metavar="DIR", help="write the original layout instead")
     parser.add_argument("--task", choices=["gen", "seg", "fg2bg", "bg2fg"])
     parser.add_argument("--variant", choices=["rgb", "rgba"])
     parser.add_argument("--iteration", type=int, default=1, help="iteration folder name for --to-sat")
+    parser.add_argument("--force", action="store_true", help="replace an existing target")
     args = parser.parse_args(argv)
+    if not args.to_sat and (args.target is None or args.target.suffix != ".safetensors"):
+        parser.error("give a target ending in .safetensors, or --to-sat DIR")
+    target = args.to_sat or args.target
     try:
+        check_target(target, args.force)
         state, metadata = read_checkpoint(args.source)
+        layout = target_layout(args, metadata)
         network = {key: value for key, value in state.items() if key.startswith(NETWORK_PREFIX)}
         if not network:
             network = {NETWORK_PREFIX + key: value for key, value in state.items()}
         if args.to_sat:
-            save_sat_checkpoint(network, args.to_sat, args.iteration)
-            print(f"wrote {args.to_sat} ({len(network)} tensors)")
-            return 0
-        if args.target is None or args.target.suffix != ".safetensors":
-            parser.error("give a target ending in .safetensors, or --to-sat DIR")
-        task = args.task or metadata.get("layerflow_task")
-        variant = args.variant or metadata.get("layerflow_variant")
-        layout = get_layout(task, variant) if task and variant else None
-        save_safetensors(network, args.target, layout)
-        print(f"wrote {args.target} ({len(network)} tensors{', ' + layout.name if layout else ''})")
+            save_sat_checkpoint(network, args.to_sat, args.iteration, layout)
+        else:
+            save_safetensors(network, args.target, layout)
+        recorded = layout.name if layout else "task and variant not recorded: give --task and --variant"
+        print(f"wrote {target} ({len(network)} tensors, {recorded})")
         return 0
     except (CheckpointError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

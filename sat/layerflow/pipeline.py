@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
 log = logging.getLogger(__name__)
+
+StageCallback = Callable[[str], None]  # called with a stage's name as it starts (progress display)
 
 
 class InputError(ValueError):
@@ -260,12 +262,17 @@ class LayerFlowPipeline:
         seed: int | None = None,
         on_step: StepCallback | None = None,
         sampling: SamplingSection | None = None,
+        on_stage: StageCallback | None = None,
     ) -> LayerVideos:
-        """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring."""
+        """Run the whole chain for one sample (``sampling`` overrides the config's); see the module docstring.
+
+        ``on_step`` is called after each denoising step, ``on_stage(name)`` as each stage starts
+        (``text_encoder``, ``vae_encode``, ``denoise``, ``vae_decode``: the keys of ``timings``).
+        """
         seed = self.config.sampling.seed if seed is None else seed
         timings: dict[str, float] = {}
         peaks: dict[str, int] = {}
-        clock = _StageClock(self.placement, timings, peaks, self.memory)
+        clock = _StageClock(self.placement, timings, peaks, self.memory, on_stage)
         with clock("text_encoder"):
             context = self.encode_prompts(prompts)
         condition = None
@@ -337,7 +344,8 @@ class CudaPeakMemory:
 
 class _StageClock:
     """``with clock("name"):`` records the seconds of a stage, waiting for the GPU at both ends, and,
-    given a memory source, the stage's peak allocated bytes (the mark is reset when a stage starts)."""
+    given a memory source, the stage's peak allocated bytes (the mark is reset when a stage starts);
+    ``on_stage(name)`` is told when it starts."""
 
     def __init__(
         self,
@@ -345,14 +353,18 @@ class _StageClock:
         timings: dict[str, float],
         peaks: dict[str, int] | None = None,
         memory: PeakMemory | None = None,
+        on_stage: StageCallback | None = None,
     ):
         self.placement = placement
         self.timings = timings
         self.peaks = peaks if peaks is not None else {}
         self.memory = memory
+        self.on_stage = on_stage
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if self.on_stage is not None:
+            self.on_stage(name)
         self.placement.synchronize()
         if self.memory is not None:
             self.memory.reset()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,23 +90,71 @@ def check_inputs(inputs: Mapping[str, str], layout: TaskLayout, where: str) -> N
         )
 
 
+@dataclass(frozen=True)
+class PromptText:
+    """A prompt given inline on the command line (``--prompt-text``), used for every sample."""
+
+    text: str
+
+
+# A value ending like a file name (``fg.txt``, ``prompts/fg``): one that does not exist is a typo, not text.
+_FILE_LIKE = re.compile(r"^\S*(/|\\)\S*$|^\S+\.[A-Za-z0-9]{1,8}$|\.txt$", re.IGNORECASE)
+
+
+def prompt_source(layer: str, value: str) -> Path | PromptText:
+    """What ``--prompt LAYER=VALUE`` means: the file ``VALUE`` when it exists, else the prompt text itself.
+
+    A value that looks like a file name (it ends in a suffix such as ``.txt``, or is one word with
+    a ``/``) but names nothing is refused, so a mistyped file name never becomes a prompt.
+    """
+    path = Path(value).expanduser()
+    if os.path.exists(path):  # False, not an error, for a long text (the name would be too long)
+        return path
+    if _FILE_LIKE.search(value.strip()):
+        raise ManifestError(
+            f"--prompt {layer}={value}: no such prompt file (for a prompt that looks like a file name, "
+            f"use --prompt-text {layer}=TEXT)"
+        )
+    return inline_prompt(layer, value, "--prompt")
+
+
+def inline_prompt(layer: str, text: str, flag: str = "--prompt-text") -> PromptText:
+    """``--prompt-text LAYER=TEXT``: one prompt on one line."""
+    if "\n" in text.strip():
+        raise ManifestError(f"{flag} {layer}: expected one prompt on one line (put several in a prompt file)")
+    return PromptText(text.strip())
+
+
 def samples_from_prompt_files(
-    files: Mapping[str, Path], inputs: Mapping[str, str], layout: TaskLayout, ids: Sequence[str] | None = None
+    files: Mapping[str, Path | PromptText],
+    inputs: Mapping[str, str],
+    layout: TaskLayout,
+    ids: Sequence[str] | None = None,
 ) -> list[Sample]:
-    """Per-layer prompt files: line i of every file makes sample i (blank lines are skipped)."""
+    """Per-layer prompt files: line i of every file makes sample i (blank lines are skipped).
+
+    A :class:`PromptText` is the same prompt in every sample (one sample when every layer's is).
+    """
     lines: dict[str, list[str]] = {}
+    shared: dict[str, str] = {}
     for layer, path in files.items():
+        if isinstance(path, PromptText):
+            shared[layer] = path.text
+            continue
         lines[layer] = [line.strip() for line in _read_text(Path(path), "prompt file").splitlines() if line.strip()]
         if not lines[layer]:
             raise ManifestError(f"{path}: empty prompt file (expected one prompt per line)")
     check_prompts({layer: "x" for layer in files}, layout, "prompt files")
+    empty = [layer for layer, text in shared.items() if not text]
+    if empty:
+        raise ManifestError(f"empty prompt text for {empty}")
     counts = {layer: len(values) for layer, values in lines.items()}
-    if len(set(counts.values())) != 1:
+    if len(set(counts.values())) > 1:
         raise ManifestError(f"prompt files have different numbers of prompts: {counts}")
     check_inputs(inputs, layout, "inputs")
     samples = []
-    for i in range(next(iter(counts.values()))):
-        prompts = {layer: lines[layer][i] for layer in layout.prompt_layers}
+    for i in range(next(iter(counts.values()), 1)):
+        prompts = {layer: shared[layer] if layer in shared else lines[layer][i] for layer in layout.prompt_layers}
         sample_id = ids[i] if ids else f"{i:04d}-{content_id(prompts, inputs)}"
         where = f"prompt files, line {i + 1}"
         check_sample_id(sample_id, where)

@@ -93,11 +93,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _setup_rank_log(output: Path, rank: int) -> None:
-    (output / LOGS_DIR).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output / LOGS_DIR / f"rank{rank}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    distributed.attach_rank_log(output / LOGS_DIR / f"rank{rank}.log")  # replaces an earlier run's handler
 
 
 def run_samples(
@@ -168,7 +164,9 @@ def run_samples(
             seed = sample.resolved_seed(config.sampling.seed)
             fingerprint = fingerprinter.record(sample, run_config, seed)  # before reading: what was read is named
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
-            result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
+            result = pipeline.generate(
+                sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step, on_stage=progress.stage
+            )
             meta = {
                 "id": sample.id,
                 "prompts": dict(sample.prompts),
@@ -184,6 +182,7 @@ def run_samples(
             }
             if result.peak_bytes:  # CUDA only: the peak allocated memory of each stage
                 meta["peak_allocated_gib"] = {stage: round(n / 2**30, 3) for stage, n in result.peak_bytes.items()}
+            progress.stage("write")
             if groups.is_leader:
                 write_sample(
                     output / sample.id, result.layers, run_config, meta, given, kept_given_files(sample, run_config)

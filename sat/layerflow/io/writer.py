@@ -32,6 +32,7 @@ from imageio_ffmpeg import get_ffmpeg_exe
 from PIL import Image
 
 from layerflow.io.atomic import atomic_directory, atomic_path
+from layerflow.io.labels import labelled_side_by_side
 from layerflow.io.pixels import EncodeError, EncoderUnavailableError, layer_to_alpha, to_uint8, unit_to_uint8
 from layerflow.io.sample_files import MASTER_SUFFIXES, layer_video, master_file
 
@@ -302,9 +303,10 @@ def write_preview(
     blend: np.ndarray | torch.Tensor,
     fps: float = DEFAULT_FPS,
 ) -> Path:
-    """Side-by-side MP4 (t, h, 3w, 3): foreground over a checkerboard | background | blend.
+    """Side-by-side MP4 (t, h, n w, 3): foreground over a checkerboard | alpha as grey | background | blend,
+    each panel labelled with its layer and the first with the frame number (:mod:`layerflow.io.labels`).
 
-    ``fg_rgba`` may be RGB (the RGB variant has no matte); it is then shown as is.
+    ``fg_rgba`` may be RGB (the RGB variant has no matte); it is then shown as is, with no alpha panel.
     """
     target = Path(path)
     fg = as_uint8_frames(fg_rgba, (3, 4), f"{target} (foreground)")
@@ -315,7 +317,8 @@ def write_preview(
             f"{target}: layers differ in frames or size: foreground {fg.shape[:3]}, "
             f"background {bg_frames.shape[:3]}, blend {blend_frames.shape[:3]} (t, h, w)"
         )
+    named = [("foreground", fg), ("background", bg_frames), ("blend", blend_frames)]
     if fg.shape[-1] == 4:
-        fg = composite_over(fg, checkerboard(fg.shape[1], fg.shape[2]))  # (t, h, w, 3)
-    panels = np.concatenate([fg, bg_frames, blend_frames], axis=2)  # (t, h, 3w, 3)
-    return write_mp4(target, panels, fps=fps)
+        named[0] = ("foreground", composite_over(fg, checkerboard(fg.shape[1], fg.shape[2])))  # (t, h, w, 3)
+        named.insert(1, ("alpha", np.repeat(fg[..., 3:], 3, axis=-1)))  # (t, h, w, 3) the matte as grey
+    return write_mp4(target, labelled_side_by_side(named), fps=fps)  # (t, h, n w, 3)

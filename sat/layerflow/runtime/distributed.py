@@ -8,9 +8,11 @@ in-memory store is made (no port is opened). Model-parallel size is always 1.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,3 +113,33 @@ def local_rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+_rank_log: tuple[logging.Logger, logging.FileHandler] | None = None  # (logger, handler) of the current run
+
+
+def attach_rank_log(path: Path, logger: str = "layerflow") -> None:
+    """Log ``logger``'s INFO and up to ``path`` (this rank's log file), replacing the file of an earlier run.
+
+    One handler at a time: a process that runs several times (the demo runs 8 configurations,
+    tests run many) writes each record once, into the current run's file.
+    """
+    global _rank_log
+    detach_rank_log()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    _rank_log = (target, handler)
+
+
+def detach_rank_log() -> None:
+    """Remove and close the handler of :func:`attach_rank_log`, if any (at the end of a run)."""
+    global _rank_log
+    if _rank_log is not None:
+        target, handler = _rank_log
+        target.removeHandler(handler)
+        handler.close()
+        _rank_log = None

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -148,12 +148,15 @@ def compose(
     settings: OutputSection | None = None,
     command: Sequence[str] = (),
     blend_space: str = "display",
+    on_stage: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the composite sample folder ``output`` (which must not exist yet); returns it.
 
     ``num_frames`` defaults to the foreground's length (at most the first 64 frames); ``size``
-    is (height, width).
+    is (height, width). ``on_stage(name)`` is told as each stage starts: ``read``, ``write``,
+    ``score`` (for a progress bar).
     """
+    stage = on_stage or (lambda name: None)
     output = Path(output)
     settings = settings or OutputSection()
     if output.exists():
@@ -164,6 +167,7 @@ def compose(
         raise ComposeError(f"--size {format_size(size)}: expected an even width and height (H.264 needs them)")
     if blend_space not in BLEND_SPACES:
         raise ComposeError(f"--blend-space {blend_space!r}: expected one of {', '.join(BLEND_SPACES)}")
+    stage("read")
     fg_source = resolve_layer_source(fg, "fg", with_alpha=True)
     mask_source = resolve_layer_source(mask, "mask") if mask else None
     try:  # the checks (and warnings, once each) that sampling makes, then the read
@@ -190,7 +194,9 @@ def compose(
         sources["mask"] = layer_provenance(mask, "mask", **frames)
     never_replace = lambda existing: False  # compose only ever writes a new folder
     with atomic_directory(output, may_replace=never_replace, prepare=lambda tmp: write_marker(tmp, output.name)) as tmp:
+        stage("write")
         write_layer_files(tmp, layers, settings)
+        stage("score")
         record = {
             "id": output.name,
             "tool": "compose",

@@ -8,7 +8,8 @@ The command reruns one sample through ``layerflow generate`` with
 * a one-line manifest fed on standard input (a here-document) with the sample's id, prompts,
   seed and the absolute paths of its given layers.
 
-A composite made by ``layerflow compose`` shows the compose command it recorded.
+A composite made by ``layerflow compose`` shows the compose command it recorded, with its inputs
+by absolute path and ``--output`` set to a new folder, so it runs from anywhere.
 """
 
 from __future__ import annotations
@@ -56,11 +57,41 @@ def config_overrides(recorded: Mapping, base: list[str]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in flatten(recorded).items() if reference.get(key) != value]
 
 
+COMPOSE_PATH_OPTIONS = {"--fg": "fg", "--bg": "bg", "--mask": "mask"}  # options naming a given layer's file
+
+
+def compose_command(meta: Mapping, folder: str | os.PathLike, output: str = DEFAULT_REPRODUCE_OUTPUT) -> list[str]:
+    """The recorded ``layerflow compose`` command, runnable from any folder: the inputs by the absolute
+    paths recorded in ``given_sources`` and ``--output`` set to ``output/<id>`` (the sample itself exists)."""
+    recorded = list(meta.get("command") or [])
+    if recorded[:2] != ["layerflow", "compose"]:
+        raise SampleFolderError(f"{Path(folder) / 'meta.json'}: records no compose command, so it cannot be redone")
+    sources = meta.get("given_sources") or {}
+
+    def value_for(option: str, value: str) -> str:
+        if option == "--output":
+            return str(Path(output) / str(meta.get("id") or Path(folder).name))
+        path = (sources.get(COMPOSE_PATH_OPTIONS.get(option, "")) or {}).get("path")
+        return path or value  # a colour background has no path
+
+    argv, rest = recorded[:2], iter(recorded[2:])
+    for token in rest:
+        option, sep, value = token.partition("=")
+        if option in COMPOSE_PATH_OPTIONS or option == "--output":
+            if sep:
+                argv.append(f"{option}={value_for(option, value)}")
+            else:
+                argv += [option, value_for(option, next(rest, ""))]
+        else:
+            argv.append(token)
+    return argv
+
+
 def reproduce_command(folder: str | os.PathLike, output: str = DEFAULT_REPRODUCE_OUTPUT) -> str:
     """A shell command (POSIX sh) that regenerates the sample into ``output/<id>/``."""
     meta = read_meta(folder)
     if meta.get("tool") == "compose":
-        return shlex.join(meta.get("command") or [])
+        return shlex.join(compose_command(meta, folder, output))
     missing = [key for key in ("id", "task", "variant", "prompts", "seed", "config") if key not in meta]
     if missing:
         raise SampleFolderError(f"{Path(folder) / 'meta.json'}: lacks {missing}, so the sample cannot be reproduced")

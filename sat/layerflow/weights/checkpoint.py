@@ -13,6 +13,7 @@ download) is called that.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerflow.tasks import Task, TaskLayout, Variant
+from layerflow.tasks import Task, TaskLayout, Variant, get_layout
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from None
     payload = load_pickled_tensors(file, CheckpointError)
+    metadata = {}
     if isinstance(payload, Mapping) and "module" in payload:
+        metadata = {key: payload[key] for key in (METADATA_TASK, METADATA_VARIANT) if isinstance(payload.get(key), str)}
         payload = payload["module"]
     if not isinstance(payload, Mapping) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise CheckpointError(f"{file}: expected {{'module': state_dict}} or a state_dict of tensors")
-    return dict(payload), {}
+    return dict(payload), metadata
 
 
 def network_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -252,19 +255,49 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, layout
 
     from layerflow.io.atomic import atomic_path
 
-    metadata = {METADATA_TASK: layout.task.value, METADATA_VARIANT: layout.variant.value} if layout else {}
     tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=layout_metadata(layout))
+        os.chmod(tmp, _file_mode())  # safetensors creates its file 0600; a checkpoint is shared like any file
 
 
-def save_sat_checkpoint(state: Mapping[str, torch.Tensor], folder: str | Path, iteration: int = 1) -> None:
-    """Write the original layout: ``latest`` and ``<iteration>/mp_rank_00_model_states.pt``."""
+def layout_metadata(layout: TaskLayout | None) -> dict[str, str]:
+    """What a checkpoint records of its task and variant (nothing when unknown)."""
+    return {METADATA_TASK: layout.task.value, METADATA_VARIANT: layout.variant.value} if layout else {}
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 with the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def release_folder_layout(path: str | Path) -> TaskLayout | None:
+    """The task and variant a folder of the original release is named for (``multi-layer-generation-rgba``)."""
+    for part in (Path(path), *Path(path).parents):
+        for folder, task in RELEASE_FOLDER_TASKS.items():
+            for variant in Variant:
+                if part.name == f"{folder}-{variant.value}":
+                    return get_layout(task.value, variant.value)
+    return None
+
+
+def save_sat_checkpoint(
+    state: Mapping[str, torch.Tensor], folder: str | Path, iteration: int = 1, layout: TaskLayout | None = None
+) -> None:
+    """Write the original layout: ``latest`` and ``<iteration>/mp_rank_00_model_states.pt``.
+
+    With ``layout``, the file also records the task and variant (``layerflow_task``,
+    ``layerflow_variant`` beside ``module``), as the safetensors metadata does.
+    """
     from layerflow.io.atomic import atomic_path
 
     folder = Path(folder)
     (folder / str(iteration)).mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / str(iteration) / SAT_MODEL_FILE) as tmp:
-        torch.save({"module": {key: value.contiguous() for key, value in state.items()}}, tmp)
+        torch.save(
+            {"module": {key: value.contiguous() for key, value in state.items()}, **layout_metadata(layout)}, tmp
+        )
     with atomic_path(folder / "latest") as tmp:
         tmp.write_text(str(iteration), encoding="utf-8")

@@ -8,6 +8,8 @@ error names every missing path and where the original release publishes it.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,17 @@ from layerflow.weights.checkpoint import CheckpointNotFoundError, release_folder
 TASK_WEIGHTS_URL = "https://huggingface.co/zjuJish/LayerFlow (folder {folder})"
 VAE_URL = "https://cloud.tsinghua.edu.cn/f/fdba7608a49c463ba754/?dl=1 (CogVideoX-2B SAT VAE, vae.zip)"
 T5_URL = "https://huggingface.co/THUDM/CogVideoX-2b (folders text_encoder + tokenizer, as t5-v1_1-xxl)"
-TINY_CACHE = Path(".cache") / "layerflow"
+CACHE_ENV = "LAYERFLOW_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where built files (the tiny T5 stand-in) are kept: ``$LAYERFLOW_CACHE``, else
+    ``$XDG_CACHE_HOME/layerflow``, else ``~/.cache/layerflow``; never the current folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "layerflow"
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -65,25 +77,25 @@ class Weights:
         return "random weights" if self.random else self.checkpoint
 
 
-def resolve_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE, check: bool = True) -> Weights:
+def resolve_weights(config: LayerFlowConfig, cache: Path | None = None, check: bool = True) -> Weights:
     """Decide where the weights of ``config`` come from; the config itself is never changed.
 
     ``model.weights: random`` uses the configured T5 folder when it exists, else a tiny T5 of the
-    configured width under ``cache`` (built once). Otherwise, with ``check``, every missing file
-    is named in one :class:`MissingWeightsError` line (``check=False``: a resumed training run
-    whose encodings are all cached needs no VAE or T5 files).
+    configured width under ``cache`` (default :func:`cache_dir`; built once). Otherwise, with
+    ``check``, every missing file is named in one :class:`MissingWeightsError` line
+    (``check=False``: a resumed training run whose encodings are all cached needs no VAE or T5 files).
     """
     model = config.model
     configured = Path(model.text_encoder.path)
     if model.weights == "random":
-        if (configured / "config.json").is_file():
+        if model.text_encoder.path and (configured / "config.json").is_file():
             return Weights(random=True, checkpoint="", vae="", text_encoder=configured)
         return Weights(
             random=True,
             checkpoint="",
             vae="",
             stand_in_t5=True,
-            text_encoder=_tiny_t5(cache, model.network.text_hidden_size),
+            text_encoder=_tiny_t5(cache or cache_dir(), model.network.text_hidden_size),
         )
     if check:
         problems = _missing_weights(config)
@@ -93,9 +105,15 @@ def resolve_weights(config: LayerFlowConfig, cache: Path = TINY_CACHE, check: bo
 
 
 def _tiny_t5(cache: Path, width: int) -> Path:
+    """The tiny T5 of ``width`` under ``cache``, built by the first process that needs it (the others wait)."""
     from layerflow.weights.tiny import build_tiny_t5
 
     folder = cache / f"tiny-t5-d{width}"
-    if not (folder / "config.json").is_file():
-        build_tiny_t5(folder, d_model=width)
+    if (folder / "config.json").is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # torchrun ranks start together: one builds, one reuses
+        if not (folder / "config.json").is_file():
+            build_tiny_t5(folder, d_model=width)
     return folder
