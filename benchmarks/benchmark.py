@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
+from layerflow.batch.sample_folder import write_sample  # noqa: E402
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
 from layerflow.io.atomic import write_text_atomic  # noqa: E402
-from layerflow.io.sample_folder import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed  # noqa: E402
 from layerflow.tasks import TaskLayout  # noqa: E402

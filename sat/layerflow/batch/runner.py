@@ -28,10 +28,10 @@ import torch
 from layerflow.batch.given import check_given_layers, given_layer_sources, read_given_layers
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
+from layerflow.batch.sample_folder import write_sample
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
 from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
-from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
 
 log = logging.getLogger("layerflow")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import ImageColor
 
+from layerflow.batch.sample_folder import code_version, write_layer_files
 from layerflow.config import OutputSection
 from layerflow.io.atomic import atomic_directory
 from layerflow.io.output_folder import write_marker
@@ -40,7 +41,6 @@ from layerflow.io.reader import (
     resolve_layer_source,
 )
 from layerflow.io.sample_files import META_FILE
-from layerflow.io.sample_folder import code_version, write_layer_files
 from layerflow.tools.score import score_folder, to_json
 
 
