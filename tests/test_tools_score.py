@@ -13,9 +13,9 @@ from PIL import Image
 
 from layerflow.batch.sample_folder import write_layer_files
 from layerflow.config import ConfigError, OutputSection, load_config
+from layerflow.io.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.io.pixels import premultiply, unpremultiply
 from layerflow.io.reader import read_clip_frames
-from layerflow.tools.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.tools.score import (
     SCORE_KEYS,
     alpha_temporal_change,

@@ -31,11 +31,11 @@ import torch
 from layerflow import __version__
 from layerflow.config import LayerFlowConfig, OutputSection
 from layerflow.io.atomic import atomic_directory
+from layerflow.io.contact_sheet import write_contact_sheet
 from layerflow.io.output_folder import is_ours, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
 from layerflow.io.sample_files import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
 from layerflow.io.writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
-from layerflow.tools.contact_sheet import write_contact_sheet
 from layerflow.tools.score import score_folder, to_json
 
 
