@@ -16,7 +16,7 @@ from layerflow.config import ConfigError, OutputSection, load_config
 from layerflow.io.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.io.pixels import premultiply, unpremultiply
 from layerflow.io.reader import read_clip_frames
-from layerflow.tools.score import (
+from layerflow.scores import (
     SCORE_KEYS,
     alpha_temporal_change,
     edge_band,

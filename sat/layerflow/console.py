@@ -123,7 +123,7 @@ def run_score(argv: list[str]) -> int:
     parser.add_argument("folders", nargs="+", type=Path, metavar="SAMPLE_DIR")
     args = parser.parse_args(argv)
     from layerflow.io.sample_files import read_meta
-    from layerflow.tools.score import format_table, score_folder, write_scores
+    from layerflow.scores import format_table, score_folder, write_scores
 
     for folder in args.folders:
         read_meta(folder)  # every folder must be a sample folder before anything is written

@@ -36,7 +36,7 @@ from layerflow.io.output_folder import is_ours, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
 from layerflow.io.sample_files import CONTACT_SHEET_FILE, META_FILE, PREVIEW_FILE, VIDEO_NAMES, alpha_exports
 from layerflow.io.writer import ALPHA_CODECS, write_alpha_video, write_mp4, write_png_sequence, write_preview
-from layerflow.tools.score import score_folder, to_json
+from layerflow.scores import score_folder, to_json
 
 
 def code_version() -> str:

@@ -41,7 +41,7 @@ from layerflow.io.reader import (
     resolve_layer_source,
 )
 from layerflow.io.sample_files import META_FILE
-from layerflow.tools.score import score_folder, to_json
+from layerflow.scores import score_folder, to_json
 
 
 class ComposeError(ValueError):
