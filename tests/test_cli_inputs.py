@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import REPO_ROOT
 
-from layerflow.cli import main
+from layerflow.cli.generate import main
 
 CONFIGS = REPO_ROOT / "configs"
 

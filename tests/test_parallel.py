@@ -258,7 +258,7 @@ def test_a_pipeline_refuses_groups_it_was_not_set_up_for():
 
 
 def test_bad_layout_stops_the_cli_before_loading(capsys, tmp_path):
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n", encoding="utf-8")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from layerflow.cli import main
+from layerflow.cli.generate import main
 from layerflow.config import load_config
 from layerflow.io.output_folder import LOCK_FILE, SAMPLE_MARKER, OutputFolder, write_marker
 from layerflow.io.synthetic import layered_clip

@@ -238,7 +238,7 @@ def test_meta_scores_match_the_score_of_the_files(tmp_path):
 
 
 def test_scores_can_be_turned_off(tmp_path):
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")

@@ -40,7 +40,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run_generate(argv: list[str]) -> int:
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     return main(argv)
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerflow.cli import main as sample_video
+from layerflow.cli.generate import main as sample_video
 from layerflow.io.synthetic import write_layered_clip
 from layerflow.tasks import LAYOUTS
 
