@@ -16,8 +16,8 @@ from PIL import Image
 
 from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
+from layerflow.cli.command import SUBCOMMANDS, main
 from layerflow.config import load_config
-from layerflow.console import SUBCOMMANDS, main
 from layerflow.io.pixels import LayerSourceError
 from layerflow.io.reader import layer_provenance, read_clip_frames, resolve_layer_source
 from layerflow.io.synthetic import layered_clip, write_layered_clip
@@ -233,7 +233,7 @@ def test_convert_and_no_traceback(tmp_path, capsys):
     code, out, _ = run(capsys, ["convert", str(tmp_path / "ckpt.pt"), str(target), "--task", "gen", "--variant", "rgb"])
     assert code == 0 and target.is_file() and "1 tensors" in out
     result = subprocess.run(
-        [sys.executable, "-m", "layerflow.console", "score", str(tmp_path)],
+        [sys.executable, "-m", "layerflow.cli.command", "score", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -300,7 +300,7 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
     assert "--set sampling.num_steps=2" in command
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
+    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.cli.command "$@"\n')
     (shim / "layerflow").chmod(0o755)
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
     result = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
