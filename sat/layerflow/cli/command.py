@@ -46,7 +46,7 @@ def run_generate(argv: list[str]) -> int:
 
 
 def run_convert(argv: list[str]) -> int:
-    from layerflow.convert import main
+    from layerflow.cli.convert import main
 
     return main(argv)
 
