@@ -15,8 +15,8 @@ from PIL import Image
 
 from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
+from layerflow.cli.demo import run_demo
 from layerflow.config import load_config
-from layerflow.demo import run_demo
 from layerflow.io.output_folder import SAMPLE_MARKER
 from layerflow.io.synthetic import layered_clip, write_layered_clip
 from layerflow.tasks import LAYOUTS

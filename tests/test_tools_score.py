@@ -229,7 +229,7 @@ def test_contact_sheet_shrinks_wide_frames(tmp_path):
 
 @pytest.mark.slow
 def test_meta_scores_match_the_score_of_the_files(tmp_path):
-    from layerflow.demo import run_demo
+    from layerflow.cli.demo import run_demo
 
     assert run_demo(tmp_path, ["gen_rgba"]) == 0
     meta = json.loads((tmp_path / "gen_rgba" / "meta.json").read_text())

@@ -60,7 +60,7 @@ def run_demo(argv: list[str]) -> int:
     parser.add_argument("output", nargs="?", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("configs", nargs="*", metavar="CONFIG", help="only these, e.g. gen_rgba (default: all 8)")
     args = parser.parse_args(argv)
-    from layerflow.demo import run_demo as demo
+    from layerflow.cli.demo import run_demo as demo
 
     return demo(args.output, args.configs or None)
 

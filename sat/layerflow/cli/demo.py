@@ -15,7 +15,7 @@ from layerflow.cli.generate import main as sample_video
 from layerflow.io.synthetic import write_layered_clip
 from layerflow.tasks import LAYOUTS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = {
     "fg": "a red balloon drifting slowly",
     "bg": "a calm lake with hills at sunrise",
