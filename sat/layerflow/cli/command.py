@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.cli.arguments import OneLineParser
 
 EXIT_USAGE = 2
 

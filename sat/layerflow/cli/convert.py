@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.cli.arguments import OneLineParser
 from layerflow.tasks import get_layout
 from layerflow.weights.checkpoint import (
     NETWORK_PREFIX,

@@ -25,8 +25,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
 from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
+from layerflow.cli.arguments import OneLineParser
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
 from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path

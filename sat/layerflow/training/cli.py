@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.cli.arguments import OneLineParser
 from layerflow.config import ConfigError
 from layerflow.runtime import distributed
 from layerflow.training.cache import CacheError, prepare_cache
