@@ -19,24 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from layerflow.errors import ConfigError, FieldError
 from layerflow.models.dit import DiTConfig
 from layerflow.models.vae import VAEConfig
 from layerflow.runtime.attention import ATTENTION_CHOICES
+from layerflow.runtime.parallel.layout import ParallelSection
 from layerflow.tasks import Task, TaskLayout, Variant, get_layout
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the file it came from."""
-
-
-class FieldError(ConfigError):
-    """A value out of its range, raised by a section's checks; :func:`load_config` adds key and origin."""
-
-    def __init__(self, name: str, expected: str):
-        super().__init__(f"{name}: expected {expected}")
-        self.name = name
-        self.expected = expected
-
 
 # Config files that were merged into others, so that an old command line says where they went.
 RENAMED_CONFIGS = {
@@ -122,25 +110,6 @@ class SamplingSection:
         _require(2 <= self.num_steps <= 1000, "num_steps", "an integer from 2 to 1000")
         _require(self.guidance_scale >= 0, "guidance_scale", "a number >= 0")
         _require(0 <= self.seed < 2**63, "seed", "an integer from 0 to 2**63-1")
-
-
-@dataclass(frozen=True)
-class ParallelSection:
-    """One video on several processes (see :mod:`layerflow.runtime.parallel`): ``cfg`` 2 runs the two
-    guidance passes on two ranks; ``ulysses`` k splits the token sequence over k ranks."""
-
-    cfg: int = 1
-    ulysses: int = 1
-
-    def __post_init__(self) -> None:
-        if self.cfg not in (1, 2):
-            raise ConfigError(f"runtime.parallel.cfg must be 1 or 2 (the two guidance passes), got {self.cfg}")
-        if self.ulysses < 1:
-            raise ConfigError(f"runtime.parallel.ulysses must be at least 1, got {self.ulysses}")
-
-    @property
-    def group_size(self) -> int:
-        return self.cfg * self.ulysses
 
 
 @dataclass(frozen=True)

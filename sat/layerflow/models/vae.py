@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,9 @@ from layerflow.models.vae_blocks import (
     swish,
     upsample_nearest,
 )
+
+if TYPE_CHECKING:
+    from layerflow.runtime.parallel.vae_decode import RegionShare
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped to this range
 
@@ -362,17 +366,6 @@ def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     y.sub_(mean[..., None]).mul_(rstd[..., None])
     y = y.reshape(x.shape).mul_(norm.weight.to(dtype).view(1, c, 1, 1, 1)).add_(norm.bias.to(dtype).view(1, c, 1, 1, 1))
     return y.to(x.dtype)
-
-
-@dataclass(frozen=True)
-class RegionShare:
-    """Worker ``index`` of ``count`` computes regions index, index + count, ... of every decoder layer;
-    ``complete`` turns its output (zero outside its regions) into the whole activation, e.g. a sum
-    over the workers (:mod:`layerflow.runtime.parallel.vae_decode`)."""
-
-    index: int
-    count: int
-    complete: Callable[[torch.Tensor], torch.Tensor]
 
 
 class _ActivationPlacement:
