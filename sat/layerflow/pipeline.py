@@ -30,7 +30,7 @@ import torch
 from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.models.text_encoder import T5TextEncoder, layer_prompt, unconditional_states
-from layerflow.models.vae import CausalVideoVAE, load_vae
+from layerflow.models.vae import CausalVideoVAE
 from layerflow.runtime.devices import Placement, resolve_placement, resolve_speed
 from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.runtime.parallel import groups_for
@@ -41,6 +41,7 @@ from layerflow.tasks import TaskLayout, insert_condition, remove_condition, spli
 from layerflow.weights.checkpoint import load_network
 from layerflow.weights.random import randomize_
 from layerflow.weights.resolve import Weights, resolve_weights
+from layerflow.weights.vae import load_vae
 
 if TYPE_CHECKING:
     from layerflow.runtime.parallel.ulysses import UlyssesGroup

@@ -32,11 +32,11 @@ from layerflow.io.atomic import NotWritableError
 from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path
 from layerflow.io.pixels import LayerSourceError
 from layerflow.models.text_encoder import TextEncoderFilesError
-from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
+from layerflow.weights.vae import VAECheckpointError
 
 EXIT_FAILED_SAMPLES = 1
 EXIT_USAGE = 2

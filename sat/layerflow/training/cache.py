@@ -27,13 +27,14 @@ import torch
 
 from layerflow.io.atomic import atomic_path, write_text_atomic
 from layerflow.models.text_encoder import T5TextEncoder
-from layerflow.models.vae import CausalVideoVAE, load_vae
+from layerflow.models.vae import CausalVideoVAE
 from layerflow.runtime import distributed
 from layerflow.runtime.devices import resolve_placement
 from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import SampleError, TrainingSample, stack_clip
 from layerflow.weights.random import randomize_
 from layerflow.weights.resolve import resolve_weights
+from layerflow.weights.vae import load_vae
 
 log = logging.getLogger(__name__)
 
