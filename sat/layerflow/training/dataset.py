@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerflow.batch.manifest import SAFE_ID, content_id, jsonl_entries
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
+from layerflow.io.manifest_lines import SAFE_ID, content_id, jsonl_entries
 from layerflow.io.pixels import matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.reader import (
     FRAME_SUFFIXES,
