@@ -145,6 +145,16 @@ def test_cpu_default_is_the_faithful_path_and_a_fast_switch_leaves_it():
     assert unfaithful.attention.name == "flash" and unfaithful.merge_lora and unfaithful.passed_over
 
 
+def test_with_ulysses_the_plan_names_the_attention_that_runs():
+    """The heads exchanged by Ulysses go through PyTorch's default attention, whatever ``auto`` would pick."""
+    placement = Placement(compute_device=CPU, dtype=torch.float32)
+    split = resolve_speed(tiny_config("runtime.faithful=false", "runtime.parallel.ulysses=2").runtime, placement, 16)
+    assert split.attention is FAITHFUL and split.describe()["attention"] == "original"
+    assert split.passed_over == ("every kernel: runtime.parallel.ulysses = 2 runs PyTorch's default attention",)
+    with pytest.raises(AttentionUnavailable, match=r"^runtime.attention = math: not used with runtime.parallel"):
+        resolve_speed(tiny_config("runtime.attention=math", "runtime.parallel.ulysses=2").runtime, placement, 16)
+
+
 # -- the fast path against the faithful one ---------------------------------------------------------
 
 
