@@ -68,7 +68,7 @@ def test_help_shows_an_example(capsys, name):
     out = capsys.readouterr().out
     examples = {
         "generate": "\n    python sat/sample_video.py --base configs/",
-        "convert": "example:\n    python -m layerflow.convert SRC",
+        "convert": "example:\n    layerflow convert SRC",
     }
     assert examples.get(name, f"example:\n  layerflow {name} ") in out
 

@@ -1,4 +1,5 @@
-"""``sample_video.py``: run a LayerFlow task from YAML configs, prompt files and given-layer videos.
+"""``layerflow generate`` (``sat/sample_video.py``): run a LayerFlow task from YAML configs, prompt files
+and given-layer videos.
 
 Examples::
 
@@ -17,16 +18,20 @@ interrupted with Ctrl-C and 143 when stopped with SIGTERM (nothing half-written 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from layerflow.batch.manifest import ManifestError, Sample, samples_from_manifest, samples_from_prompt_files
-from layerflow.cli.arguments import OneLineParser
+from layerflow.cli.arguments import (
+    add_config_options,
+    add_debug_option,
+    add_seed_option,
+    command_parser,
+    config_overrides,
+)
+from layerflow.cli.exits import EXIT_FAILED_SAMPLES, run_command
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
 from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path
@@ -37,12 +42,6 @@ from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_sp
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 from layerflow.weights.vae import VAECheckpointError
-
-EXIT_FAILED_SAMPLES = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 # Errors caused by what the user gave (files, keys, values, folders): one line, exit status 2.
 USER_ERRORS = (
@@ -59,29 +58,16 @@ USER_ERRORS = (
 )
 
 log = logging.getLogger("layerflow")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster scheduler stopping the job), handled like Ctrl-C."""
+INTERRUPTED = "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(
-        prog="sample_video.py",
-        description="LayerFlow: layer-aware video generation (foreground, background, blend).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples::", 1)[1],
+    parser = command_parser(
+        "sample_video.py",
+        "LayerFlow: layer-aware video generation (foreground, background, blend).",
+        __doc__.split("Examples::", 1)[1],
     )
-    parser.add_argument(
-        "--base", nargs="+", required=True, metavar="YAML", help="config files, merged in order (later files win)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)",
-    )
+    add_config_options(parser)
     parser.add_argument(
         "--prompt",
         action="append",
@@ -107,9 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="many samples: one JSON object per line with prompts, inputs, id, seed",
     )
     parser.add_argument("--output", type=Path, metavar="DIR", help="output folder (default outputs/<task>_<variant>)")
-    parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
+    add_seed_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
@@ -143,39 +129,17 @@ def collect_samples(args: argparse.Namespace, config: LayerFlowConfig) -> list[S
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.debug, args.no_progress)
-    try:
-        with _sigterm_as_interrupt():
-            distributed.stop_with_launcher()
-            return _run(args)
-    except KeyboardInterrupt as stop:
-        print(
-            "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
-    except USER_ERRORS as error:
-        if args.debug:
-            logging.getLogger("layerflow").exception("details")
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as error:
-        if args.debug:
-            raise
-        print(
-            f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the traceback",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+    return run_command(lambda: _run(args), user_errors=USER_ERRORS, debug=args.debug, interrupted=INTERRUPTED)
 
 
 def _run(args: argparse.Namespace) -> int:
     """Validate everything, take the output folder, run this rank's samples and report."""
-    overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
-    config = load_config(args.base, overrides)
+    distributed.stop_with_launcher()
+    config = load_config(args.base, config_overrides(args))
     parallel.check_layout(config, distributed.world_size())
     try:
         placement = resolve_placement(config.runtime)
-        resolve_speed(config.runtime, placement, config.network.head_dim)  # a named kernel must run here
+        speed = resolve_speed(config.runtime, placement, config.network.head_dim)  # a named kernel must run here
     except ValueError as error:
         raise ConfigError(str(error)) from None
     samples = collect_samples(args, config)
@@ -207,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         with cpu_threads(config.runtime.cpu_threads):
             distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
             parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
-            pipeline = functools.partial(LayerFlowPipeline, weights=weights)
+            pipeline = functools.partial(LayerFlowPipeline, placement=placement, weights=weights, speed=speed)
             summary = run_samples(config, samples, output, pipeline, show_progress=not args.no_progress)
     except (*USER_ERRORS, InputError):
         if distributed.is_main_process():
@@ -229,13 +193,6 @@ def _run(args: argparse.Namespace) -> int:
         for failure in failures:
             print(f"failed: {failure['id']}: {failure['error']}", file=sys.stderr)
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    if isinstance(error, OSError) and error.filename and error.strerror and text.startswith("["):
-        return f"{error.filename}: {error.strerror.lower()}"  # not Python's "[Errno 2] ..." form
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _for_terminal(record: logging.LogRecord) -> bool:
@@ -268,24 +225,6 @@ def _configure_logging(debug: bool, no_progress: bool) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C for the duration of the run (main thread only; restored afterwards)."""
-
-    def stop(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
