@@ -61,11 +61,10 @@ sys.path.insert(0, str(REPO_ROOT / "sat"))
 
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
 from layerflow.io.atomic import write_text_atomic  # noqa: E402
-from layerflow.models.dit import LayerFlowDiT  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
 from layerflow.runtime.distributed import ensure_model_parallel  # noqa: E402
+from layerflow.weights.build import build_network  # noqa: E402
 from layerflow.weights.checkpoint import NETWORK_PREFIX  # noqa: E402
-from layerflow.weights.random import randomize_  # noqa: E402
 from layerflow.weights.resolve import Weights  # noqa: E402
 
 DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
@@ -356,11 +355,16 @@ def random_config(
     )
 
 
+def random_weights(config: LayerFlowConfig) -> Weights:
+    """Seeded random network and VAE; T5 is never loaded (the text states are given)."""
+    return Weights(random=True, checkpoint="", vae="", text_encoder=Path(config.model.text_encoder.path))
+
+
 def random_network_state(config: LayerFlowConfig) -> dict[str, torch.Tensor]:
     """The float32 weights our pipeline gives its network for ``config`` (seeded, before any merge),
     under the original engine's key names."""
     ensure_model_parallel()
-    network = randomize_(LayerFlowDiT(config.network, device="cpu", dtype=torch.float32), config.sampling.seed)
+    network = build_network(config, random_weights(config))  # the builder the pipeline uses
     return {NETWORK_PREFIX + key: value for key, value in network.state_dict().items()}
 
 
@@ -496,7 +500,7 @@ def compare_random(
     layout, network = config.layout, config.network
     engines, placeholders = import_original(checkout)
     state = random_network_state(config)
-    weights = Weights(random=True, checkpoint="", vae="", text_encoder=Path(config.model.text_encoder.path))
+    weights = random_weights(config)
     start = time.perf_counter()
     pipeline = LayerFlowPipeline(config, weights=weights)  # the same seeded weights; T5 is never loaded
     load_ours = time.perf_counter() - start
