@@ -29,6 +29,25 @@ FIRST_FRAME_COPY = "first_frame_copy"
 MASK_INPUT = "mask"  # a separate matte for an RGBA foreground, given as a file of its own
 
 
+class Layer(str, enum.Enum):
+    """The layers of a stacked clip; the value is the short name of prompts, inputs and manifests.
+
+    A member is its short name everywhere: ``Layer.FG == "fg"``, it hashes as ``"fg"`` (so it finds
+    ``"fg"`` dictionary keys and plain strings find it), and f-strings, messages and JSON show ``fg``.
+    """
+
+    FG = "fg"  # the foreground, matted over grey
+    ALPHA = "alpha"  # the RGBA variant's matte, as a three-channel layer
+    BG = "bg"  # the background
+    BLEND = "blend"  # the composite of foreground and background
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 class Task(str, enum.Enum):
     """The four LayerFlow tasks; the value is the short name used in file and config names."""
 
@@ -145,16 +164,16 @@ class TaskLayout:
     @property
     def given_inputs(self) -> tuple[GivenInput, ...]:
         """The given layers a user supplies as files (the alpha layer comes with the foreground)."""
-        with_matte = "alpha" in self.given_layers
+        with_matte = Layer.ALPHA in self.given_layers
         return tuple(
             GivenInput(
                 name,
                 self.span(name).pixel_frames,
-                needs_alpha=with_matte and name == "fg",
-                takes_mask=with_matte and name == "fg",
+                needs_alpha=with_matte and name == Layer.FG,
+                takes_mask=with_matte and name == Layer.FG,
             )
             for name in self.given_layers
-            if name != "alpha"
+            if name != Layer.ALPHA
         )
 
     @property
@@ -183,43 +202,45 @@ class TaskLayout:
 
 def _stack(variant: Variant, repeat_first_frame: bool = False) -> tuple[tuple[str, int], ...]:
     per_layer = PIXEL_FRAMES_PER_LAYER // VAE_TEMPORAL_COMPRESSION
-    names = ("fg", "alpha", "bg", "blend") if variant is Variant.RGBA else ("fg", "bg", "blend")
+    names = (
+        (Layer.FG, Layer.ALPHA, Layer.BG, Layer.BLEND) if variant is Variant.RGBA else (Layer.FG, Layer.BG, Layer.BLEND)
+    )
     head = ((FIRST_FRAME_COPY, 1),) if repeat_first_frame else ()
     return head + tuple((name, per_layer) for name in names)
 
 
-_THREE_PROMPTS = ("fg", "bg", "blend")
-_TWO_PROMPTS = ("fg", "bg")
+_THREE_PROMPTS = (Layer.FG, Layer.BG, Layer.BLEND)
+_TWO_PROMPTS = (Layer.FG, Layer.BG)
 
 LAYOUTS: dict[tuple[Task, Variant], TaskLayout] = {
     (Task.GENERATION, Variant.RGB): TaskLayout(Task.GENERATION, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS),
     (Task.GENERATION, Variant.RGBA): TaskLayout(Task.GENERATION, Variant.RGBA, _stack(Variant.RGBA), _THREE_PROMPTS),
     (Task.DECOMPOSITION, Variant.RGB): TaskLayout(
-        Task.DECOMPOSITION, Variant.RGB, _stack(Variant.RGB), _TWO_PROMPTS, ("blend",), condition=(10, 12)
+        Task.DECOMPOSITION, Variant.RGB, _stack(Variant.RGB), _TWO_PROMPTS, (Layer.BLEND,), condition=(10, 12)
     ),
     (Task.DECOMPOSITION, Variant.RGBA): TaskLayout(
-        Task.DECOMPOSITION, Variant.RGBA, _stack(Variant.RGBA), _TWO_PROMPTS, ("blend",), condition=(12, 16)
+        Task.DECOMPOSITION, Variant.RGBA, _stack(Variant.RGBA), _TWO_PROMPTS, (Layer.BLEND,), condition=(12, 16)
     ),
     (Task.FOREGROUND_TO_BACKGROUND, Variant.RGB): TaskLayout(
-        Task.FOREGROUND_TO_BACKGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, ("fg",), condition=(0, 4)
+        Task.FOREGROUND_TO_BACKGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, (Layer.FG,), condition=(0, 4)
     ),
     (Task.FOREGROUND_TO_BACKGROUND, Variant.RGBA): TaskLayout(
         Task.FOREGROUND_TO_BACKGROUND,
         Variant.RGBA,
         _stack(Variant.RGBA, repeat_first_frame=True),
         _THREE_PROMPTS,
-        ("fg", "alpha"),
+        (Layer.FG, Layer.ALPHA),
         condition=(0, 9),
     ),
     (Task.BACKGROUND_TO_FOREGROUND, Variant.RGB): TaskLayout(
-        Task.BACKGROUND_TO_FOREGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, ("bg",), condition=(4, 8)
+        Task.BACKGROUND_TO_FOREGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, (Layer.BG,), condition=(4, 8)
     ),
     (Task.BACKGROUND_TO_FOREGROUND, Variant.RGBA): TaskLayout(
         Task.BACKGROUND_TO_FOREGROUND,
         Variant.RGBA,
         _stack(Variant.RGBA, repeat_first_frame=True),
         _THREE_PROMPTS,
-        ("bg",),
+        (Layer.BG,),
         condition=(9, 13),
     ),
 }

@@ -26,12 +26,12 @@ from layerflow.io.reader import (
     read_layer_video,
     resolve_layer_source,
 )
-from layerflow.tasks import MASK_INPUT, GivenInput
+from layerflow.tasks import MASK_INPUT, GivenInput, Layer
 
 
 def _with_matte(given: GivenInput, sample: Sample) -> bool:
     """Whether the foreground is read together with its matte (the task needs it, or a mask was given)."""
-    return given.needs_alpha or (given.layer == "fg" and MASK_INPUT in sample.inputs)
+    return given.needs_alpha or (given.layer == Layer.FG and MASK_INPUT in sample.inputs)
 
 
 def _mask_source(sample: Sample):
@@ -59,15 +59,15 @@ def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torc
         source = resolve_layer_source(sample.inputs[given.layer], given.layer, with_matte)
         if not with_matte:
             video = read_layer_video(source, num_frames=given.pixel_frames, size=size)  # (t, 3 or 4, H, W)
-            if given.layer != "fg" or video.shape[1] == 3:
+            if given.layer != Layer.FG or video.shape[1] == 3:
                 layers[given.layer] = video[:, :3]
                 continue
         fg, alpha_layer = read_foreground_layers(
             source, _mask_source(sample), num_frames=given.pixel_frames, size=size
         )  # (t, 3, H, W) each
-        layers["fg"] = fg
+        layers[Layer.FG] = fg
         if given.needs_alpha:
-            layers["alpha"] = alpha_layer
+            layers[Layer.ALPHA] = alpha_layer
     return layers
 
 

@@ -16,13 +16,13 @@ from layerflow.cli.arguments import add_debug_option, command_parser
 from layerflow.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, TOOL_ERRORS, run_command
 from layerflow.cli.generate import main as sample_video
 from layerflow.io.synthetic import write_layered_clip
-from layerflow.tasks import LAYOUTS
+from layerflow.tasks import LAYOUTS, Layer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = {
-    "fg": "a red balloon drifting slowly",
-    "bg": "a calm lake with hills at sunrise",
-    "blend": "a red balloon drifting over a calm lake with hills at sunrise",
+    Layer.FG: "a red balloon drifting slowly",
+    Layer.BG: "a calm lake with hills at sunrise",
+    Layer.BLEND: "a red balloon drifting over a calm lake with hills at sunrise",
 }
 
 

@@ -45,6 +45,7 @@ from PIL import Image, UnidentifiedImageError
 from layerflow.io.pixels import LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.sample_files import ALPHA_EXPORTS, is_sample_folder, layer_video, read_meta
 from layerflow.io.writer import ALPHA_CODECS
+from layerflow.tasks import MASK_INPUT, Layer
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_SOURCE_FRAMES = 64  # the original looks at the first 64 frames of a clip only
@@ -309,10 +310,10 @@ def sample_layer_files(layer: str, with_alpha: bool) -> list[str]:
     foreground from ``foreground.mp4`` (colour matted over grey, the RGB variant's layer); a mask
     from ``alpha.mp4``.
     """
-    if layer == "fg" and with_alpha:
+    if layer == Layer.FG and with_alpha:
         straight = ALPHA_EXPORTS["straight"]
         return [straight.png_folder, *(straight.video_stem + codec.suffix for codec in ALPHA_CODECS.values())]
-    return [layer_video("alpha" if layer == "mask" else layer)]
+    return [layer_video(Layer.ALPHA if layer == MASK_INPUT else layer)]
 
 
 def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> Path:
@@ -327,7 +328,7 @@ def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool
     hint = (
         " (an RGBA foreground needs the straight export; an RGB sample or one written with "
         "output.alpha_mode=premultiplied has none)"
-        if layer == "fg" and with_alpha
+        if layer == Layer.FG and with_alpha
         else ""
     )
     raise LayerSourceError(f"{path}: sample folder has no {' or '.join(names)} for the {layer} layer{hint}")

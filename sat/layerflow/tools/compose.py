@@ -42,6 +42,7 @@ from layerflow.io.reader import (
 )
 from layerflow.io.sample_files import META_FILE
 from layerflow.scores import score_folder, to_json
+from layerflow.tasks import MASK_INPUT, Layer
 
 
 class ComposeError(ValueError):
@@ -52,12 +53,12 @@ def read_background(spec: str, num_frames: int, size: Sequence[int]) -> tuple[to
     """Background (t, 3, h, w) in [-1, 1] from a clip, a still image or a colour, and where it came from."""
     path = Path(spec)
     if path.exists():
-        source = resolve_layer_source(path, "bg")
+        source = resolve_layer_source(path, Layer.BG)
         if source.is_file() and source.suffix.lower() in FRAME_SUFFIXES:
             still = read_still_video(source, num_frames=num_frames, size=size)  # (t, c, h, w)
             return still[:, :3], {"path": str(source.resolve()), "still": True}
         video = read_layer_video(source, num_frames=num_frames, size=size)  # (t, c, h, w)
-        return video[:, :3], layer_provenance(path, "bg")
+        return video[:, :3], layer_provenance(path, Layer.BG)
     try:
         rgb = ImageColor.getrgb(spec)[:3]
     except ValueError:
@@ -76,10 +77,10 @@ def compose_layers(rgb: torch.Tensor, alpha: torch.Tensor, bg: torch.Tensor) -> 
     The foreground layer is matted over grey as the model's is; ``blend = rgb * a + bg * (1 - a)``.
     """
     return {
-        "fg": matte_foreground(rgb, alpha),
-        "bg": bg,
-        "blend": rgb * alpha + bg * (1 - alpha),
-        "alpha": alpha_to_layer(alpha),
+        Layer.FG: matte_foreground(rgb, alpha),
+        Layer.BG: bg,
+        Layer.BLEND: rgb * alpha + bg * (1 - alpha),
+        Layer.ALPHA: alpha_to_layer(alpha),
     }  # each (t, 3, h, w)
 
 
@@ -102,17 +103,17 @@ def compose(
         raise ComposeError(f"--frames must be at least 1, got {num_frames}")
     if len(size) != 2 or min(size) < 2 or size[0] % 2 or size[1] % 2:
         raise ComposeError(f"--size {size[0]}x{size[1]}: expected an even height and width (H.264 needs them)")
-    fg_source = resolve_layer_source(fg, "fg", with_alpha=True)
-    mask_source = resolve_layer_source(mask, "mask") if mask else None
+    fg_source = resolve_layer_source(fg, Layer.FG, with_alpha=True)
+    mask_source = resolve_layer_source(mask, MASK_INPUT) if mask else None
     try:
         rgb, alpha = read_layer_with_alpha(fg_source, mask_source, num_frames=num_frames, size=size)
     except LayerSourceError as error:
         raise ComposeError(f"--fg: {error}") from None
     background, bg_record = read_background(bg, num_frames, size)
     layers = compose_layers(rgb, alpha, background)
-    sources = {"fg": layer_provenance(fg, "fg", with_alpha=True), "bg": bg_record}
+    sources = {Layer.FG: layer_provenance(fg, Layer.FG, with_alpha=True), Layer.BG: bg_record}
     if mask:
-        sources["mask"] = layer_provenance(mask, "mask")
+        sources[MASK_INPUT] = layer_provenance(mask, MASK_INPUT)
     never_replace = lambda existing: False  # compose only ever writes a new folder
     with atomic_directory(output, may_replace=never_replace, prepare=lambda tmp: write_marker(tmp, output.name)) as tmp:
         write_layer_files(tmp, layers, settings)

@@ -39,10 +39,10 @@ from layerflow.io.reader import (
     read_layer_with_alpha,
     resize_for_rectangle_crop,
 )
-from layerflow.tasks import FIRST_FRAME_COPY, TaskLayout
+from layerflow.tasks import FIRST_FRAME_COPY, MASK_INPUT, Layer, TaskLayout
 
-LAYER_NAMES = ("fg", "bg", "blend")
-INPUT_NAMES = ("fg", "mask", "bg", "blend")
+LAYER_NAMES = (Layer.FG, Layer.BG, Layer.BLEND)
+INPUT_NAMES = (Layer.FG, MASK_INPUT, Layer.BG, Layer.BLEND)
 
 
 class SampleError(ValueError):
@@ -89,7 +89,7 @@ def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> Tr
             f"missing or empty {missing_prompts}, unknown {wrong_prompts}"
         )
     wrong_inputs = sorted(set(inputs) - set(INPUT_NAMES))
-    missing_inputs = [name for name in ("fg", "bg") if name not in inputs]
+    missing_inputs = [name for name in (Layer.FG, Layer.BG) if name not in inputs]
     if wrong_inputs or missing_inputs:
         raise SampleError(
             f"{where}: inputs need fg and bg (blend and mask optional); missing {missing_inputs}, "
@@ -171,13 +171,13 @@ def _plain_layer(path: Path, size: tuple[int, int]) -> torch.Tensor:
 def read_layers(sample: TrainingSample, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The sample's layers fg, alpha, bg, blend, each (16, 3, H, W) in [-1, 1]."""
     inputs = {name: Path(value) for name, value in sample.inputs.items()}
-    fg, alpha_layer, matte = _foreground(inputs["fg"], inputs.get("mask"), size)
-    bg = _plain_layer(inputs["bg"], size)
-    if "blend" in inputs:
-        blend = _plain_layer(inputs["blend"], size)
+    fg, alpha_layer, matte = _foreground(inputs[Layer.FG], inputs.get(MASK_INPUT), size)
+    bg = _plain_layer(inputs[Layer.BG], size)
+    if Layer.BLEND in inputs:
+        blend = _plain_layer(inputs[Layer.BLEND], size)
     else:
         blend = fg + (1 - matte) * bg  # fg is colour * alpha already: alpha * colour + (1 - alpha) * bg
-    return {"fg": fg, "alpha": alpha_layer, "bg": bg, "blend": blend}
+    return {Layer.FG: fg, Layer.ALPHA: alpha_layer, Layer.BG: bg, Layer.BLEND: blend}
 
 
 def stack_clip(sample: TrainingSample, layout: TaskLayout, size: tuple[int, int]) -> torch.Tensor:
