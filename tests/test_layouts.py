@@ -81,3 +81,13 @@ def test_a_layer_is_its_short_name_in_every_use():
     layout = LAYOUTS[(Task.DECOMPOSITION, Variant.RGBA)]
     assert f"takes {list(layout.prompt_layers)}" == "takes ['fg', 'bg']"  # messages read as before
     assert all(isinstance(name, Layer) for name in layout.video_layers + layout.prompt_layers + layout.given_layers)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=lambda layout: layout.name)
+def test_each_task_config_points_at_its_release_folder(layout):
+    import yaml
+    from conftest import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tasks" / f"{layout.name}.yaml").read_text())
+    assert config["model"]["checkpoint"] == f"ckpts_2b_lora/{layout.release_folder}"
+    assert layout.release_folder in layout.download and layout.download.startswith("https://")

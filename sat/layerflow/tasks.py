@@ -64,6 +64,16 @@ class Variant(str, enum.Enum):
     RGBA = "rgba"
 
 
+# The original release publishes one checkpoint folder per task and variant, ``<folder>-<variant>``.
+RELEASE_REPOSITORY = "https://huggingface.co/zjuJish/LayerFlow"
+RELEASE_FOLDERS = {
+    Task.GENERATION: "multi-layer-generation",
+    Task.DECOMPOSITION: "multi-layer-decomposition",
+    Task.FOREGROUND_TO_BACKGROUND: "foreground-conditioned-generation",
+    Task.BACKGROUND_TO_FOREGROUND: "background-conditioned-generation",
+}
+
+
 @dataclass(frozen=True)
 class LayerSpan:
     """One layer of the stacked clip: its name and its latent and pixel frame ranges."""
@@ -127,6 +137,16 @@ class TaskLayout:
     @property
     def name(self) -> str:
         return f"{self.task.value}_{self.variant.value}"
+
+    @property
+    def release_folder(self) -> str:
+        """The checkpoint folder of the original release, e.g. ``multi-layer-generation-rgba``."""
+        return f"{RELEASE_FOLDERS[self.task]}-{self.variant.value}"
+
+    @property
+    def download(self) -> str:
+        """Where that folder is published."""
+        return f"{RELEASE_REPOSITORY} (folder {self.release_folder})"
 
     @property
     def spans(self) -> tuple[LayerSpan, ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from layerflow.cli.arguments import add_debug_option, command_parser
 from layerflow.cli.exits import TOOL_ERRORS, run_command
-from layerflow.tasks import get_layout
+from layerflow.tasks import Task, Variant, get_layout
 from layerflow.weights.checkpoint import (
     NETWORK_PREFIX,
     read_checkpoint,
@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path, nargs="?", help="the .safetensors file to write")
     parser.add_argument("--to-sat", type=Path, metavar="DIR", help="write the original layout instead")
-    parser.add_argument("--task", choices=["gen", "seg", "fg2bg", "bg2fg"])
-    parser.add_argument("--variant", choices=["rgb", "rgba"])
+    parser.add_argument("--task", choices=[task.value for task in Task])
+    parser.add_argument("--variant", choices=[variant.value for variant in Variant])
     parser.add_argument("--iteration", type=int, default=1, help="iteration folder name for --to-sat")
     add_debug_option(parser)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerflow.tasks import Task, TaskLayout, Variant
+from layerflow.tasks import RELEASE_FOLDERS, TaskLayout, Variant
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,8 @@ IGNORED_PREFIXES = {"first_stage_model.": "VAE", "conditioner.": "T5 text encode
 SAT_MODEL_FILE = "mp_rank_00_model_states.pt"
 METADATA_TASK, METADATA_VARIANT = "layerflow_task", "layerflow_variant"
 
-# Folder names of the original release (Hugging Face zjuJish/LayerFlow), by task.
-RELEASE_FOLDER_TASKS = {
-    "multi-layer-generation": Task.GENERATION,
-    "multi-layer-decomposition": Task.DECOMPOSITION,
-    "foreground-conditioned-generation": Task.FOREGROUND_TO_BACKGROUND,
-    "background-conditioned-generation": Task.BACKGROUND_TO_FOREGROUND,
-}
+# Folder names of the original release (the task table's RELEASE_FOLDERS), to the task they hold.
+RELEASE_FOLDER_TASKS = {folder: task for task, folder in RELEASE_FOLDERS.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -43,10 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 def release_folder_name(layout: TaskLayout) -> str:
-    for folder, task in RELEASE_FOLDER_TASKS.items():
-        if task is layout.task:
-            return f"{folder}-{layout.variant.value}"
-    raise KeyError(layout.task)
+    return layout.release_folder
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:
