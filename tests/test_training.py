@@ -148,6 +148,34 @@ def test_still_sample_without_blend_is_composited_and_frozen(tmp_path):
     assert torch.allclose(layers["alpha"][0], alpha_layer, atol=1e-6)
 
 
+def test_a_video_foreground_is_decoded_once_and_read_as_the_sampling_readers_read_it(dataset, monkeypatch):
+    """fg.mp4 + mask.mp4 + bg.mp4 (blend composited): each file decoded once; layers as the two public readers give."""
+    from layerflow.io import reader
+
+    clip = dataset.parent / "clip"
+    manifest = write_manifest(
+        dataset.parent / "video_fg.jsonl",
+        [
+            {
+                "id": "v",
+                "prompts": PROMPTS,
+                "inputs": {"fg": "clip/fg.mp4", "mask": "clip/mask.mp4", "bg": "clip/bg.mp4"},
+            }
+        ],
+    )
+    (sample,) = read_manifest(manifest, get_layout("gen", "rgba"))
+    decoded = []
+    decode = reader._decode_video
+    monkeypatch.setattr(reader, "_decode_video", lambda path: decoded.append(path.name) or decode(path))
+    layers = read_layers(sample, (HEIGHT, WIDTH))
+    assert sorted(decoded) == ["bg.mp4", "fg.mp4", "mask.mp4"]
+    fg, alpha_layer = reader.read_foreground_layers(clip / "fg.mp4", clip / "mask.mp4", size=(HEIGHT, WIDTH))
+    _, matte = reader.read_layer_with_alpha(clip / "fg.mp4", clip / "mask.mp4", size=(HEIGHT, WIDTH))
+    bg = reader.read_layer_video(clip / "bg.mp4", size=(HEIGHT, WIDTH))[:, :3]
+    assert torch.equal(layers["fg"], fg) and torch.equal(layers["alpha"], alpha_layer)
+    assert torch.equal(layers["blend"], fg + (1 - matte) * bg)
+
+
 def test_video_sample_is_not_still_unless_marked(dataset):
     samples = {s.id: s for s in read_manifest(dataset, get_layout("seg", "rgb"))}
     assert not samples["clip"].still and samples["still"].still

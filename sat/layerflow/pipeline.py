@@ -37,7 +37,14 @@ from layerflow.runtime.parallel import groups_for
 from layerflow.runtime.parallel.guidance import split_guidance_batch
 from layerflow.runtime.parallel.vae_decode import decode_arguments
 from layerflow.sampling import DynamicCFG, ModelFn, StepCallback, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
-from layerflow.tasks import TaskLayout, insert_condition, remove_condition, split_condition
+from layerflow.tasks import (
+    FIRST_FRAME_COPY,
+    TaskLayout,
+    insert_condition,
+    remove_condition,
+    split_condition,
+    stack_layers,
+)
 from layerflow.weights.build import build_inference_network, build_text_encoder, build_vae
 from layerflow.weights.resolve import Weights, resolve_weights
 
@@ -149,9 +156,9 @@ class LayerFlowPipeline:
             )
         height, width = self.config.video_size
         filler = given[layout.given_layers[0]]
-        frames = []
+        layers = {}
         for span in layout.spans:
-            if span.name == "first_frame_copy":
+            if span.name == FIRST_FRAME_COPY:
                 continue
             video = given.get(span.name, filler)
             if tuple(video.shape) != (span.pixel_frames, 3, height, width):
@@ -159,11 +166,8 @@ class LayerFlowPipeline:
                     f"layer {span.name}: expected frames of shape "
                     f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}"
                 )
-            frames.append(video)
-        clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
-        if layout.repeats_first_frame:
-            clip = torch.cat([clip[:1], clip], dim=0)
-        return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+            layers[span.name] = video
+        return stack_layers(layers, layout)  # (1, 3, F, H, W)
 
     def encode_given_layers(self, given: Mapping[str, torch.Tensor], seed: int) -> torch.Tensor:
         """Clean latents of the given frames (1, T_cond, c, h, w), scaled like the engine's."""
@@ -232,7 +236,7 @@ class LayerFlowPipeline:
         return {
             span.name: video[span.pixel_start : span.pixel_stop]
             for span in self.layout.spans
-            if span.name != "first_frame_copy"
+            if span.name != FIRST_FRAME_COPY
         }
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ Legend for latent-frame ranges: ``[start, stop)`` along the latent time axis.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -275,6 +276,19 @@ def get_layout(task: Task | str, variant: Variant | str) -> TaskLayout:
         variants = ", ".join(v.value for v in Variant)
         raise ValueError(f"unknown task/variant {task!r}/{variant!r}: tasks are {tasks}; variants {variants}") from None
     return LAYOUTS[key]
+
+
+def stack_layers(layers: Mapping[str, torch.Tensor], layout: TaskLayout) -> torch.Tensor:
+    """Layer videos (F_layer, 3, H, W) by name -> the stacked clip (1, 3, F, H, W) the VAE encodes.
+
+    The layers go in the layout's order; a layout that repeats the first frame starts with a copy
+    of frame 0. ``layers`` must hold every video layer of the layout (the callers fill or check them).
+    """
+    frames = [layers[span.name] for span in layout.spans if span.name != FIRST_FRAME_COPY]
+    clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
+    if layout.repeats_first_frame:
+        clip = torch.cat([clip[:1], clip], dim=0)
+    return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
 
 
 def insert_condition(generated: torch.Tensor, condition: torch.Tensor, layout: TaskLayout) -> torch.Tensor:

@@ -429,6 +429,26 @@ def read_layer_with_alpha(
     return rgb, resize_for_rectangle_crop(alpha, size).clamp(0.0, 1.0)  # (t, 1, h, w)
 
 
+def read_foreground(
+    rgb_source: str | os.PathLike,
+    mask_source: str | os.PathLike | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    size: Sequence[int] = DEFAULT_SIZE,
+    start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The foreground and alpha layers (t, 3, h, w) each, in [-1, 1], exactly as the original builds them,
+    and the matte (t, 1, h, w) in [0, 1], from one read of the files.
+
+    The foreground is matted over grey at the source resolution and only then resized; the
+    alpha layer is the mask's RGB conversion (the alpha channel repeated for RGBA sources),
+    resized on its own; the matte is the grey mask (as in :func:`read_layer_with_alpha`).
+    """
+    colour, matte, mask_rgb = _colour_and_mask(rgb_source, mask_source, num_frames, start)
+    fg = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (t, 3, h0, w0)
+    alpha = resize_for_rectangle_crop(uint8_to_unit(matte), size).clamp(0.0, 1.0)  # (t, 1, h, w)
+    return resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size), alpha
+
+
 def read_foreground_layers(
     rgb_source: str | os.PathLike,
     mask_source: str | os.PathLike | None = None,
@@ -436,12 +456,6 @@ def read_foreground_layers(
     size: Sequence[int] = DEFAULT_SIZE,
     start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The foreground and alpha layers (t, 3, h, w) each, in [-1, 1], exactly as the original builds them.
-
-    The foreground is matted over grey at the source resolution and only then resized; the
-    alpha layer is the mask's RGB conversion (the alpha channel repeated for RGBA sources),
-    resized on its own. The RGB variant uses the foreground layer only.
-    """
-    colour, matte, mask_rgb = _colour_and_mask(rgb_source, mask_source, num_frames, start)
-    fg = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (t, 3, h0, w0)
-    return resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)
+    """The foreground and alpha layers of :func:`read_foreground`; the RGB variant uses the foreground only."""
+    fg, alpha_layer, _ = read_foreground(rgb_source, mask_source, num_frames, size, start)
+    return fg, alpha_layer

@@ -34,12 +34,11 @@ from layerflow.io.reader import (
     FRAME_SUFFIXES,
     LayerSourceError,
     _load_image,
-    read_foreground_layers,
+    read_foreground,
     read_layer_video,
-    read_layer_with_alpha,
     resize_for_rectangle_crop,
 )
-from layerflow.tasks import FIRST_FRAME_COPY, MASK_INPUT, Layer, TaskLayout
+from layerflow.tasks import MASK_INPUT, Layer, TaskLayout, stack_layers
 
 LAYER_NAMES = (Layer.FG, Layer.BG, Layer.BLEND)
 INPUT_NAMES = (Layer.FG, MASK_INPUT, Layer.BG, Layer.BLEND)
@@ -137,9 +136,7 @@ def _image_has_alpha(path: Path) -> bool:
 def _foreground(fg: Path, mask: Path | None, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Foreground layer, alpha layer (F, 3, H, W) in [-1, 1] and matte (F, 1, H, W) in [0, 1]."""
     if not is_image(fg) and (mask is None or not is_image(mask)):
-        layer, alpha_layer = read_foreground_layers(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-        _, matte = read_layer_with_alpha(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-        return layer, alpha_layer, matte
+        return read_foreground(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
     if not is_image(fg) or (mask is not None and not is_image(mask)):
         raise LayerSourceError(f"{fg}: a still foreground needs a still mask and a video one a video mask")
     if mask is None:
@@ -190,8 +187,4 @@ def stack_clip(sample: TrainingSample, layout: TaskLayout, size: tuple[int, int]
     except (LayerSourceError, OSError, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SampleError(f"{sample.where or sample.id}: {first}") from None
-    frames = [layers[span.name] for span in layout.spans if span.name != FIRST_FRAME_COPY]
-    clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
-    if layout.repeats_first_frame:
-        clip = torch.cat([clip[:1], clip], dim=0)
-    return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+    return stack_layers(layers, layout)  # (1, 3, F, H, W)
