@@ -31,12 +31,14 @@ class RunProgress:
                 total=total, initial=finished, desc="samples", unit="sample", dynamic_ncols=True, file=self.stream
             )
 
-    def start_sample(self, sample_id: str) -> StepCallback | None:
-        """Call when a sample starts; returns the sampler's per-step callback, or None."""
+    def start_sample(self, sample_id: str, num_steps: int | None = None) -> StepCallback | None:
+        """Call when a sample starts (``num_steps``: its own, when it overrides the run's); returns the
+        sampler's per-step callback, or None."""
         if self.mode != "bars":
             return None
+        total = self.num_steps if num_steps is None else num_steps
         self.steps_bar = tqdm(
-            total=self.num_steps, desc=f"  {sample_id}", unit="step", leave=False, dynamic_ncols=True, file=self.stream
+            total=total, desc=f"  {sample_id}", unit="step", leave=False, dynamic_ncols=True, file=self.stream
         )
         return lambda step, x: self.steps_bar.update(1)
 

@@ -132,10 +132,10 @@ def run_samples(
         )
     for sample in todo:
         start = time.perf_counter()
-        on_step = progress.start_sample(sample.id)
         failure = None
         try:
             run_config = sample_config(config, sample)
+            on_step = progress.start_sample(sample.id, run_config.sampling.num_steps)
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
             result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
