@@ -258,6 +258,7 @@ def _origin(origins: dict, path: str) -> str:
 
 
 def _convert(value, hint, path: str, origins: dict):
+    """``value`` from YAML as the type ``hint`` (a section, an optional switch, an enum, a tuple, a scalar)."""
     where = f"{path} (from {_origin(origins, path)})"
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -265,12 +266,7 @@ def _convert(value, hint, path: str, origins: dict):
             raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {type(value).__name__}")
         return _build(hint, value, path + ".", origins)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (options == [bool] and value == "auto"):
-            return None  # an optional switch left to the program: ``auto`` in YAML
-        if options == [bool] and not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true, false or auto, got {value!r}")
-        return _convert(value, options[0], path, origins)
+        return _convert_optional(value, hint, path, origins, where)
     if isinstance(hint, type) and issubclass(hint, (Task, Variant)):
         try:
             return hint(value)
@@ -282,6 +278,21 @@ def _convert(value, hint, path: str, origins: dict):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(_convert(v, item, f"{path}[{i}]", origins) for i, v in enumerate(value))
+    return _convert_scalar(value, hint, where)
+
+
+def _convert_optional(value, hint, path: str, origins: dict, where: str):
+    """``X | None``: ``None`` (or ``auto`` for an optional switch) leaves it to the program."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None or (options == [bool] and value == "auto"):
+        return None  # an optional switch left to the program: ``auto`` in YAML
+    if options == [bool] and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true, false or auto, got {value!r}")
+    return _convert(value, options[0], path, origins)
+
+
+def _convert_scalar(value, hint, where: str):
+    """A bool, int, float or str, checked (no bool passes as a number; ``1e-4`` passes as a float)."""
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
