@@ -258,16 +258,9 @@ def original_case(checkout: Path, config: LayerFlowConfig) -> dict:
 # -- ours ----------------------------------------------------------------------------------------------
 
 
-def build_our_pipeline(
-    case_dir: Path, case: dict, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
-) -> LayerFlowPipeline:
-    """Our pipeline for the case's task at its tiny sizes (every size from the fixture files).
-
-    The network is loaded from the case's checkpoint and the VAE from the fixtures' tiny VAE by the
-    pipeline's own loaders; ``extra`` are further ``section.key=value`` overrides (e.g.
-    ``runtime.merge_lora=true``).
-    """
-    task, variant = case["case"].split("_")
+def network_overrides(case: dict) -> list[str]:
+    """``model.network.*`` overrides giving our network the sizes and switches of a fixture case's
+    ``config.json`` (the original's tiny network, LoRA included)."""
     sizes, options = case["sizes"], case["options"]
     network = {
         key: sizes[key]
@@ -300,6 +293,21 @@ def build_our_pipeline(
         f"model.network.lora.{key}={json.dumps(options['lora'][key])}"
         for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")
     ]
+    return overrides
+
+
+def build_our_pipeline(
+    case_dir: Path, case: dict, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
+) -> LayerFlowPipeline:
+    """Our pipeline for the case's task at its tiny sizes (every size from the fixture files).
+
+    The network is loaded from the case's checkpoint and the VAE from the fixtures' tiny VAE by the
+    pipeline's own loaders; ``extra`` are further ``section.key=value`` overrides (e.g.
+    ``runtime.merge_lora=true``).
+    """
+    task, variant = case["case"].split("_")
+    options = case["options"]
+    overrides = network_overrides(case)
     vae_file = case_dir.parent / "vae" / "3d-vae.pt"
     vae = json.loads((case_dir.parent / "vae" / "vae.json").read_text(encoding="utf-8"))["encoder"]["params"]
     overrides += [

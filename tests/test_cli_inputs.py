@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny
 
 from layerflow.cli.generate import main
 
 CONFIGS = REPO_ROOT / "configs"
-
-
-def tiny(task: str, variant: str = "rgb") -> list[str]:
-    return [
-        "--base",
-        str(CONFIGS / "model.yaml"),
-        str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
-        str(CONFIGS / "tiny.yaml"),
-    ]
 
 
 def prompt_files(folder, layers=("fg", "bg", "blend"), text="a thing\n"):

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from conftest import REPO_ROOT
+import pytest
+from conftest import REPO_ROOT, tiny_config
 
 CONFIGS = REPO_ROOT / "configs"
 
 
+@pytest.mark.slow
 def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     ids = ["first", "second"]
@@ -72,9 +74,8 @@ def test_a_per_sample_step_count_reaches_its_progress_bar(tmp_path, monkeypatch)
     """A manifest line's ``sampling.num_steps`` is the total of that sample's step bar, not the run's."""
     from layerflow.batch.manifest import Sample
     from layerflow.batch.runner import run_samples
-    from layerflow.config import load_config
 
-    config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", CONFIGS / "tiny.yaml"])
+    config = tiny_config("gen_rgb")
     prompts = {"fg": "a", "bg": "b", "blend": "c"}
     samples = [Sample("run-steps", prompts), Sample("own-steps", prompts, overrides={"sampling.num_steps": 3})]
 

@@ -11,13 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny, tiny_config
 from PIL import Image
 
 from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
 from layerflow.cli.command import SUBCOMMANDS, main
-from layerflow.config import load_config
 from layerflow.io.pixels import LayerSourceError
 from layerflow.io.reader import layer_provenance, read_clip_frames, resolve_layer_source
 from layerflow.io.synthetic import layered_clip, write_layered_clip
@@ -25,14 +24,6 @@ from layerflow.io.synthetic import layered_clip, write_layered_clip
 CONFIGS = REPO_ROOT / "configs"
 PICKED = np.linspace(0, 14, 16).astype(int)  # the 16 frames sampling takes from a 16-frame clip
 SIZE = ["--size", "64x96"]
-
-
-def tiny(name: str) -> list[str]:
-    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"), str(CONFIGS / "tiny.yaml")]
-
-
-def tiny_config(name: str):
-    return load_config(tiny(name)[1:])
 
 
 def run(capsys, argv):
@@ -226,6 +217,7 @@ def test_reuse_needs_the_straight_export(tmp_path, clip):
         resolve_layer_source(folder, "fg", with_alpha=True)
 
 
+@pytest.mark.slow
 def test_convert_and_no_traceback(tmp_path, capsys):
     state = {"model.diffusion_model.weight": torch.arange(6.0).reshape(2, 3)}
     torch.save({"module": state}, tmp_path / "ckpt.pt")
@@ -270,7 +262,7 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
         main(
             [
                 "generate",
-                *tiny("fg2bg_rgba"),
+                *tiny("fg2bg", "rgba"),
                 "--prompt-dir",
                 str(prompts),
                 "--input",

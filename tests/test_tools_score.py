@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_files
 from PIL import Image
 
 from layerflow.batch.sample_folder import write_layer_files
@@ -135,7 +135,7 @@ def test_premultiply_known_values():
 
 
 def test_alpha_mode_is_validated():
-    files = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", CONFIGS / "tiny.yaml"]
+    files = tiny_files("gen_rgba")
     assert load_config(files).output.alpha_mode == "straight"
     assert load_config(files, ["output.alpha_mode=both"]).output.alpha_mode == "both"
     with pytest.raises(ConfigError) as error:
@@ -237,6 +237,7 @@ def test_meta_scores_match_the_score_of_the_files(tmp_path):
     assert Image.open(tmp_path / "gen_rgba" / "contact_sheet.png").mode == "RGB"
 
 
+@pytest.mark.slow
 def test_scores_can_be_turned_off(tmp_path):
     from layerflow.cli.generate import main
 
