@@ -225,7 +225,7 @@ def test_convert_and_no_traceback(tmp_path, capsys):
     code, out, _ = run(capsys, ["convert", str(tmp_path / "ckpt.pt"), str(target), "--task", "gen", "--variant", "rgb"])
     assert code == 0 and target.is_file() and "1 tensors" in out
     result = subprocess.run(
-        [sys.executable, "-m", "layerflow.cli.command", "score", str(tmp_path)],
+        [sys.executable, "-m", "layerflow.cli", "score", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
