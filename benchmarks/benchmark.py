@@ -40,11 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
+from layerflow.batch.sample_folder import write_sample  # noqa: E402
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
 from layerflow.io.atomic import write_text_atomic  # noqa: E402
-from layerflow.io.sample_folder import write_sample  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
-from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed  # noqa: E402
+from layerflow.runtime.devices import SpeedPlan, cpu_threads, resolve_placement, resolve_speed  # noqa: E402
 from layerflow.tasks import TaskLayout  # noqa: E402
 from layerflow.weights.checkpoint import CheckpointError  # noqa: E402
 from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights  # noqa: E402
@@ -276,10 +276,12 @@ def run_benchmark(
     warmup: int,
     output: Path | None,
     progress: Callable[[str], None] = lambda message: None,
+    speed: SpeedPlan | None = None,
 ) -> dict:
-    """Load once, then ``warmup`` untimed and ``repeats`` timed runs; ``output`` None writes no files."""
+    """Load once, then ``warmup`` untimed and ``repeats`` timed runs; ``output`` None writes no files.
+    ``speed``: the plan resolved before loading (resolved here when left out)."""
     start = time.perf_counter()
-    pipeline = LayerFlowPipeline(config, weights=weights)
+    pipeline = LayerFlowPipeline(config, weights=weights, speed=speed)
     device = pipeline.placement.compute_device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -327,20 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, weights, text_encoder_note = prepare_config(args)
         # a device or attention kernel this machine lacks: one line before any model loads
-        resolve_speed(config.runtime, resolve_placement(config.runtime), config.network.head_dim)
+        speed = resolve_speed(config.runtime, resolve_placement(config.runtime), config.network.head_dim)
     except (ConfigError, MissingWeightsError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report_progress = lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True)
     with cpu_threads(config.runtime.cpu_threads):  # the thread count sample_video.py runs with
         if args.no_write:
-            result = run_benchmark(config, weights, args.repeats, args.warmup, None, report_progress)
+            result = run_benchmark(config, weights, args.repeats, args.warmup, None, report_progress, speed)
         elif args.output is not None:
             args.output.mkdir(parents=True, exist_ok=True)
-            result = run_benchmark(config, weights, args.repeats, args.warmup, args.output, report_progress)
+            result = run_benchmark(config, weights, args.repeats, args.warmup, args.output, report_progress, speed)
         else:
             with tempfile.TemporaryDirectory(prefix="layerflow-bench-") as folder:
-                result = run_benchmark(config, weights, args.repeats, args.warmup, Path(folder), report_progress)
+                result = run_benchmark(config, weights, args.repeats, args.warmup, Path(folder), report_progress, speed)
     result.update(
         {
             "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],

@@ -61,11 +61,10 @@ sys.path.insert(0, str(REPO_ROOT / "sat"))
 
 from layerflow.config import ConfigError, LayerFlowConfig, load_config  # noqa: E402
 from layerflow.io.atomic import write_text_atomic  # noqa: E402
-from layerflow.models.dit import LayerFlowDiT  # noqa: E402
 from layerflow.pipeline import LayerFlowPipeline  # noqa: E402
 from layerflow.runtime.distributed import ensure_model_parallel  # noqa: E402
+from layerflow.weights.build import build_network  # noqa: E402
 from layerflow.weights.checkpoint import NETWORK_PREFIX  # noqa: E402
-from layerflow.weights.random import randomize_  # noqa: E402
 from layerflow.weights.resolve import Weights  # noqa: E402
 
 DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
@@ -259,16 +258,9 @@ def original_case(checkout: Path, config: LayerFlowConfig) -> dict:
 # -- ours ----------------------------------------------------------------------------------------------
 
 
-def build_our_pipeline(
-    case_dir: Path, case: dict, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
-) -> LayerFlowPipeline:
-    """Our pipeline for the case's task at its tiny sizes (every size from the fixture files).
-
-    The network is loaded from the case's checkpoint and the VAE from the fixtures' tiny VAE by the
-    pipeline's own loaders; ``extra`` are further ``section.key=value`` overrides (e.g.
-    ``runtime.merge_lora=true``).
-    """
-    task, variant = case["case"].split("_")
+def network_overrides(case: dict) -> list[str]:
+    """``model.network.*`` overrides giving our network the sizes and switches of a fixture case's
+    ``config.json`` (the original's tiny network, LoRA included)."""
     sizes, options = case["sizes"], case["options"]
     network = {
         key: sizes[key]
@@ -301,6 +293,21 @@ def build_our_pipeline(
         f"model.network.lora.{key}={json.dumps(options['lora'][key])}"
         for key in ("motion_r", "spatial_r", "lora_alpha", "is_switch", "is_stage1")
     ]
+    return overrides
+
+
+def build_our_pipeline(
+    case_dir: Path, case: dict, num_steps: int, seed: int, extra: list[str] | tuple[str, ...] = ()
+) -> LayerFlowPipeline:
+    """Our pipeline for the case's task at its tiny sizes (every size from the fixture files).
+
+    The network is loaded from the case's checkpoint and the VAE from the fixtures' tiny VAE by the
+    pipeline's own loaders; ``extra`` are further ``section.key=value`` overrides (e.g.
+    ``runtime.merge_lora=true``).
+    """
+    task, variant = case["case"].split("_")
+    options = case["options"]
+    overrides = network_overrides(case)
     vae_file = case_dir.parent / "vae" / "3d-vae.pt"
     vae = json.loads((case_dir.parent / "vae" / "vae.json").read_text(encoding="utf-8"))["encoder"]["params"]
     overrides += [
@@ -356,11 +363,16 @@ def random_config(
     )
 
 
+def random_weights(config: LayerFlowConfig) -> Weights:
+    """Seeded random network and VAE; T5 is never loaded (the text states are given)."""
+    return Weights(random=True, checkpoint="", vae="", text_encoder=Path(config.model.text_encoder.path))
+
+
 def random_network_state(config: LayerFlowConfig) -> dict[str, torch.Tensor]:
     """The float32 weights our pipeline gives its network for ``config`` (seeded, before any merge),
     under the original engine's key names."""
     ensure_model_parallel()
-    network = randomize_(LayerFlowDiT(config.network, device="cpu", dtype=torch.float32), config.sampling.seed)
+    network = build_network(config, random_weights(config))  # the builder the pipeline uses
     return {NETWORK_PREFIX + key: value for key, value in network.state_dict().items()}
 
 
@@ -496,7 +508,7 @@ def compare_random(
     layout, network = config.layout, config.network
     engines, placeholders = import_original(checkout)
     state = random_network_state(config)
-    weights = Weights(random=True, checkpoint="", vae="", text_encoder=Path(config.model.text_encoder.path))
+    weights = random_weights(config)
     start = time.perf_counter()
     pipeline = LayerFlowPipeline(config, weights=weights)  # the same seeded weights; T5 is never loaded
     load_ours = time.perf_counter() - start

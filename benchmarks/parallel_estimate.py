@@ -34,8 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sat"))
 
 from layerflow.config import LayerFlowConfig, load_config  # noqa: E402
-from layerflow.models.vae import CausalVideoVAE, RegionShare  # noqa: E402
+from layerflow.models.vae import CausalVideoVAE  # noqa: E402
 from layerflow.runtime.parallel.layout import check_layout, sequence_length, token_chunks  # noqa: E402
+from layerflow.runtime.parallel.vae_decode import RegionShare  # noqa: E402
 
 GUIDANCE_BATCH = 2  # unconditional + conditional
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from layerflow.cli import main
+from layerflow.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from layerflow.training.cli import main
+from layerflow.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-"$PYTHON" -m layerflow.demo "${1:-outputs/demo}"
+"$PYTHON" -m layerflow.cli demo "${1:-outputs/demo}"

@@ -23,7 +23,10 @@ if [ ! -f "$stamp" ]; then
     "$PYTHON" -m pip install --quiet -r "$repo_root/requirements.txt"
     touch "$stamp"
 fi
-# the `layerflow` command: an editable install of sat/layerflow only (`sat` stays SwissArmyTransformer)
-[ -x "$env_dir/bin/layerflow" ] || "$PYTHON" -m pip install --quiet --no-deps -e "$repo_root"
+# the `layerflow` command: an editable install of sat/layerflow only (`sat` stays SwissArmyTransformer),
+# made again when the installed script calls an older entry point than pyproject.toml's
+entry_point="$(sed -n 's/^layerflow = "\(.*\):main"$/\1/p' "$repo_root/pyproject.toml")"
+grep -qs "from $entry_point import main" "$env_dir/bin/layerflow" ||
+    "$PYTHON" -m pip install --quiet --no-deps -e "$repo_root"
 export PYTHON
 export PYTHONPATH="$repo_root/sat${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the reference fixtures live and the repository paths."""
+"""Shared test fixtures: where the reference fixtures live, the repository paths and the tiny model's configs."""
 
 import os
 from pathlib import Path
@@ -6,12 +6,48 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+def tiny_files(name: str = "gen_rgb") -> list[Path]:
+    """The config files of the tiny built-in model for a task and variant (``"fg2bg_rgba"``)."""
+    return [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"]
+
+
+def tiny(task: str = "gen", variant: str = "rgb") -> list[str]:
+    """``--base`` and those files, as a command line takes them."""
+    return ["--base", *(str(path) for path in tiny_files(f"{task}_{variant}"))]
+
+
+def tiny_config(name: str = "gen_rgb", *overrides: str):
+    """The tiny model's validated config for a task and variant, with ``--set``-style overrides."""
+    from layerflow.config import load_config
+
+    return load_config(tiny_files(name), overrides)
+
+
+# The fixture set the original's code made for this repository; tests/fixtures/training/ was recorded on it.
+SHARED_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 
 
 def reference_fixture_dir() -> Path:
-    """The reference fixture directory: $LAYERFLOW_REFERENCE_FIXTURES or ../shared/fixtures/reference."""
-    default = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
-    return Path(os.environ.get("LAYERFLOW_REFERENCE_FIXTURES", default))
+    """The reference fixture directory: $LAYERFLOW_REFERENCE_FIXTURES or ../shared/fixtures/reference.
+
+    Tests on it hold for any set the original's code makes (other sizes, seeds): they read every size
+    and value from its files.
+    """
+    return Path(os.environ.get("LAYERFLOW_REFERENCE_FIXTURES", SHARED_REFERENCE_DIR))
+
+
+@pytest.fixture(scope="session")
+def shared_reference_dir() -> Path:
+    """The shared set itself, for data recorded on it (tests/fixtures/training/), whatever the variable says."""
+    if not SHARED_REFERENCE_DIR.is_dir():
+        pytest.skip(
+            f"the recorded training batches belong to the shared reference set {SHARED_REFERENCE_DIR}, "
+            f"which is absent (LAYERFLOW_REFERENCE_FIXTURES cannot stand in for it)"
+        )
+    return SHARED_REFERENCE_DIR
 
 
 @pytest.fixture(scope="session", autouse=True)

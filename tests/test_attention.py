@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_cases
+from conftest import reference_cases, tiny, tiny_config
 from reference import batch_major_context, case_dit_config, case_layout, load_pt
-from test_reliability import FAST, cli, one_error, prompt_dir, tiny
+from test_reliability import FAST, cli, one_error, prompt_dir
 
-from layerflow.config import ConfigError, load_config
+from layerflow.config import ConfigError
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.pipeline import conditioned_denoiser
 from layerflow.runtime.attention import (
@@ -37,11 +37,6 @@ CASE = reference_cases()[0]
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def tiny_config(*overrides: str):
-    argv = tiny()
-    return load_config(argv[1:], overrides)
 
 
 # -- the kernels ------------------------------------------------------------------------------------
@@ -113,7 +108,7 @@ def test_auto_never_picks_an_inexact_kernel():
 
 def test_unknown_attention_value_lists_the_valid_ones():
     with pytest.raises(ConfigError) as error:
-        tiny_config("runtime.attention=flashy")
+        tiny_config("gen_rgb", "runtime.attention=flashy")
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("runtime.attention = 'flashy' (from --set runtime.attention=flashy): expected one of")
@@ -125,24 +120,38 @@ def test_unknown_attention_value_lists_the_valid_ones():
 def test_faithful_refuses_a_fast_path_switch(switch):
     key = switch.partition("=")[0]
     with pytest.raises(ConfigError, match=rf"^runtime.{key} = .*while runtime.faithful is true"):
-        tiny_config("runtime.faithful=true", f"runtime.{switch}")
+        tiny_config("gen_rgb", "runtime.faithful=true", f"runtime.{switch}")
 
 
 def test_switches_take_auto_true_or_false():
-    assert tiny_config("runtime.merge_lora=auto").runtime.merge_lora is None
-    assert tiny_config("runtime.compile=false").runtime.compile is False
+    assert tiny_config("gen_rgb", "runtime.merge_lora=auto").runtime.merge_lora is None
+    assert tiny_config("gen_rgb", "runtime.compile=false").runtime.compile is False
     with pytest.raises(ConfigError, match="runtime.merge_lora .*expected true, false or auto, got 'sometimes'"):
-        tiny_config("runtime.merge_lora=sometimes")
+        tiny_config("gen_rgb", "runtime.merge_lora=sometimes")
 
 
 def test_cpu_default_is_the_faithful_path_and_a_fast_switch_leaves_it():
     placement = Placement(compute_device=CPU, dtype=torch.float32)
     default = resolve_speed(tiny_config().runtime, placement, 16)
     assert default.describe() == {"faithful": True, "attention": "original", "merge_lora": False, "compile": False}
-    fast = resolve_speed(tiny_config("runtime.attention=math").runtime, placement, 16)
+    fast = resolve_speed(tiny_config("gen_rgb", "runtime.attention=math").runtime, placement, 16)
     assert fast.describe() == {"faithful": False, "attention": "math", "merge_lora": True, "compile": False}
-    unfaithful = resolve_speed(tiny_config("runtime.faithful=false").runtime, placement, 16)
+    unfaithful = resolve_speed(tiny_config("gen_rgb", "runtime.faithful=false").runtime, placement, 16)
     assert unfaithful.attention.name == "flash" and unfaithful.merge_lora and unfaithful.passed_over
+
+
+def test_with_ulysses_the_plan_names_the_attention_that_runs():
+    """The heads exchanged by Ulysses go through PyTorch's default attention, whatever ``auto`` would pick."""
+    placement = Placement(compute_device=CPU, dtype=torch.float32)
+    split = resolve_speed(
+        tiny_config("gen_rgb", "runtime.faithful=false", "runtime.parallel.ulysses=2").runtime, placement, 16
+    )
+    assert split.attention is FAITHFUL and split.describe()["attention"] == "original"
+    assert split.passed_over == ("every kernel: runtime.parallel.ulysses = 2 runs PyTorch's default attention",)
+    with pytest.raises(AttentionUnavailable, match=r"^runtime.attention = math: not used with runtime.parallel"):
+        resolve_speed(
+            tiny_config("gen_rgb", "runtime.attention=math", "runtime.parallel.ulysses=2").runtime, placement, 16
+        )
 
 
 # -- the fast path against the faithful one ---------------------------------------------------------
@@ -235,6 +244,7 @@ def test_cli_refuses_a_kernel_that_cannot_run_here(tmp_path, capsys):
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_fast_path_run_records_its_kernel_and_what_auto_passed_over(tmp_path, capsys):
     prompts = ["--prompt-dir", str(prompt_dir(tmp_path / "prompts"))]
     output = tmp_path / "out"

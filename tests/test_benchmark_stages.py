@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 
-from layerflow.config import load_config
 from layerflow.pipeline import LayerFlowPipeline, _StageClock
 from layerflow.runtime.devices import Placement
 
@@ -107,9 +106,7 @@ def allocating(pipeline: LayerFlowPipeline, memory: CountingMemory, stage: str):
     ],
 )
 def test_generate_names_times_and_peaks_every_stage(name, stages, monkeypatch):
-    config = load_config(
-        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"], ["sampling.num_steps=2"]
-    )
+    config = tiny_config(name, "sampling.num_steps=2")
     pipeline = LayerFlowPipeline(config)
     assert pipeline.memory is None  # on the CPU nothing is measured, so nothing is reported
     height, width = config.video_size
@@ -171,10 +168,7 @@ def test_sample_meta_records_the_stage_peaks_when_there_are_some(tmp_path):
     from layerflow.batch.manifest import Sample
     from layerflow.batch.runner import run_samples
 
-    config = load_config(
-        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml", CONFIGS / "tiny.yaml"],
-        ["sampling.num_steps=2", "output.preview=false"],
-    )
+    config = tiny_config("gen_rgb", "sampling.num_steps=2", "output.preview=false")
     pipeline = LayerFlowPipeline(config)
     memory = CountingMemory()
     memory.use(3 * 2**29)  # 1.5 GiB resident through every stage, which allocate nothing more

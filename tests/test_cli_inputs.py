@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny
 
-from layerflow.cli import main
+from layerflow.cli.generate import main
 
 CONFIGS = REPO_ROOT / "configs"
-
-
-def tiny(task: str, variant: str = "rgb") -> list[str]:
-    return [
-        "--base",
-        str(CONFIGS / "model.yaml"),
-        str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
-        str(CONFIGS / "tiny.yaml"),
-    ]
 
 
 def prompt_files(folder, layers=("fg", "bg", "blend"), text="a thing\n"):
@@ -136,7 +127,7 @@ def test_missing_real_weights_name_every_file(tmp_path, capsys, monkeypatch):
 
 def inline_samples(tmp_path, *argv):
     """The samples that ``argv`` (prompt options) makes for gen_rgb, from ``tmp_path`` as the current folder."""
-    from layerflow.cli import collect_samples, parse_args
+    from layerflow.cli.generate import collect_samples, parse_args
     from layerflow.config import load_config
 
     base = tiny("gen")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
+from reference import case_config
 
 from layerflow.pipeline import LayerFlowPipeline
 from layerflow.weights.checkpoint import NETWORK_PREFIX
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.usefixtures("model_parallel")
 
 @pytest.mark.parametrize("case", ["gen_rgba", "fg2bg_rgb"])
 def test_random_weights_fit_the_original_checkpoint_keys_and_equal_ours(reference_dir, case):
-    config = compare_original.random_config(case, "tiny", "cpu", num_steps=2, seed=5)
+    """At the fixture set's own sizes (read from its config.json), whichever set the original made."""
+    sizes = compare_original.network_overrides(case_config(reference_dir / case))
+    config = compare_original.random_config(case, "tiny", "cpu", num_steps=2, seed=5, extra=sizes)
     state = compare_original.random_network_state(config)
     recorded = torch.load(
         reference_dir / case / "ckpt" / "1" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
@@ -43,7 +46,7 @@ def test_random_weights_fit_the_original_checkpoint_keys_and_equal_ours(referenc
     weights = Weights(random=True, checkpoint="", vae="", text_encoder=Path("unused"))
     ours = LayerFlowPipeline(config, weights=weights).network.state_dict()
     assert all(torch.equal(ours[key.removeprefix(NETWORK_PREFIX)], value) for key, value in state.items())
-    other_seed = compare_original.random_network_state(compare_original.random_config(case, "tiny", "cpu", 2, 6))
+    other_seed = compare_original.random_network_state(compare_original.random_config(case, "tiny", "cpu", 2, 6, sizes))
     assert not all(torch.equal(other_seed[key], value) for key, value in state.items())
 
 
@@ -86,6 +89,7 @@ def test_device_and_seed_need_the_random_weights_mode():
     not os.environ.get("LAYERFLOW_ORIGINAL"),
     reason="set LAYERFLOW_ORIGINAL to a checkout of SihuiJi/LayerFlow to run the original",
 )
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gen_rgb", "fg2bg_rgba"])
 def test_tiny_random_comparison_agrees_bit_for_bit(case):
     result = compare_original.compare_random(

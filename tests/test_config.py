@@ -132,3 +132,59 @@ def test_the_old_twin_model_files_point_to_the_merged_one(tmp_path):
 def test_the_task_file_gives_the_position_table_length(name, frames):
     task, variant = name.split("_")
     assert load_config(base(task, variant)).network.num_frames == frames
+
+
+# Keys every task file sets (they have no default or differ per task); model.yaml leaves them out.
+TASK_FILE_KEYS = {
+    "task.name",
+    "task.variant",
+    "model.checkpoint",
+    "model.network.num_frames",
+    "model.network.text_length",  # follows from the task's prompts; setting another value is an error
+    "model.network.learnable_txt_embed",
+    "model.network.learnable_pos_embed",
+}
+
+
+def config_fields(cls, prefix: str = ""):
+    """(dotted key, default or MISSING) of every leaf field of a config dataclass, nested sections walked."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "sources":
+            continue
+        hint = hints[f.name]
+        section = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if dataclasses.is_dataclass(section):
+            yield from config_fields(section, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", default
+
+
+def test_model_yaml_lists_every_key_with_its_default():
+    import dataclasses
+
+    import yaml
+
+    from layerflow.config import LayerFlowConfig
+
+    raw = yaml.safe_load((CONFIGS / "model.yaml").read_text())
+    config = load_config(base("gen", "rgb"))
+    fields = dict(config_fields(LayerFlowConfig))
+    assert TASK_FILE_KEYS <= set(fields)
+    missing, wrong = [], []
+    for key, default in fields.items():
+        if key in TASK_FILE_KEYS:
+            continue
+        section, value = raw, config
+        for part in key.split("."):
+            section = section.get(part, {}) if isinstance(section, dict) else {}
+            value = getattr(value, part)
+        if section == {}:
+            missing.append(key)
+        elif default is dataclasses.MISSING or value != default:
+            wrong.append(f"{key}: model.yaml gives {value!r}, the dataclass default is {default!r}")
+    assert missing == [] and wrong == []

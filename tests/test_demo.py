@@ -10,13 +10,12 @@ import sys
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 from PIL import Image
 
 from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
-from layerflow.config import load_config
-from layerflow.demo import run_demo
+from layerflow.cli.demo import run_demo
 from layerflow.io.output_folder import SAMPLE_MARKER
 from layerflow.io.synthetic import layered_clip, write_layered_clip
 from layerflow.tasks import LAYOUTS
@@ -25,10 +24,6 @@ pytestmark = pytest.mark.slow
 
 CONFIGS = REPO_ROOT / "configs"
 NAMES = [layout.name for layout in LAYOUTS.values()]
-
-
-def tiny_config(name: str):
-    return load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"])
 
 
 def decode(path, pix_fmt: str = "rgb24") -> np.ndarray:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from layerflow.cli import EXIT_USAGE, main
+from layerflow.cli.exits import EXIT_USAGE
+from layerflow.cli.generate import main
 from layerflow.config import ConfigError, load_config
 from layerflow.runtime.devices import Placement, cpu_threads
 

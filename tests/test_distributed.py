@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny
 
 from layerflow.io.output_folder import OutputFolder, OutputFolderError
 
 pytestmark = pytest.mark.slow
 
 CONFIGS = REPO_ROOT / "configs"
-BASE = ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / "gen_rgb.yaml"), str(CONFIGS / "tiny.yaml")]
+BASE = tiny("gen", "rgb")
 FAST = ["--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress"]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 

@@ -221,7 +221,7 @@ def test_unknown_extra_keys_are_refused(reference_dir, tmp_path):
 
 
 def test_convert_command_round_trip(reference_dir, tmp_path):
-    from layerflow.convert import main as convert
+    from layerflow.cli.convert import main as convert
 
     case_dir = reference_dir / CASES[0]
     layout = case_layout(case_dir)

@@ -21,8 +21,9 @@ from PIL import Image
 
 from layerflow.batch.given import check_given_layers, given_layer_sources, read_given_layers
 from layerflow.batch.manifest import Sample
+from layerflow.batch.sample_folder import write_layer_files
+from layerflow.cli.command import main
 from layerflow.config import ConfigError, OutputSection, load_config
-from layerflow.console import main
 from layerflow.io.pixels import LayerSourceError, alpha_to_layer
 from layerflow.io.reader import (
     read_clip_frames,
@@ -31,7 +32,6 @@ from layerflow.io.reader import (
     resize_for_rectangle_crop,
     resolve_layer_source,
 )
-from layerflow.io.sample_folder import write_layer_files
 from layerflow.io.writer import (
     available_alpha_codecs,
     write_alpha_video,

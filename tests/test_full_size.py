@@ -16,7 +16,7 @@ from layerflow.weights.checkpoint import NETWORK_PREFIX
 
 CONFIGS = [f"{task.value}_{variant.value}" for task, variant in LAYOUTS]
 
-pytestmark = pytest.mark.usefixtures("model_parallel")
+pytestmark = [pytest.mark.usefixtures("model_parallel"), pytest.mark.slow]  # full-size networks, on the meta device
 
 
 def released_config(name: str):

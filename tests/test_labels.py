@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from layerflow.io.labels import BOX_SHADE, TEXT_SHADE, label_frame, label_height, labelled_side_by_side
-from layerflow.tools.contact_sheet import (
+from layerflow.io.contact_sheet import (
     GAP,
     GAP_SHADE,
     cell_size,
@@ -17,6 +16,7 @@ from layerflow.tools.contact_sheet import (
     named_layer_rows,
     write_contact_sheet,
 )
+from layerflow.io.labels import BOX_SHADE, TEXT_SHADE, label_frame, label_height, labelled_side_by_side
 
 H, W = 64, 96
 

@@ -8,7 +8,7 @@ from conftest import reference_cases
 from reference import case_config, case_layout
 
 from layerflow.geometry import latent_frames_for
-from layerflow.tasks import LAYOUTS, insert_condition, remove_condition, split_condition
+from layerflow.tasks import LAYOUTS, Task, Variant, insert_condition, remove_condition, split_condition
 
 CONDITIONAL = [layout for layout in LAYOUTS.values() if layout.condition is not None]
 
@@ -67,3 +67,27 @@ def test_given_inputs_follow_the_layer_table():
         assert ("mask" in layout.accepted_inputs) == (rgba and "fg" in given)
         assert layout.check_input_names(set(given)) == ([], [])
         assert layout.check_input_names({"alpha", *given}) == ([], ["alpha"]), "alpha comes with the fg file"
+
+
+def test_a_layer_is_its_short_name_in_every_use():
+    """Layer members meet code that still says "fg": equal, same hash, and shown as fg in text and JSON."""
+    import json
+
+    from layerflow.tasks import Layer
+
+    assert Layer.FG == "fg" and {"fg": 1}[Layer.FG] == 1 and {Layer.BG: 2}["bg"] == 2
+    assert f"{Layer.BLEND}.txt" == "blend.txt" and str(Layer.ALPHA) == "alpha"
+    assert json.dumps({Layer.FG: [Layer.BG]}) == '{"fg": ["bg"]}'
+    layout = LAYOUTS[(Task.DECOMPOSITION, Variant.RGBA)]
+    assert f"takes {list(layout.prompt_layers)}" == "takes ['fg', 'bg']"  # messages read as before
+    assert all(isinstance(name, Layer) for name in layout.video_layers + layout.prompt_layers + layout.given_layers)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=lambda layout: layout.name)
+def test_each_task_config_points_at_its_release_folder(layout):
+    import yaml
+    from conftest import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tasks" / f"{layout.name}.yaml").read_text())
+    assert config["model"]["checkpoint"] == f"ckpts_2b_lora/{layout.release_folder}"
+    assert layout.release_folder in layout.download and layout.download.startswith("https://")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config, tiny_files
 
 from layerflow.config import ConfigError, load_config
 
@@ -41,10 +41,7 @@ def test_live_bytes_of_a_known_op_sequence():
 
 @pytest.fixture(scope="module")
 def tiny_fg2bg():
-    return load_config(
-        [CONFIGS / "model.yaml", CONFIGS / "tasks" / "fg2bg_rgba.yaml", CONFIGS / "tiny.yaml"],
-        ["runtime.dtype=bfloat16"],
-    )
+    return tiny_config("fg2bg_rgba", "runtime.dtype=bfloat16")
 
 
 def test_decode_stage_counts_the_resident_weights(tiny_fg2bg):
@@ -110,7 +107,7 @@ def test_pipeline_streams_the_encode_and_decode_it_is_configured_for():
 
     from layerflow.pipeline import LayerFlowPipeline
 
-    files = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "fg2bg_rgba.yaml", CONFIGS / "tiny.yaml"]
+    files = tiny_files("fg2bg_rgba")
     pipeline = LayerFlowPipeline(load_config(files))
     layout, config = pipeline.layout, pipeline.config
     height, width = config.video_size

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import REPO_ROOT
+from conftest import tiny_config as tiny_model_config
 
 from layerflow.config import ConfigError, load_config
 from layerflow.runtime.parallel.layout import GroupLayout, check_layout, token_chunks
@@ -28,10 +29,7 @@ SEED = 11
 
 
 def tiny_config(name: str, *overrides: str):
-    return load_config(
-        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
-        ["sampling.num_steps=3", *overrides],
-    )
+    return tiny_model_config(name, "sampling.num_steps=3", *overrides)
 
 
 def inputs(config) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -258,7 +256,7 @@ def test_a_pipeline_refuses_groups_it_was_not_set_up_for():
 
 
 def test_bad_layout_stops_the_cli_before_loading(capsys, tmp_path):
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n", encoding="utf-8")

@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 
-from layerflow.config import load_config
 from layerflow.pipeline import InputError, LayerFlowPipeline
 
 CONFIGS = REPO_ROOT / "configs"
@@ -16,11 +15,7 @@ PROMPTS = {"fg": "a red ball", "bg": "a green field", "blend": "a red ball on a 
 
 
 def tiny_pipeline(name: str, *overrides: str) -> LayerFlowPipeline:
-    config = load_config(
-        [CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", CONFIGS / "tiny.yaml"],
-        ["sampling.num_steps=2", *overrides],
-    )
-    return LayerFlowPipeline(config)
+    return LayerFlowPipeline(tiny_config(name, "sampling.num_steps=2", *overrides))
 
 
 @pytest.fixture(scope="module")

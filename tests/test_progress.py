@@ -9,8 +9,8 @@ import torch
 from conftest import REPO_ROOT
 
 from layerflow.batch.progress import FINISHING_STAGES, RunProgress
+from layerflow.cli.command import main
 from layerflow.config import load_config
-from layerflow.console import main
 from layerflow.io.synthetic import write_layered_clip
 
 CONFIGS = REPO_ROOT / "configs"

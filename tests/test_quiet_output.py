@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
-from conftest import REPO_ROOT
+import pytest
+from conftest import REPO_ROOT, tiny_config
 
 CONFIGS = REPO_ROOT / "configs"
 
 
+@pytest.mark.slow
 def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     ids = ["first", "second"]
@@ -60,3 +64,37 @@ def test_a_logged_run_prints_one_line_per_sample_and_no_library_noise(tmp_path):
     assert len(err) == len(progress) + 1, err
     assert result.stdout.startswith("rank 0: 2 done, 0 skipped (already complete), 1 failed"), result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.jsonl", "out"], "no .cache/ in the current folder"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_per_sample_step_count_reaches_its_progress_bar(tmp_path, monkeypatch):
+    """A manifest line's ``sampling.num_steps`` is the total of that sample's step bar, not the run's."""
+    from layerflow.batch.manifest import Sample
+    from layerflow.batch.progress import FINISHING_STAGES
+    from layerflow.batch.runner import run_samples
+
+    config = tiny_config("gen_rgb")
+    prompts = {"fg": "a", "bg": "b", "blend": "c"}
+    samples = [Sample("run-steps", prompts), Sample("own-steps", prompts, overrides={"sampling.num_steps": 3})]
+
+    class CountingPipeline:
+        speed = SimpleNamespace(passed_over=(), describe=dict)
+
+        def generate(self, prompts, given, seed, sampling, on_step, on_stage=None):
+            for step in range(sampling.num_steps):
+                on_step(step, None)
+            raise RuntimeError("stop before writing")  # the bars are what this test reads
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    summary = run_samples(config, samples, tmp_path / "out", lambda config: CountingPipeline())
+    assert sorted(summary.failed) == ["own-steps", "run-steps"]
+    assert config.sampling.num_steps == 4
+    shown = terminal.getvalue()
+    totals = dict(re.findall(r"  ([\w-]+):\s+0%\|[^|]*\| 0/(\d+) ", shown))  # each step bar as it opens
+    finishing = len(FINISHING_STAGES)  # a sample's bar also counts its decode and writing
+    assert totals == {"run-steps": str(4 + finishing), "own-steps": str(3 + finishing)}, shown

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny
 
-from layerflow.cli import main
+from layerflow.cli.generate import main
 from layerflow.config import load_config
 from layerflow.io.output_folder import LOCK_FILE, SAMPLE_MARKER, OutputFolder, write_marker
 from layerflow.io.synthetic import layered_clip
@@ -31,15 +31,6 @@ from layerflow.weights.resolve import resolve_weights
 CONFIGS = REPO_ROOT / "configs"
 FAST = ["--set", "sampling.num_steps=2", "--set", "output.preview=false", "--no-progress"]
 PROMPTS = {"fg": "a ball", "bg": "a field", "blend": "a ball on a field"}
-
-
-def tiny(task: str = "gen", variant: str = "rgb") -> list[str]:
-    return [
-        "--base",
-        str(CONFIGS / "model.yaml"),
-        str(CONFIGS / "tasks" / f"{task}_{variant}.yaml"),
-        str(CONFIGS / "tiny.yaml"),
-    ]
 
 
 def manifest(path: Path, *entries: dict) -> Path:
@@ -78,6 +69,7 @@ def environment() -> dict:
 # -- 1. never destroy what the tool did not make ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_paths_in_the_way_are_left_untouched_and_only_those_samples_fail(tmp_path, capsys):
     output = tmp_path / "project"
     (output / "notes").mkdir(parents=True)
@@ -101,6 +93,7 @@ def test_paths_in_the_way_are_left_untouched_and_only_those_samples_fail(tmp_pat
     assert not any("Traceback" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_finished_sample_of_ours_is_kept_and_one_missing_its_meta_is_redone(tmp_path, capsys):
     output = tmp_path / "out"
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"), entry("b"))
@@ -284,6 +277,7 @@ def test_zero_fps_is_refused_before_loading(tmp_path, capsys):
 # -- 7. interrupted and concurrent runs --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_runs_are_cleaned_and_foreign_lookalikes_kept(tmp_path, capsys):
     output = tmp_path / "out"
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"), entry("b"))

@@ -11,13 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny, tiny_config
 from PIL import Image
 
 from layerflow.batch.given import read_given_layers
 from layerflow.batch.manifest import Sample
-from layerflow.config import load_config
-from layerflow.console import SUBCOMMANDS, main
+from layerflow.cli.command import SUBCOMMANDS, main
 from layerflow.io.pixels import LayerSourceError
 from layerflow.io.reader import layer_provenance, read_clip_frames, resolve_layer_source
 from layerflow.io.synthetic import layered_clip, write_layered_clip
@@ -25,14 +24,6 @@ from layerflow.io.synthetic import layered_clip, write_layered_clip
 CONFIGS = REPO_ROOT / "configs"
 PICKED = np.arange(16)  # compose takes a 16-frame clip one for one
 SIZE = ["--size", "96x64"]  # WIDTHxHEIGHT
-
-
-def tiny(name: str) -> list[str]:
-    return ["--base", str(CONFIGS / "model.yaml"), str(CONFIGS / "tasks" / f"{name}.yaml"), str(CONFIGS / "tiny.yaml")]
-
-
-def tiny_config(name: str):
-    return load_config(tiny(name)[1:])
 
 
 def run(capsys, argv):
@@ -76,13 +67,13 @@ def test_help_shows_an_example(capsys, name):
 
 def test_help_and_version_name_the_command_typed(capsys):
     from layerflow import __version__
-    from layerflow.cli import main as sample_video
-    from layerflow.convert import main as convert
+    from layerflow.cli.convert import main as convert
+    from layerflow.cli.generate import main as sample_video
 
     for command in (["--version"], ["generate", "--version"], ["compose", "--version"]):
         code, out, _ = run(capsys, command)
         assert code == 0 and out == f"layerflow {__version__}\n", command
-    for entry, prog in ((sample_video, "sample_video.py"), (convert, "python -m layerflow.convert")):
+    for entry, prog in ((sample_video, "sample_video.py"), (convert, "layerflow convert")):
         with pytest.raises(SystemExit):
             entry(["--help"])
         out = capsys.readouterr().out
@@ -131,7 +122,7 @@ def layerflow_shim(folder):
     """A ``layerflow`` command on PATH that runs this checkout, for running printed commands."""
     shim = folder / "bin"
     shim.mkdir()
-    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.console "$@"\n')
+    (shim / "layerflow").write_text(f'#!/bin/sh\nexec {sys.executable} -m layerflow.cli "$@"\n')
     (shim / "layerflow").chmod(0o755)
     return {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT / "sat")}
 
@@ -269,6 +260,7 @@ def test_reuse_needs_the_straight_export(tmp_path, clip):
         resolve_layer_source(folder, "fg", with_alpha=True)
 
 
+@pytest.mark.slow
 def test_convert_and_no_traceback(tmp_path, capsys):
     state = {"model.diffusion_model.weight": torch.arange(6.0).reshape(2, 3)}
     torch.save({"module": state}, tmp_path / "ckpt.pt")
@@ -276,7 +268,7 @@ def test_convert_and_no_traceback(tmp_path, capsys):
     code, out, _ = run(capsys, ["convert", str(tmp_path / "ckpt.pt"), str(target), "--task", "gen", "--variant", "rgb"])
     assert code == 0 and target.is_file() and "1 tensors" in out
     result = subprocess.run(
-        [sys.executable, "-m", "layerflow.console", "score", str(tmp_path)],
+        [sys.executable, "-m", "layerflow.cli", "score", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -313,7 +305,7 @@ def test_every_subcommand_on_the_demo_outputs(tmp_path, capsys):
         main(
             [
                 "generate",
-                *tiny("fg2bg_rgba"),
+                *tiny("fg2bg", "rgba"),
                 "--prompt-dir",
                 str(prompts),
                 "--input",

@@ -8,15 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_files
 from PIL import Image
 
+from layerflow.batch.sample_folder import write_layer_files
 from layerflow.config import ConfigError, OutputSection, load_config
+from layerflow.io.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
 from layerflow.io.pixels import premultiply, unpremultiply
 from layerflow.io.reader import read_clip_frames
-from layerflow.io.sample_folder import write_layer_files
-from layerflow.tools.contact_sheet import GAP, GAP_SHADE, column_frames, contact_sheet, layer_rows
-from layerflow.tools.score import (
+from layerflow.scores import (
     SCORE_KEYS,
     alpha_temporal_change,
     edge_band,
@@ -135,7 +135,7 @@ def test_premultiply_known_values():
 
 
 def test_alpha_mode_is_validated():
-    files = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgba.yaml", CONFIGS / "tiny.yaml"]
+    files = tiny_files("gen_rgba")
     assert load_config(files).output.alpha_mode == "straight"
     assert load_config(files, ["output.alpha_mode=both"]).output.alpha_mode == "both"
     with pytest.raises(ConfigError) as error:
@@ -229,7 +229,7 @@ def test_contact_sheet_shrinks_wide_frames(tmp_path):
 
 @pytest.mark.slow
 def test_meta_scores_match_the_score_of_the_files(tmp_path):
-    from layerflow.demo import run_demo
+    from layerflow.cli.demo import run_demo
 
     assert run_demo(tmp_path, ["gen_rgba"]) == 0
     meta = json.loads((tmp_path / "gen_rgba" / "meta.json").read_text())
@@ -237,8 +237,9 @@ def test_meta_scores_match_the_score_of_the_files(tmp_path):
     assert Image.open(tmp_path / "gen_rgba" / "contact_sheet.png").mode == "RGB"
 
 
+@pytest.mark.slow
 def test_scores_can_be_turned_off(tmp_path):
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"id": "a", "prompts": {"fg": "a", "bg": "b", "blend": "c"}}) + "\n")

@@ -148,6 +148,34 @@ def test_still_sample_without_blend_is_composited_and_frozen(tmp_path):
     assert torch.allclose(layers["alpha"][0], alpha_layer, atol=1e-6)
 
 
+def test_a_video_foreground_is_decoded_once_and_read_as_the_sampling_readers_read_it(dataset, monkeypatch):
+    """fg.mp4 + mask.mp4 + bg.mp4 (blend composited): each file decoded once; layers as the two public readers give."""
+    from layerflow.io import reader
+
+    clip = dataset.parent / "clip"
+    manifest = write_manifest(
+        dataset.parent / "video_fg.jsonl",
+        [
+            {
+                "id": "v",
+                "prompts": PROMPTS,
+                "inputs": {"fg": "clip/fg.mp4", "mask": "clip/mask.mp4", "bg": "clip/bg.mp4"},
+            }
+        ],
+    )
+    (sample,) = read_manifest(manifest, get_layout("gen", "rgba"))
+    decoded = []
+    decode = reader._decode_video
+    monkeypatch.setattr(reader, "_decode_video", lambda path: decoded.append(path.name) or decode(path))
+    layers = read_layers(sample, (HEIGHT, WIDTH))
+    assert sorted(decoded) == ["bg.mp4", "fg.mp4", "mask.mp4"]
+    fg, alpha_layer = reader.read_foreground_layers(clip / "fg.mp4", clip / "mask.mp4", size=(HEIGHT, WIDTH))
+    _, matte = reader.read_layer_with_alpha(clip / "fg.mp4", clip / "mask.mp4", size=(HEIGHT, WIDTH))
+    bg = reader.read_layer_video(clip / "bg.mp4", size=(HEIGHT, WIDTH))[:, :3]
+    assert torch.equal(layers["fg"], fg) and torch.equal(layers["alpha"], alpha_layer)
+    assert torch.equal(layers["blend"], fg + (1 - matte) * bg)
+
+
 def test_video_sample_is_not_still_unless_marked(dataset):
     samples = {s.id: s for s in read_manifest(dataset, get_layout("seg", "rgb"))}
     assert not samples["clip"].still and samples["still"].still
@@ -225,7 +253,9 @@ def test_cache_holds_posterior_and_text_and_refuses_another_task(prepared):
 
 
 @pytest.mark.parametrize("case", ["gen_rgba", "fg2bg_rgba", "bg2fg_rgba"])
-def test_loss_equals_the_original_on_the_recorded_batch(reference_dir, case):
+def test_loss_equals_the_original_on_the_recorded_batch(shared_reference_dir, case):
+    """The batches were recorded on the shared reference set's networks, so they pair with that set only."""
+    reference_dir = shared_reference_dir
     record = torch.load(FIXTURES / f"loss_{case}.pt", weights_only=True)
     sizes = json.loads((reference_dir / case / "config.json").read_text())["sizes"]
     task, variant = case.split("_")
@@ -352,6 +382,7 @@ def test_training_halves_the_loss_on_two_clips(prepared, tmp_path):
     assert fixed_eval_loss(run) <= before / 2
 
 
+@pytest.mark.slow
 def test_still_clips_switch_the_motion_lora_on(prepared, tmp_path):
     run = trainer(prepared, tmp_path / "run", "training.batch_size=2", "training.still_lora_scale=0.75")
     batch = run.micro_batch(0, 0)
@@ -365,6 +396,7 @@ def test_still_clips_switch_the_motion_lora_on(prepared, tmp_path):
     assert not torch.equal(run.micro_batch(1, 0).noise, batch.noise)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(prepared, tmp_path):
     grads = []
     for checkpointing in ("false", "true"):
@@ -438,6 +470,7 @@ def test_frozen_bit_identical_resume_exact_and_checkpoint_loads_for_sampling(pre
     )
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe(prepared, tmp_path):
     trainer(prepared, tmp_path / "run", "training.steps=1").run()
     with pytest.raises(Exception, match="cannot resume iteration 1 with changed settings.*global_batch"):
@@ -483,6 +516,7 @@ def test_start_from_cogvideox_weights(tmp_path):
         load_checkpoint_weights(LayerFlowDiT(config.network), str(tmp_path / "broken"), "cogvideox", config.layout)
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_trainable_weights_in_float32(prepared, tmp_path):
     full = trainer(prepared, tmp_path / "fp32", "training.text_dropout=0.0")
     half = trainer(prepared, tmp_path / "bf16", "training.text_dropout=0.0", "runtime.dtype=bfloat16")
@@ -499,6 +533,7 @@ CONTENT_PER_LAYER = 3 * 2 * LORA_RANK_CONTENT * HIDDEN + 2 * LORA_RANK_CONTENT *
 LAYER_EMBEDDING = 2 * HIDDEN + 2 * HIDDEN  # Linear(1, 1920) and LayerNorm(1920)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["gen", "seg", "fg2bg", "bg2fg"])
 @pytest.mark.parametrize("variant", ["rgb", "rgba"])
 def test_stage_files_fit_every_full_size_layout(task, variant):

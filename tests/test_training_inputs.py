@@ -17,12 +17,12 @@ import torch
 from conftest import REPO_ROOT
 from test_training import PROMPTS, write_manifest, write_still
 
+from layerflow.cli.train import main
 from layerflow.config import ConfigError
 from layerflow.io import atomic
 from layerflow.tasks import get_layout
 from layerflow.training import checkpointing
 from layerflow.training.checkpointing import TRAINING_STATE_FILE, remove_stale_staging, save_checkpoint
-from layerflow.training.cli import main
 from layerflow.training.config import load_train_config
 from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.trainer import Trainer

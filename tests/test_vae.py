@@ -9,7 +9,8 @@ import pytest
 import torch
 from reference import vae_config_from_json
 
-from layerflow.models.vae import CausalVideoVAE, VAECheckpointError, VAEConfig, _ActivationPlacement, load_vae
+from layerflow.models.vae import CausalVideoVAE, VAEConfig, _ActivationPlacement
+from layerflow.weights.vae import VAECheckpointError, load_vae
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture README's VAE tolerance
 

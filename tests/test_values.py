@@ -21,7 +21,8 @@ from conftest import REPO_ROOT
 from PIL import Image
 
 from layerflow.batch.manifest import ManifestError, check_sample_id, samples_from_manifest
-from layerflow.cli import main
+from layerflow.cli.command import main as layerflow
+from layerflow.cli.generate import main
 from layerflow.config import (
     MAX_GUIDANCE_EXPONENT,
     ConfigError,
@@ -30,7 +31,6 @@ from layerflow.config import (
     apply_sampling_overrides,
     load_config,
 )
-from layerflow.console import main as layerflow
 from layerflow.io.pixels import LayerSourceError
 from layerflow.io.reader import read_layer_video
 from layerflow.io.synthetic import layered_clip

@@ -21,25 +21,13 @@ from pathlib import Path
 
 import yaml
 
+from layerflow.errors import ConfigError, FieldError
 from layerflow.io.writer import DEFAULT_CRF, MASTER_CHOICES
 from layerflow.models.dit import DiTConfig
 from layerflow.models.vae import VAEConfig
 from layerflow.runtime.attention import ATTENTION_CHOICES
+from layerflow.runtime.parallel.layout import ParallelSection
 from layerflow.tasks import Task, TaskLayout, Variant, get_layout
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the file it came from."""
-
-
-class FieldError(ConfigError):
-    """A value out of its range, raised by a section's checks; :func:`load_config` adds key and origin."""
-
-    def __init__(self, name: str, expected: str):
-        super().__init__(f"{name}: expected {expected}")
-        self.name = name
-        self.expected = expected
-
 
 # Config files that were merged into others, so that an old command line says where they went.
 RENAMED_CONFIGS = {
@@ -163,25 +151,6 @@ class SamplingSection:
             f"a whole number from 0 to {MAX_GUIDANCE_EXPONENT} (the guidance ramp raises a negative base to it)",
         )
         _require(0 <= self.seed < 2**63, "seed", "an integer from 0 to 2**63-1")
-
-
-@dataclass(frozen=True)
-class ParallelSection:
-    """One video on several processes (see :mod:`layerflow.runtime.parallel`): ``cfg`` 2 runs the two
-    guidance passes on two ranks; ``ulysses`` k splits the token sequence over k ranks."""
-
-    cfg: int = 1
-    ulysses: int = 1
-
-    def __post_init__(self) -> None:
-        if self.cfg not in (1, 2):
-            raise ConfigError(f"runtime.parallel.cfg must be 1 or 2 (the two guidance passes), got {self.cfg}")
-        if self.ulysses < 1:
-            raise ConfigError(f"runtime.parallel.ulysses must be at least 1, got {self.ulysses}")
-
-    @property
-    def group_size(self) -> int:
-        return self.cfg * self.ulysses
 
 
 @dataclass(frozen=True)
@@ -347,6 +316,7 @@ def _origin(origins: dict, path: str) -> str:
 
 
 def _convert(value, hint, path: str, origins: dict):
+    """``value`` from YAML as the type ``hint`` (a section, an optional switch, an enum, a tuple, a scalar)."""
     where = f"{path} (from {_origin(origins, path)})"
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -354,12 +324,7 @@ def _convert(value, hint, path: str, origins: dict):
             raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {type(value).__name__}")
         return _build(hint, value, path + ".", origins)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (options == [bool] and value == "auto"):
-            return None  # an optional switch left to the program: ``auto`` in YAML
-        if options == [bool] and not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true, false or auto, got {value!r}")
-        return _convert(value, options[0], path, origins)
+        return _convert_optional(value, hint, path, origins, where)
     if isinstance(hint, type) and issubclass(hint, (Task, Variant)):
         try:
             return hint(value)
@@ -371,6 +336,23 @@ def _convert(value, hint, path: str, origins: dict):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(_convert(v, item, f"{path}[{i}]", origins) for i, v in enumerate(value))
+    return _convert_scalar(value, hint, path, origins)
+
+
+def _convert_optional(value, hint, path: str, origins: dict, where: str):
+    """``X | None``: ``None`` (or ``auto`` for an optional switch) leaves it to the program."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None or (options == [bool] and value == "auto"):
+        return None  # an optional switch left to the program: ``auto`` in YAML
+    if options == [bool] and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true, false or auto, got {value!r}")
+    return _convert(value, options[0], path, origins)
+
+
+def _convert_scalar(value, hint, path: str, origins: dict):
+    """A bool, int, float or str, checked (no bool passes as a number; ``1e-4`` passes as a float; a
+    float must be finite)."""
+    where = f"{path} (from {_origin(origins, path)})"
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

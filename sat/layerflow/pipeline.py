@@ -30,16 +30,22 @@ import torch
 from layerflow.config import LayerFlowConfig, SamplingSection
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.models.text_encoder import T5TextEncoder, layer_prompt, unconditional_states
-from layerflow.models.vae import CausalVideoVAE, load_vae
-from layerflow.runtime.devices import Placement, resolve_placement, resolve_speed
+from layerflow.models.vae import CausalVideoVAE
+from layerflow.runtime.devices import Placement, SpeedPlan, resolve_placement, resolve_speed
 from layerflow.runtime.distributed import ensure_model_parallel
 from layerflow.runtime.parallel import groups_for
 from layerflow.runtime.parallel.guidance import split_guidance_batch
 from layerflow.runtime.parallel.vae_decode import decode_arguments
 from layerflow.sampling import DynamicCFG, ModelFn, StepCallback, ZeroSNRSchedule, sample_vpsde_dpmpp_2m
-from layerflow.tasks import TaskLayout, insert_condition, remove_condition, split_condition
-from layerflow.weights.checkpoint import load_network
-from layerflow.weights.random import randomize_
+from layerflow.tasks import (
+    FIRST_FRAME_COPY,
+    TaskLayout,
+    insert_condition,
+    remove_condition,
+    split_condition,
+    stack_layers,
+)
+from layerflow.weights.build import build_inference_network, build_text_encoder, build_vae
 from layerflow.weights.resolve import Weights, resolve_weights
 
 if TYPE_CHECKING:
@@ -65,15 +71,25 @@ class LayerVideos:
 
 
 class LayerFlowPipeline:
-    """Owns the network, text encoder and VAE of one task and runs :meth:`generate`."""
+    """Owns the network, text encoder and VAE of one task and runs :meth:`generate`.
 
-    def __init__(self, config: LayerFlowConfig, placement: Placement | None = None, weights: Weights | None = None):
+    ``placement``, ``weights`` and ``speed`` are the run's decisions (the command line makes them once,
+    before any model loads, and passes them down); left out, they are made here from the config.
+    """
+
+    def __init__(
+        self,
+        config: LayerFlowConfig,
+        placement: Placement | None = None,
+        weights: Weights | None = None,
+        speed: SpeedPlan | None = None,
+    ):
         self.config = config
         self.layout: TaskLayout = config.layout
         self.placement = placement or resolve_placement(config.runtime)
         self.weights = weights or resolve_weights(config)
         self.groups = groups_for(config.runtime.parallel)  # the other ranks making the same video, if any
-        self.speed = resolve_speed(config.runtime, self.placement, config.network.head_dim)
+        self.speed = speed or resolve_speed(config.runtime, self.placement, config.network.head_dim)
         ensure_model_parallel()  # SAT's layers need its model-parallel group before the network is built
         self.network = self._load_network()
         self.vae = self._load_vae()
@@ -85,40 +101,14 @@ class LayerFlowPipeline:
     # -- loading -------------------------------------------------------------------------------
 
     def _load_network(self) -> LayerFlowDiT:
-        config, placement = self.config, self.placement
-        network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
-        if self.weights.random:
-            randomize_(network, config.sampling.seed)
-        else:
-            load_network(network, self.weights.checkpoint, self.layout)
-        speed = self.speed
-        if speed.merge_lora:
-            network.merge_lora_content()
-        network = network.to(dtype=placement.dtype).eval().requires_grad_(False)
-        network.use_attention(speed.attention)
-        if speed.compile:
-            # compiled lazily at the first call and reused by every layer and step; under ``auto`` a
-            # compiler failure falls back to eager blocks rather than stopping the run
-            network.compile_blocks(strict=config.runtime.compile is True)
-        return network.to(placement.compute_device) if not placement.offload else network
+        return build_inference_network(self.config, self.weights, self.placement, self.speed)
 
     def _load_vae(self) -> CausalVideoVAE:
-        sizes = self.config.model.vae.sizes
-        if self.weights.random:
-            vae = CausalVideoVAE(sizes)
-            randomize_(vae, self.config.sampling.seed + 1)
-            vae = vae.eval().requires_grad_(False)
-        else:
-            vae = load_vae(self.weights.vae, sizes)
-        return vae.to(dtype=self.placement.dtype, device=self.placement.storage_device)
+        return build_vae(self.config, self.placement.storage_device, self.placement.dtype, self.weights)
 
     def _text_encoder(self) -> T5TextEncoder:
         if self.text_encoder is None:
-            self.text_encoder = T5TextEncoder.from_folder(
-                self.weights.text_encoder,
-                device=self.placement.compute_device,
-                dtype=self.placement.dtype,
-            )
+            self.text_encoder = build_text_encoder(self.weights, self.placement.compute_device, self.placement.dtype)
         return self.text_encoder
 
     # -- the steps -------------------------------------------------------------------------------
@@ -168,9 +158,9 @@ class LayerFlowPipeline:
             )
         height, width = self.config.video_size
         filler = given[layout.given_layers[0]]
-        frames = []
+        layers = {}
         for span in layout.spans:
-            if span.name == "first_frame_copy":
+            if span.name == FIRST_FRAME_COPY:
                 continue
             video = given.get(span.name, filler)
             if tuple(video.shape) != (span.pixel_frames, 3, height, width):
@@ -178,11 +168,8 @@ class LayerFlowPipeline:
                     f"layer {span.name}: expected frames of shape "
                     f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}"
                 )
-            frames.append(video)
-        clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
-        if layout.repeats_first_frame:
-            clip = torch.cat([clip[:1], clip], dim=0)
-        return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+            layers[span.name] = video
+        return stack_layers(layers, layout)  # (1, 3, F, H, W)
 
     def encode_given_layers(self, given: Mapping[str, torch.Tensor], seed: int) -> torch.Tensor:
         """Clean latents of the given frames (1, T_cond, c, h, w), scaled like the engine's."""
@@ -251,7 +238,7 @@ class LayerFlowPipeline:
         return {
             span.name: video[span.pixel_start : span.pixel_stop]
             for span in self.layout.spans
-            if span.name != "first_frame_copy"
+            if span.name != FIRST_FRAME_COPY
         }
 
     @torch.no_grad()

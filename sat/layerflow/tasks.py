@@ -19,6 +19,7 @@ Legend for latent-frame ranges: ``[start, stop)`` along the latent time axis.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,25 @@ from layerflow.geometry import PIXEL_FRAMES_PER_LAYER, TOKENS_PER_PROMPT, VAE_TE
 
 FIRST_FRAME_COPY = "first_frame_copy"
 MASK_INPUT = "mask"  # a separate matte for an RGBA foreground, given as a file of its own
+
+
+class Layer(str, enum.Enum):
+    """The layers of a stacked clip; the value is the short name of prompts, inputs and manifests.
+
+    A member is its short name everywhere: ``Layer.FG == "fg"``, it hashes as ``"fg"`` (so it finds
+    ``"fg"`` dictionary keys and plain strings find it), and f-strings, messages and JSON show ``fg``.
+    """
+
+    FG = "fg"  # the foreground, matted over grey
+    ALPHA = "alpha"  # the RGBA variant's matte, as a three-channel layer
+    BG = "bg"  # the background
+    BLEND = "blend"  # the composite of foreground and background
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 class Task(str, enum.Enum):
@@ -43,6 +63,16 @@ class Variant(str, enum.Enum):
 
     RGB = "rgb"
     RGBA = "rgba"
+
+
+# The original release publishes one checkpoint folder per task and variant, ``<folder>-<variant>``.
+RELEASE_REPOSITORY = "https://huggingface.co/zjuJish/LayerFlow"
+RELEASE_FOLDERS = {
+    Task.GENERATION: "multi-layer-generation",
+    Task.DECOMPOSITION: "multi-layer-decomposition",
+    Task.FOREGROUND_TO_BACKGROUND: "foreground-conditioned-generation",
+    Task.BACKGROUND_TO_FOREGROUND: "background-conditioned-generation",
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +140,16 @@ class TaskLayout:
         return f"{self.task.value}_{self.variant.value}"
 
     @property
+    def release_folder(self) -> str:
+        """The checkpoint folder of the original release, e.g. ``multi-layer-generation-rgba``."""
+        return f"{RELEASE_FOLDERS[self.task]}-{self.variant.value}"
+
+    @property
+    def download(self) -> str:
+        """Where that folder is published."""
+        return f"{RELEASE_REPOSITORY} (folder {self.release_folder})"
+
+    @property
     def spans(self) -> tuple[LayerSpan, ...]:
         spans, latent, pixel = [], 0, 0
         for name, latent_frames in self.layers:
@@ -145,16 +185,16 @@ class TaskLayout:
     @property
     def given_inputs(self) -> tuple[GivenInput, ...]:
         """The given layers a user supplies as files (the alpha layer comes with the foreground)."""
-        with_matte = "alpha" in self.given_layers
+        with_matte = Layer.ALPHA in self.given_layers
         return tuple(
             GivenInput(
                 name,
                 self.span(name).pixel_frames,
-                needs_alpha=with_matte and name == "fg",
-                takes_mask=with_matte and name == "fg",
+                needs_alpha=with_matte and name == Layer.FG,
+                takes_mask=with_matte and name == Layer.FG,
             )
             for name in self.given_layers
-            if name != "alpha"
+            if name != Layer.ALPHA
         )
 
     @property
@@ -183,43 +223,45 @@ class TaskLayout:
 
 def _stack(variant: Variant, repeat_first_frame: bool = False) -> tuple[tuple[str, int], ...]:
     per_layer = PIXEL_FRAMES_PER_LAYER // VAE_TEMPORAL_COMPRESSION
-    names = ("fg", "alpha", "bg", "blend") if variant is Variant.RGBA else ("fg", "bg", "blend")
+    names = (
+        (Layer.FG, Layer.ALPHA, Layer.BG, Layer.BLEND) if variant is Variant.RGBA else (Layer.FG, Layer.BG, Layer.BLEND)
+    )
     head = ((FIRST_FRAME_COPY, 1),) if repeat_first_frame else ()
     return head + tuple((name, per_layer) for name in names)
 
 
-_THREE_PROMPTS = ("fg", "bg", "blend")
-_TWO_PROMPTS = ("fg", "bg")
+_THREE_PROMPTS = (Layer.FG, Layer.BG, Layer.BLEND)
+_TWO_PROMPTS = (Layer.FG, Layer.BG)
 
 LAYOUTS: dict[tuple[Task, Variant], TaskLayout] = {
     (Task.GENERATION, Variant.RGB): TaskLayout(Task.GENERATION, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS),
     (Task.GENERATION, Variant.RGBA): TaskLayout(Task.GENERATION, Variant.RGBA, _stack(Variant.RGBA), _THREE_PROMPTS),
     (Task.DECOMPOSITION, Variant.RGB): TaskLayout(
-        Task.DECOMPOSITION, Variant.RGB, _stack(Variant.RGB), _TWO_PROMPTS, ("blend",), condition=(10, 12)
+        Task.DECOMPOSITION, Variant.RGB, _stack(Variant.RGB), _TWO_PROMPTS, (Layer.BLEND,), condition=(10, 12)
     ),
     (Task.DECOMPOSITION, Variant.RGBA): TaskLayout(
-        Task.DECOMPOSITION, Variant.RGBA, _stack(Variant.RGBA), _TWO_PROMPTS, ("blend",), condition=(12, 16)
+        Task.DECOMPOSITION, Variant.RGBA, _stack(Variant.RGBA), _TWO_PROMPTS, (Layer.BLEND,), condition=(12, 16)
     ),
     (Task.FOREGROUND_TO_BACKGROUND, Variant.RGB): TaskLayout(
-        Task.FOREGROUND_TO_BACKGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, ("fg",), condition=(0, 4)
+        Task.FOREGROUND_TO_BACKGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, (Layer.FG,), condition=(0, 4)
     ),
     (Task.FOREGROUND_TO_BACKGROUND, Variant.RGBA): TaskLayout(
         Task.FOREGROUND_TO_BACKGROUND,
         Variant.RGBA,
         _stack(Variant.RGBA, repeat_first_frame=True),
         _THREE_PROMPTS,
-        ("fg", "alpha"),
+        (Layer.FG, Layer.ALPHA),
         condition=(0, 9),
     ),
     (Task.BACKGROUND_TO_FOREGROUND, Variant.RGB): TaskLayout(
-        Task.BACKGROUND_TO_FOREGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, ("bg",), condition=(4, 8)
+        Task.BACKGROUND_TO_FOREGROUND, Variant.RGB, _stack(Variant.RGB), _THREE_PROMPTS, (Layer.BG,), condition=(4, 8)
     ),
     (Task.BACKGROUND_TO_FOREGROUND, Variant.RGBA): TaskLayout(
         Task.BACKGROUND_TO_FOREGROUND,
         Variant.RGBA,
         _stack(Variant.RGBA, repeat_first_frame=True),
         _THREE_PROMPTS,
-        ("bg",),
+        (Layer.BG,),
         condition=(9, 13),
     ),
 }
@@ -234,6 +276,19 @@ def get_layout(task: Task | str, variant: Variant | str) -> TaskLayout:
         variants = ", ".join(v.value for v in Variant)
         raise ValueError(f"unknown task/variant {task!r}/{variant!r}: tasks are {tasks}; variants {variants}") from None
     return LAYOUTS[key]
+
+
+def stack_layers(layers: Mapping[str, torch.Tensor], layout: TaskLayout) -> torch.Tensor:
+    """Layer videos (F_layer, 3, H, W) by name -> the stacked clip (1, 3, F, H, W) the VAE encodes.
+
+    The layers go in the layout's order; a layout that repeats the first frame starts with a copy
+    of frame 0. ``layers`` must hold every video layer of the layout (the callers fill or check them).
+    """
+    frames = [layers[span.name] for span in layout.spans if span.name != FIRST_FRAME_COPY]
+    clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
+    if layout.repeats_first_frame:
+        clip = torch.cat([clip[:1], clip], dim=0)
+    return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
 
 
 def insert_condition(generated: torch.Tensor, condition: torch.Tensor, layout: TaskLayout) -> torch.Tensor:

@@ -36,7 +36,7 @@ from layerflow.io.reader import (
     resolve_layer_source,
 )
 from layerflow.io.sample_files import given_video, kept_given_path
-from layerflow.tasks import MASK_INPUT, GivenInput
+from layerflow.tasks import MASK_INPUT, GivenInput, Layer
 
 # The layers of the model input that each given input goes into (the mask mattes the foreground and
 # is the alpha layer); a sample writes each of those layers as ``given_<layer>.mp4``.
@@ -45,7 +45,7 @@ INPUT_FEEDS = {"fg": ("fg", "alpha"), MASK_INPUT: ("fg", "alpha"), "bg": ("bg",)
 
 def _with_matte(given: GivenInput, sample: Sample) -> bool:
     """Whether the foreground is read together with its matte (the task needs it, or a mask was given)."""
-    return given.needs_alpha or (given.layer == "fg" and MASK_INPUT in sample.inputs)
+    return given.needs_alpha or (given.layer == Layer.FG and MASK_INPUT in sample.inputs)
 
 
 def _mask_source(sample: Sample):
@@ -87,12 +87,12 @@ def _read_given_layer(given: GivenInput, sample: Sample, size: tuple[int, int]) 
         video = read_layer_video(
             source, num_frames=given.pixel_frames, size=size, pick=PICK_ONE_FOR_ONE
         )  # (t, 3 or 4, H, W)
-        if given.layer != "fg" or video.shape[1] == 3:
+        if given.layer != Layer.FG or video.shape[1] == 3:
             return {given.layer: video[:, :3]}
     fg, alpha_layer = read_foreground_layers(
         source, _mask_source(sample), num_frames=given.pixel_frames, size=size, pick=PICK_ONE_FOR_ONE
     )  # (t, 3, H, W) each
-    return {"fg": fg, "alpha": alpha_layer} if given.needs_alpha else {"fg": fg}
+    return {Layer.FG: fg, Layer.ALPHA: alpha_layer} if given.needs_alpha else {Layer.FG: fg}
 
 
 def read_given_layers(sample: Sample, config: LayerFlowConfig) -> dict[str, torch.Tensor]:

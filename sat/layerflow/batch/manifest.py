@@ -8,25 +8,27 @@ in which order. Rank r of N takes samples r, r+N, r+2N, ...
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerflow.config import ConfigError, SamplingSection, apply_sampling_overrides
+from layerflow.io.manifest_lines import (
+    SAFE_ID,
+    ManifestError,
+    content_id,
+    json_type,
+    jsonl_entries,
+    read_text,
+    string_map,
+)
 from layerflow.tasks import MASK_INPUT, TaskLayout
 
-# \Z, not $: "$" also matches before a final newline, which would let "a\n" through as a folder name.
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # Names the run itself uses in the output folder; a sample may not take them (in any letter case,
 # since macOS and Windows file systems ignore case).
 RESERVED_IDS = frozenset({"logs", "failures.jsonl"})
-
-
-class ManifestError(ValueError):
-    """A prompt file or manifest line that cannot be used; names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -45,26 +47,6 @@ class Sample:
             return self.seed
         digest = hashlib.sha256(f"{run_seed}:{self.id}".encode()).digest()
         return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def content_id(prompts: Mapping[str, str], inputs: Mapping[str, str]) -> str:
-    blob = json.dumps({"prompts": dict(prompts), "inputs": dict(inputs)}, sort_keys=True, ensure_ascii=False)
-    return "s" + hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _read_text(path: Path, kind: str) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: {kind} not found") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{path}: is a folder, expected a {kind}") from None
-    except OSError as error:
-        raise ManifestError(f"{path}: cannot read the {kind} ({error.strerror})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
 
 def check_prompts(prompts: Mapping[str, str], layout: TaskLayout, where: str) -> None:
@@ -141,7 +123,7 @@ def samples_from_prompt_files(
         if isinstance(path, PromptText):
             shared[layer] = path.text
             continue
-        lines[layer] = [line.strip() for line in _read_text(Path(path), "prompt file").splitlines() if line.strip()]
+        lines[layer] = [line.strip() for line in read_text(Path(path), "prompt file").splitlines() if line.strip()]
         if not lines[layer]:
             raise ManifestError(f"{path}: empty prompt file (expected one prompt per line)")
     check_prompts({layer: "x" for layer in files}, layout, "prompt files")
@@ -184,55 +166,6 @@ def _string_map(value: object, field_name: str, where: str) -> dict[str, str]:
 
 def _json_type(value: object) -> str:
     return json_type(value)
-
-
-def string_map(
-    value: object,
-    field_name: str,
-    where: str,
-    item: str = "a string",
-    error_type: type[Exception] = ManifestError,
-    entries: str = "layer: text",
-) -> dict[str, str]:
-    """A JSON object whose values are all strings (prompts, input paths); anything else is one
-    ``error_type`` line naming ``where`` and the field (``inputs.fg``), never a stringified value."""
-    if not isinstance(value, dict):
-        raise error_type(f"{where}: {field_name} must be an object of {entries}, got {json_type(value)}")
-    for key, entry in value.items():
-        if not isinstance(entry, str):
-            raise error_type(f"{where}: {field_name}.{key} must be {item}, got {json_type(entry)}")
-    return dict(value)
-
-
-def json_type(value: object) -> str:
-    """The JSON type of ``value`` as messages name it: null, true/false, a number, a string, a list, an object."""
-    names = {
-        type(None): "null",
-        bool: "true/false",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def jsonl_entries(path: Path, kind: str, error_type: type[Exception] = ManifestError) -> Iterator[tuple[str, object]]:
-    """``("file:line", value)`` for every non-blank line of a JSONL file; unreadable text or JSON is one
-    ``error_type`` line naming the file (and line) and calling the file a ``kind``."""
-    try:
-        text = _read_text(path, kind)
-    except ManifestError as error:
-        raise error_type(str(error)) from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise error_type(f"{where}: invalid JSON ({error.msg})") from None
 
 
 def samples_from_manifest(path: Path, layout: TaskLayout, sampling: SamplingSection | None = None) -> list[Sample]:

@@ -76,11 +76,13 @@ class RunProgress:
                 total=total, initial=finished, desc="samples", unit="sample", dynamic_ncols=True, file=self.stream
             )
 
-    def start_sample(self, sample_id: str) -> StepCallback | None:
-        """Call when a sample starts; returns the sampler's per-step callback, or None."""
+    def start_sample(self, sample_id: str, num_steps: int | None = None) -> StepCallback | None:
+        """Call when a sample starts (``num_steps``: its own, when it overrides the run's); returns the
+        sampler's per-step callback, or None."""
         if self.mode != "bars":
             return None
-        self.steps_bar = StageBar(self.num_steps + len(FINISHING_STAGES), f"  {sample_id}", self.stream, leave=False)
+        steps = self.num_steps if num_steps is None else num_steps
+        self.steps_bar = StageBar(steps + len(FINISHING_STAGES), f"  {sample_id}", self.stream, leave=False)
         return lambda step, x: self.steps_bar.bar.update(1)
 
     def stage(self, name: str) -> None:

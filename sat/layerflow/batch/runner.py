@@ -40,11 +40,11 @@ from layerflow.batch.given import (
 )
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
+from layerflow.batch.sample_folder import write_sample
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
 from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
 from layerflow.io.sample_files import META_FILE, SampleFolderError, read_meta
-from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
 from layerflow.weights.resolve import Weights, resolve_weights
 
@@ -157,10 +157,10 @@ def run_samples(
         )
     for sample in todo:
         start = time.perf_counter()
-        on_step = progress.start_sample(sample.id)
         failure = None
         try:
             run_config = sample_config(config, sample)
+            on_step = progress.start_sample(sample.id, run_config.sampling.num_steps)
             seed = sample.resolved_seed(config.sampling.seed)
             fingerprint = fingerprinter.record(sample, run_config, seed)  # before reading: what was read is named
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None

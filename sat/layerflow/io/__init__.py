@@ -1,1 +1,2 @@
-"""Files in and out: layer pixels, reading given layers, writing videos, sample folders, atomic writes."""
+"""Files in and out: layer pixels, reading given layers, writing videos and contact sheets, the names in a
+sample folder, manifest lines, what in an output folder is ours, atomic writes."""

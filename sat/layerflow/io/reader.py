@@ -52,6 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from layerflow.io.pixels import MATTE_EPSILON, LayerSourceError, matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.sample_files import ALPHA_EXPORTS, is_sample_folder, layer_files, read_meta
 from layerflow.io.writer import ALPHA_CODECS
+from layerflow.tasks import MASK_INPUT, Layer
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_SOURCE_FRAMES = 64  # the original looks at the first 64 frames of a clip only
@@ -426,10 +427,10 @@ def sample_layer_files(layer: str, with_alpha: bool) -> list[str]:
     foreground from ``foreground.mp4`` (colour matted over grey, the RGB variant's layer); a mask
     from ``alpha.mp4`` (the matte). A master copy of the layer (``output.master``) comes first.
     """
-    if layer == "fg" and with_alpha:
+    if layer == Layer.FG and with_alpha:
         straight = ALPHA_EXPORTS["straight"]
         return [straight.png_folder, *(straight.video_stem + codec.suffix for codec in ALPHA_CODECS.values())]
-    return layer_files("alpha" if layer == "mask" else layer)
+    return layer_files(Layer.ALPHA if layer == MASK_INPUT else layer)
 
 
 def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool = False) -> Path:
@@ -441,7 +442,7 @@ def resolve_layer_source(source: str | os.PathLike, layer: str, with_alpha: bool
     for name in names:
         if (path / name).exists():
             return path / name
-    if layer == "fg" and with_alpha:
+    if layer == Layer.FG and with_alpha:
         wanted = " or ".join(names)
         hint = (
             " (an RGBA foreground needs the straight export; an RGB sample or one written with "
@@ -572,6 +573,28 @@ def read_layer_with_alpha(
     return (_held(rgb, num_frames), _held(alpha, num_frames)) if still else (rgb, alpha)
 
 
+def read_foreground(
+    rgb_source: str | os.PathLike,
+    mask_source: str | os.PathLike | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    size: Sequence[int] = DEFAULT_SIZE,
+    start: int = 0,
+    pick: str = PICK_ORIGINAL,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The foreground and alpha layers (t, 3, h, w) each, in [-1, 1], exactly as the original builds them,
+    and the matte (t, 1, h, w) in [0, 1], from one read of the files.
+
+    The foreground is matted over grey at the source resolution and only then resized (which is a
+    premultiplied resize); the alpha layer is the mask's RGB conversion (the alpha channel repeated
+    for RGBA sources), resized on its own; the matte is the grey mask (as in :func:`read_layer_with_alpha`).
+    """
+    colour, matte, mask_rgb, still = _colour_and_mask(rgb_source, mask_source, num_frames, start, pick)
+    fg = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (t, 3, h0, w0)
+    alpha = resize_for_rectangle_crop(uint8_to_unit(matte), size).clamp(0.0, 1.0)  # (t, 1, h, w)
+    layers = (resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size), alpha)
+    return tuple(_held(x, num_frames) for x in layers) if still else layers
+
+
 def read_foreground_layers(
     rgb_source: str | os.PathLike,
     mask_source: str | os.PathLike | None = None,
@@ -580,13 +603,6 @@ def read_foreground_layers(
     start: int = 0,
     pick: str = PICK_ORIGINAL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The foreground and alpha layers (t, 3, h, w) each, in [-1, 1], exactly as the original builds them.
-
-    The foreground is matted over grey at the source resolution and only then resized (which is a
-    premultiplied resize); the alpha layer is the mask's RGB conversion (the alpha channel repeated
-    for RGBA sources), resized on its own. The RGB variant uses the foreground layer only.
-    """
-    colour, matte, mask_rgb, still = _colour_and_mask(rgb_source, mask_source, num_frames, start, pick)
-    fg = matte_foreground(uint8_to_model(colour), uint8_to_unit(matte))  # (t, 3, h0, w0)
-    fg, alpha_layer = resize_for_rectangle_crop(fg, size), resize_for_rectangle_crop(uint8_to_model(mask_rgb), size)
-    return (_held(fg, num_frames), _held(alpha_layer, num_frames)) if still else (fg, alpha_layer)
+    """The foreground and alpha layers of :func:`read_foreground`; the RGB variant uses the foreground only."""
+    fg, alpha_layer, _ = read_foreground(rgb_source, mask_source, num_frames, size, start, pick)
+    return fg, alpha_layer

@@ -16,11 +16,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerflow.tasks import Layer
+
 META_FILE = "meta.json"
 SCORES_FILE = "scores.json"
 PREVIEW_FILE = "preview.mp4"
 CONTACT_SHEET_FILE = "contact_sheet.png"
-VIDEO_NAMES = {"fg": "foreground", "bg": "background", "blend": "blend", "alpha": "alpha"}
+VIDEO_NAMES = {Layer.FG: "foreground", Layer.BG: "background", Layer.BLEND: "blend", Layer.ALPHA: "alpha"}
 # output.master codecs and the suffix of their file ("" is a folder of PNG frames); the encoder
 # settings are in layerflow.io.writer.MASTER_CODECS
 MASTER_SUFFIXES = {"png": "", "ffv1": ".mkv", "prores_hq": ".mov", "prores_4444": ".mov"}

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from layerflow.io.writer import write_matte_mp4, write_mp4
+from layerflow.tasks import Layer
 
 
 def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:
@@ -37,10 +38,10 @@ def layered_clip(frames: int, height: int, width: int) -> dict[str, np.ndarray]:
     blend = fg_a * alpha_a + bg_a * (1 - alpha_a)
     as_bytes = lambda x: np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return {
-        "fg": as_bytes(fg_a),
-        "alpha": as_bytes(255 * alpha_a[..., 0]),
-        "bg": as_bytes(bg_a),
-        "blend": as_bytes(blend),
+        Layer.FG: as_bytes(fg_a),
+        Layer.ALPHA: as_bytes(255 * alpha_a[..., 0]),
+        Layer.BG: as_bytes(bg_a),
+        Layer.BLEND: as_bytes(blend),
     }
 
 
@@ -49,11 +50,11 @@ def write_layered_clip(folder: Path, frames: int = 16, height: int = 64, width: 
     folder = Path(folder)
     layers = layered_clip(frames, height, width)
     (folder / "fg_rgba").mkdir(parents=True, exist_ok=True)
-    for index, (rgb, matte) in enumerate(zip(layers["fg"], layers["alpha"], strict=True)):
+    for index, (rgb, matte) in enumerate(zip(layers[Layer.FG], layers[Layer.ALPHA], strict=True)):
         rgba = np.concatenate([rgb, matte[..., None]], axis=-1)
         Image.fromarray(rgba, "RGBA").save(folder / "fg_rgba" / f"{index:04d}.png")
     paths = {"fg_rgba": folder / "fg_rgba"}
-    for name in ("fg", "bg", "blend"):
+    for name in (Layer.FG, Layer.BG, Layer.BLEND):
         paths[name] = write_mp4(folder / f"{name}.mp4", layers[name])
-    paths["mask"] = write_matte_mp4(folder / "mask.mp4", layers["alpha"])
+    paths["mask"] = write_matte_mp4(folder / "mask.mp4", layers[Layer.ALPHA])
     return paths

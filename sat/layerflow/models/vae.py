@@ -1,10 +1,11 @@
-"""The CogVideoX 3D causal VAE (arXiv 2408.06072) as LayerFlow runs it: encode, decode, load.
+"""The CogVideoX 3D causal VAE (arXiv 2408.06072) as LayerFlow runs it: encode and decode.
 
 This is the original SAT ``VideoAutoencoderInferenceWrapper`` with ``ContextParallelEncoder3D`` /
 ``ContextParallelDecoder3D`` at context-parallel size 1 and the DiagonalGaussian regularizer, written
 again in plain torch (layers in ``vae_blocks``). We keep our own implementation rather than diffusers'
 ``AutoencoderKLCogVideoX``: its parameter names equal the original's, so ``CogVideoX-2b-sat/vae/3d-vae.pt``
-loads strictly with no key conversion, and it needs no extra dependency (diffusers is not installed).
+loads strictly with no key conversion (:func:`layerflow.weights.vae.load_vae`), and it needs no extra
+dependency (diffusers is not installed).
 
 Posterior sampling. The original ``encode()`` returns mean + exp(0.5 * logvar) * eps with
 eps = randn_like(mean) from the global generator. ``encode(video)`` does exactly that (same draw, same
@@ -44,10 +45,10 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +69,10 @@ from layerflow.models.vae_blocks import (
     upsample_nearest,
 )
 
+if TYPE_CHECKING:
+    from layerflow.runtime.parallel.vae_decode import RegionShare
+
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped to this range
-
-
-class VAECheckpointError(ValueError):
-    """A VAE checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -364,17 +364,6 @@ def _group_norm_with(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     return y.to(x.dtype)
 
 
-@dataclass(frozen=True)
-class RegionShare:
-    """Worker ``index`` of ``count`` computes regions index, index + count, ... of every decoder layer;
-    ``complete`` turns its output (zero outside its regions) into the whole activation, e.g. a sum
-    over the workers (:mod:`layerflow.runtime.parallel.vae_decode`)."""
-
-    index: int
-    count: int
-    complete: Callable[[torch.Tensor], torch.Tensor]
-
-
 class _ActivationPlacement:
     """Where each whole activation lives: on the compute device while the activations held there stay
     within ``budget`` bytes, otherwise on ``store`` (e.g. the CPU). ``budget`` None: always on ``store``.
@@ -566,60 +555,3 @@ def _per_frame(win: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     frames = win.shape[2]
     y = F.conv2d(rearrange(win, "b c t h w -> (b t) c h w"), conv.weight, conv.bias, stride=conv.stride)
     return rearrange(y, "(b t) c h w -> b c t h w", t=frames)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit]) or "none"
-    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def load_vae(
-    path: str | Path,
-    config: VAEConfig | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> CausalVideoVAE:
-    """Load ``{'state_dict': {...}}`` (e.g. CogVideoX-2b-sat/vae/3d-vae.pt) strictly into a CausalVideoVAE.
-
-    Keys starting with ``loss`` (the training discriminator) are dropped, as the original drops them; any
-    other unknown key, a missing key or a wrong shape raises VAECheckpointError naming them. The file is
-    read with ``weights_only=True``, so a pickle that would run code is refused. Stored tensors may share
-    storage; each is cloned. The model comes back in eval mode with gradients off.
-    """
-    path = Path(path)
-    config = config or VAEConfig.cogvideox_2b()
-    if not path.is_file():
-        raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    from layerflow.weights.checkpoint import load_pickled_tensors
-
-    checkpoint = load_pickled_tensors(path, VAECheckpointError)
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise VAECheckpointError(f"{path}: expected a dict {{'state_dict': {{...}}}} as in CogVideoX vae/3d-vae.pt")
-    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("loss")}
-
-    with torch.device("meta"):
-        model = CausalVideoVAE(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise VAECheckpointError(
-            f"{path}: does not fit the config ({config.ch=}, {config.num_res_blocks=}): "
-            f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}"
-        )
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise VAECheckpointError(f"{path}: {key} is not a floating-point tensor")
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (expected {shape})"
-        for k, shape in expected.items()
-        if tuple(state[k].shape) != shape
-    ]
-    if wrong:
-        raise VAECheckpointError(f"{path}: wrong shapes: {_listing(wrong)}")
-    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layerflow.runtime.attention import FAITHFUL, AttentionKernel, select_attention
+from layerflow.runtime.attention import FAITHFUL, AttentionKernel, AttentionUnavailable, select_attention
 from layerflow.runtime.distributed import local_rank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,13 +124,21 @@ def resolve_speed(runtime, placement: Placement, head_dim: int) -> SpeedPlan:
     path on a GPU. On the fast path ``merge_lora: auto`` is on and ``compile: auto`` is on for GPUs
     only (compiling for the CPU takes minutes). Raises AttentionUnavailable for a named kernel that
     cannot run here.
+
+    With the token sequence split over ranks (``runtime.parallel.ulysses`` > 1) attention runs on the
+    heads the ranks exchange, with PyTorch's default dispatch in the heads-first layout
+    (:mod:`layerflow.runtime.parallel.ulysses`): that is the kernel the plan names (:data:`FAITHFUL`),
+    so ``meta.json`` records what ran; a kernel named in ``runtime.attention`` is refused there.
     """
     device = placement.compute_device
     asks_fast = runtime.attention != "auto" or runtime.merge_lora or runtime.compile
     faithful = runtime.faithful if runtime.faithful is not None else device.type != "cuda" and not asks_fast
     if faithful:
         return SpeedPlan(faithful=True, attention=FAITHFUL, merge_lora=False, compile=False)
-    kernel, passed_over = select_attention(runtime.attention, device, placement.dtype, head_dim)
+    if runtime.parallel.ulysses > 1:
+        kernel, passed_over = _sequence_parallel_attention(runtime)
+    else:
+        kernel, passed_over = select_attention(runtime.attention, device, placement.dtype, head_dim)
     return SpeedPlan(
         faithful=False,
         attention=kernel,
@@ -138,3 +146,14 @@ def resolve_speed(runtime, placement: Placement, head_dim: int) -> SpeedPlan:
         compile=runtime.compile if runtime.compile is not None else device.type == "cuda",
         passed_over=passed_over,
     )
+
+
+def _sequence_parallel_attention(runtime) -> tuple[AttentionKernel, tuple[str, ...]]:
+    """The kernel that runs under Ulysses (see :func:`resolve_speed`), and why ``auto`` took it."""
+    ulysses = runtime.parallel.ulysses
+    if runtime.attention != "auto":
+        raise AttentionUnavailable(
+            f"runtime.attention = {runtime.attention}: not used with runtime.parallel.ulysses = {ulysses} "
+            f"(the heads the ranks exchange run PyTorch's default attention); leave runtime.attention auto"
+        )
+    return FAITHFUL, (f"every kernel: runtime.parallel.ulysses = {ulysses} runs PyTorch's default attention",)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import ImageColor
 
+from layerflow.batch.sample_folder import code_version, write_layer_files
 from layerflow.config import OutputSection
 from layerflow.io.atomic import atomic_directory
 from layerflow.io.output_folder import write_marker
@@ -45,8 +46,8 @@ from layerflow.io.reader import (
     resolve_layer_source,
 )
 from layerflow.io.sample_files import META_FILE
-from layerflow.io.sample_folder import code_version, write_layer_files
-from layerflow.tools.score import score_folder, to_json
+from layerflow.scores import score_folder, to_json
+from layerflow.tasks import MASK_INPUT, Layer
 
 BLEND_SPACES = ("display", "linear")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -88,9 +89,9 @@ def read_background(spec: str, num_frames: int, size: Sequence[int]) -> tuple[to
     """Background (t, 3, h, w) in [-1, 1] from a clip, a still image or a colour, and where it came from."""
     path = Path(spec)
     if path.exists():
-        source = resolve_layer_source(path, "bg")
+        source = resolve_layer_source(path, Layer.BG)
         video = read_layer_video(source, num_frames=num_frames, size=size, pick=PICK_ONE_FOR_ONE)  # (t, c, h, w)
-        return video[:, :3], layer_provenance(path, "bg", num_frames=num_frames, pick=PICK_ONE_FOR_ONE)
+        return video[:, :3], layer_provenance(path, Layer.BG, num_frames=num_frames, pick=PICK_ONE_FOR_ONE)
     try:
         rgb = ImageColor.getrgb(spec)[:3]
     except ValueError:
@@ -131,10 +132,10 @@ def compose_layers(
     else:
         raise ComposeError(f"--blend-space {blend_space!r}: expected one of {', '.join(BLEND_SPACES)}")
     return {
-        "fg": matte_foreground(rgb, alpha),
-        "bg": bg,
-        "blend": blend,
-        "alpha": alpha_to_layer(alpha),
+        Layer.FG: matte_foreground(rgb, alpha),
+        Layer.BG: bg,
+        Layer.BLEND: blend,
+        Layer.ALPHA: alpha_to_layer(alpha),
     }  # each (t, 3, h, w)
 
 
@@ -168,8 +169,8 @@ def compose(
     if blend_space not in BLEND_SPACES:
         raise ComposeError(f"--blend-space {blend_space!r}: expected one of {', '.join(BLEND_SPACES)}")
     stage("read")
-    fg_source = resolve_layer_source(fg, "fg", with_alpha=True)
-    mask_source = resolve_layer_source(mask, "mask") if mask else None
+    fg_source = resolve_layer_source(fg, Layer.FG, with_alpha=True)
+    mask_source = resolve_layer_source(mask, MASK_INPUT) if mask else None
     try:  # the checks (and warnings, once each) that sampling makes, then the read
         if num_frames is None:
             num_frames = min(clip_length(fg_source)[0], MAX_SOURCE_FRAMES)
@@ -183,15 +184,15 @@ def compose(
         ) from None
     try:
         if not _is_colour(bg):
-            check_layer_source(resolve_layer_source(bg, "bg"), num_frames, size, pick=PICK_ONE_FOR_ONE)
+            check_layer_source(resolve_layer_source(bg, Layer.BG), num_frames, size, pick=PICK_ONE_FOR_ONE)
         background, bg_record = read_background(bg, num_frames, size)
     except LayerSourceError as error:
         raise ComposeError(f"--bg: {error}") from None
     layers = compose_layers(rgb, alpha, background, blend_space)
     frames = {"num_frames": num_frames, "pick": PICK_ONE_FOR_ONE}
-    sources = {"fg": layer_provenance(fg, "fg", with_alpha=True, **frames), "bg": bg_record}
+    sources = {Layer.FG: layer_provenance(fg, Layer.FG, with_alpha=True, **frames), Layer.BG: bg_record}
     if mask:
-        sources["mask"] = layer_provenance(mask, "mask", **frames)
+        sources[MASK_INPUT] = layer_provenance(mask, MASK_INPUT, **frames)
     never_replace = lambda existing: False  # compose only ever writes a new folder
     with atomic_directory(output, may_replace=never_replace, prepare=lambda tmp: write_marker(tmp, output.name)) as tmp:
         stage("write")

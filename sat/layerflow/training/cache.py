@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 
 from layerflow.io.atomic import atomic_path, write_text_atomic
-from layerflow.models.text_encoder import T5TextEncoder
-from layerflow.models.vae import CausalVideoVAE, load_vae
 from layerflow.runtime import distributed
 from layerflow.runtime.devices import resolve_placement
 from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import SampleError, TrainingSample, stack_clip
-from layerflow.weights.random import randomize_
+from layerflow.weights.build import build_text_encoder, build_vae
 from layerflow.weights.resolve import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -68,15 +66,6 @@ def fingerprint(config: TrainConfig) -> dict:
         "vae": "random" if weights.random else str(Path(weights.vae).resolve()),
         "text_encoder": str(weights.text_encoder.resolve()),
     }
-
-
-def build_vae(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> CausalVideoVAE:
-    weights, sizes = resolve_weights(config, check=False), config.model.vae.sizes
-    if weights.random:
-        vae = randomize_(CausalVideoVAE(sizes), config.sampling.seed + 1)  # the sampling pipeline's tiny VAE
-    else:
-        vae = load_vae(weights.vae, sizes)
-    return vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def sample_digest(sample: TrainingSample) -> str:
@@ -119,10 +108,9 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
     if todo:
         placement = resolve_placement(config.runtime)
         device, dtype = placement.compute_device, placement.dtype
-        vae = build_vae(config, device, dtype)
-        encoder = T5TextEncoder.from_folder(
-            resolve_weights(config, check=False).text_encoder, device=device, dtype=dtype
-        )
+        weights = resolve_weights(config, check=False)
+        vae = build_vae(config, device, dtype, weights)  # the sampling pipeline's VAE, the same tiny one
+        encoder = build_text_encoder(weights, device, dtype)
         layout, scale = config.layout, config.model.vae.scale_factor
         for number, sample in enumerate(todo, start=1):
             try:

@@ -27,22 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerflow.batch.manifest import SAFE_ID, content_id, json_type, jsonl_entries, string_map
 from layerflow.geometry import PIXEL_FRAMES_PER_LAYER
+from layerflow.io.manifest_lines import SAFE_ID, content_id, json_type, jsonl_entries, string_map
 from layerflow.io.pixels import matte_foreground, uint8_to_model, uint8_to_unit
 from layerflow.io.reader import (
     FRAME_SUFFIXES,
     LayerSourceError,
     _load_image,
-    read_foreground_layers,
+    read_foreground,
     read_layer_video,
-    read_layer_with_alpha,
     resize_for_rectangle_crop,
 )
-from layerflow.tasks import FIRST_FRAME_COPY, TaskLayout
+from layerflow.tasks import MASK_INPUT, Layer, TaskLayout, stack_layers
 
-LAYER_NAMES = ("fg", "bg", "blend")
-INPUT_NAMES = ("fg", "mask", "bg", "blend")
+LAYER_NAMES = (Layer.FG, Layer.BG, Layer.BLEND)
+INPUT_NAMES = (Layer.FG, MASK_INPUT, Layer.BG, Layer.BLEND)
 
 
 class SampleError(ValueError):
@@ -95,7 +94,7 @@ def _parse_line(entry: object, where: str, base: Path, layout: TaskLayout) -> Tr
             f"missing or empty {missing_prompts}, unknown {wrong_prompts}"
         )
     wrong_inputs = sorted(set(inputs) - set(INPUT_NAMES))
-    missing_inputs = [name for name in ("fg", "bg") if name not in inputs]
+    missing_inputs = [name for name in (Layer.FG, Layer.BG) if name not in inputs]
     if wrong_inputs or missing_inputs:
         raise SampleError(
             f"{where}: inputs need fg and bg (blend and mask optional); missing {missing_inputs}, "
@@ -143,9 +142,7 @@ def _image_has_alpha(path: Path) -> bool:
 def _foreground(fg: Path, mask: Path | None, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Foreground layer, alpha layer (F, 3, H, W) in [-1, 1] and matte (F, 1, H, W) in [0, 1]."""
     if not is_image(fg) and (mask is None or not is_image(mask)):
-        layer, alpha_layer = read_foreground_layers(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-        _, matte = read_layer_with_alpha(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
-        return layer, alpha_layer, matte
+        return read_foreground(fg, mask, num_frames=PIXEL_FRAMES_PER_LAYER, size=size)
     if not is_image(fg) or (mask is not None and not is_image(mask)):
         raise LayerSourceError(f"{fg}: a still foreground needs a still mask and a video one a video mask")
     if mask is None:
@@ -177,13 +174,13 @@ def _plain_layer(path: Path, size: tuple[int, int]) -> torch.Tensor:
 def read_layers(sample: TrainingSample, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The sample's layers fg, alpha, bg, blend, each (16, 3, H, W) in [-1, 1]."""
     inputs = {name: Path(value) for name, value in sample.inputs.items()}
-    fg, alpha_layer, matte = _foreground(inputs["fg"], inputs.get("mask"), size)
-    bg = _plain_layer(inputs["bg"], size)
-    if "blend" in inputs:
-        blend = _plain_layer(inputs["blend"], size)
+    fg, alpha_layer, matte = _foreground(inputs[Layer.FG], inputs.get(MASK_INPUT), size)
+    bg = _plain_layer(inputs[Layer.BG], size)
+    if Layer.BLEND in inputs:
+        blend = _plain_layer(inputs[Layer.BLEND], size)
     else:
         blend = fg + (1 - matte) * bg  # fg is colour * alpha already: alpha * colour + (1 - alpha) * bg
-    return {"fg": fg, "alpha": alpha_layer, "bg": bg, "blend": blend}
+    return {Layer.FG: fg, Layer.ALPHA: alpha_layer, Layer.BG: bg, Layer.BLEND: blend}
 
 
 def stack_clip(sample: TrainingSample, layout: TaskLayout, size: tuple[int, int]) -> torch.Tensor:
@@ -196,8 +193,4 @@ def stack_clip(sample: TrainingSample, layout: TaskLayout, size: tuple[int, int]
     except (LayerSourceError, OSError, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SampleError(f"{sample.where or sample.id}: {first}") from None
-    frames = [layers[span.name] for span in layout.spans if span.name != FIRST_FRAME_COPY]
-    clip = torch.cat(frames, dim=0)  # (F, 3, H, W)
-    if layout.repeats_first_frame:
-        clip = torch.cat([clip[:1], clip], dim=0)
-    return clip.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+    return stack_layers(layers, layout)  # (1, 3, F, H, W)

@@ -44,7 +44,7 @@ from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import TrainingSample
 from layerflow.training.loss import NoisedBatch, diffusion_loss
 from layerflow.training.params import describe_trainable, load_checkpoint_weights, select_trainable
-from layerflow.weights.random import randomize_
+from layerflow.weights import build
 from layerflow.weights.resolve import resolve_weights
 
 log = logging.getLogger("layerflow.training")
@@ -108,7 +108,7 @@ def build_network(config: TrainConfig, load_weights: bool = True) -> tuple[Layer
     """The float32 network with the chosen groups trainable (names returned) and, with ``load_weights``,
     its starting weights (a resumed run fills it from its checkpoint instead)."""
     distributed.ensure_model_parallel()  # SAT's layers need its model-parallel group
-    network = LayerFlowDiT(config.network, device="cpu", dtype=torch.float32)
+    network = build.build_network(config, load=False)
     if load_weights:
         load_starting_weights(network, config)
     trainable = select_trainable(network, config.training.trainable, config.training.layers)
@@ -116,9 +116,11 @@ def build_network(config: TrainConfig, load_weights: bool = True) -> tuple[Layer
 
 
 def load_starting_weights(network: LayerFlowDiT, config: TrainConfig) -> None:
+    """Seeded random weights or the release checkpoint, as sampling loads them, or CogVideoX-2B SAT
+    weights (``training.init: cogvideox``: LoRA and layer embedding start fresh)."""
     weights = resolve_weights(config, check=False)
-    if weights.random:
-        randomize_(network, config.sampling.seed)  # the same tiny network the sampling pipeline builds
+    if weights.random or config.training.init == "release":
+        build.load_weights(network, config, weights)
     else:
         load_checkpoint_weights(network, weights.checkpoint, config.training.init, config.layout)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerflow.tasks import Task, TaskLayout, Variant, get_layout
+from layerflow.tasks import RELEASE_FOLDERS, TaskLayout, Variant, get_layout
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,8 @@ IGNORED_PREFIXES = {"first_stage_model.": "VAE", "conditioner.": "T5 text encode
 SAT_MODEL_FILE = "mp_rank_00_model_states.pt"
 METADATA_TASK, METADATA_VARIANT = "layerflow_task", "layerflow_variant"
 
-# Folder names of the original release (Hugging Face zjuJish/LayerFlow), by task.
-RELEASE_FOLDER_TASKS = {
-    "multi-layer-generation": Task.GENERATION,
-    "multi-layer-decomposition": Task.DECOMPOSITION,
-    "foreground-conditioned-generation": Task.FOREGROUND_TO_BACKGROUND,
-    "background-conditioned-generation": Task.BACKGROUND_TO_FOREGROUND,
-}
+# Folder names of the original release (the task table's RELEASE_FOLDERS), to the task they hold.
+RELEASE_FOLDER_TASKS = {folder: task for task, folder in RELEASE_FOLDERS.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -50,10 +45,7 @@ class CheckpointNotFoundError(CheckpointError):
 
 
 def release_folder_name(layout: TaskLayout) -> str:
-    for folder, task in RELEASE_FOLDER_TASKS.items():
-        if task is layout.task:
-            return f"{folder}-{layout.variant.value}"
-    raise KeyError(layout.task)
+    return layout.release_folder
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from layerflow.config import LayerFlowConfig
 from layerflow.models.text_encoder import TextEncoderFilesError, check_t5_folder
-from layerflow.weights.checkpoint import CheckpointNotFoundError, release_folder_name, resolve_checkpoint_file
+from layerflow.weights.checkpoint import CheckpointNotFoundError, resolve_checkpoint_file
 
-TASK_WEIGHTS_URL = "https://huggingface.co/zjuJish/LayerFlow (folder {folder})"
 VAE_URL = "https://cloud.tsinghua.edu.cn/f/fdba7608a49c463ba754/?dl=1 (CogVideoX-2B SAT VAE, vae.zip)"
 T5_URL = "https://huggingface.co/THUDM/CogVideoX-2b (folders text_encoder + tokenizer, as t5-v1_1-xxl)"
 CACHE_ENV = "LAYERFLOW_CACHE"
@@ -43,10 +42,7 @@ def _missing_weights(config: LayerFlowConfig) -> list[str]:
     try:
         resolve_checkpoint_file(model.checkpoint)
     except CheckpointNotFoundError as error:  # a corrupt one (e.g. its 'latest' file) is no download problem
-        folder = release_folder_name(config.layout)
-        problems.append(
-            f"task checkpoint: {error} -> download {TASK_WEIGHTS_URL.format(folder=folder)} into {model.checkpoint}"
-        )
+        problems.append(f"task checkpoint: {error} -> download {config.layout.download} into {model.checkpoint}")
     if not Path(model.vae.path).is_file():
         problems.append(f"VAE: {model.vae.path} not found -> {VAE_URL}, unzip into CogVideoX-2b-sat/")
     try:

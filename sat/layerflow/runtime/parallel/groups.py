@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from layerflow.config import ConfigError, ParallelSection
+from layerflow.errors import ConfigError
 from layerflow.runtime import distributed
-from layerflow.runtime.parallel.layout import GroupLayout
+from layerflow.runtime.parallel.layout import GroupLayout, ParallelSection
 from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
 

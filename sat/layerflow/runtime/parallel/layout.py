@@ -21,7 +21,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layerflow.config import ConfigError, LayerFlowConfig
+from layerflow.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    """``runtime.parallel``, one video on several processes: ``cfg`` 2 runs the two guidance passes on
+    two ranks; ``ulysses`` k splits the token sequence over k ranks."""
+
+    cfg: int = 1
+    ulysses: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cfg not in (1, 2):
+            raise ConfigError(f"runtime.parallel.cfg must be 1 or 2 (the two guidance passes), got {self.cfg}")
+        if self.ulysses < 1:
+            raise ConfigError(f"runtime.parallel.ulysses must be at least 1, got {self.ulysses}")
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg * self.ulysses
 
 
 @dataclass(frozen=True)
@@ -87,8 +106,9 @@ def token_chunks(tokens: int, parts: int) -> tuple[int, ...]:
     return tuple(base + (i < extra) for i in range(parts))
 
 
-def sequence_length(config: LayerFlowConfig) -> int:
-    """Tokens the network attends over for this task: text + every latent frame's patches."""
+def sequence_length(config) -> int:
+    """Tokens the network attends over for a :class:`~layerflow.config.LayerFlowConfig`'s task: text +
+    every latent frame's patches."""
     rows, cols = config.network.patch_grid
     return config.layout.text_length + config.layout.latent_frames * rows * cols
 
@@ -97,8 +117,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
-def check_layout(config: LayerFlowConfig, world_size: int) -> GroupLayout:
-    """Validate ``runtime.parallel`` against the network and the number of ranks, before any model loads.
+def check_layout(config, world_size: int) -> GroupLayout:
+    """Validate ``runtime.parallel`` of a :class:`~layerflow.config.LayerFlowConfig` against the network
+    and the number of ranks, before any model loads.
 
     Raises :class:`ConfigError` with one line naming the key, what was found and what is possible.
     """

@@ -16,13 +16,25 @@ every rank decodes the whole video: the collective backend of GPU runs cannot re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from layerflow.models.vae import RegionShare
 from layerflow.runtime.parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class RegionShare:
+    """Worker ``index`` of ``count`` computes regions index, index + count, ... of every decoder layer;
+    ``complete`` turns its output (zero outside its regions) into the whole activation, e.g. a sum
+    over the workers (:meth:`layerflow.models.vae.CausalVideoVAE.decode` takes it as ``share``)."""
+
+    index: int
+    count: int
+    complete: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _sum_over(out: torch.Tensor, group) -> torch.Tensor:

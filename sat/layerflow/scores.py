@@ -40,6 +40,7 @@ from layerflow.io.pixels import rgba_from_layers, uint8_to_model, unpremultiply
 from layerflow.io.reader import read_clip_frames
 from layerflow.io.sample_files import ALPHA_EXPORTS, SCORES_FILE, SampleFolderError, layer_video
 from layerflow.runtime.devices import cpu_threads
+from layerflow.tasks import Layer
 
 EDGE_RADIUS = 3  # pixels either side of the matte's 0.5 contour that form the edge band
 SSIM_WINDOW = 11
@@ -145,7 +146,7 @@ def _read(folder: Path, name: str) -> np.ndarray:
 def sample_layers(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Straight RGBA foreground (t, h, w, 4), background and blend (t, h, w, 3) bytes of a sample folder."""
     folder = Path(folder)
-    if not (folder / layer_video("alpha")).exists():
+    if not (folder / layer_video(Layer.ALPHA)).exists():
         raise SampleFolderError(f"{folder}: no {layer_video('alpha')}: an RGB sample has no matte to score")
     straight, premultiplied = ALPHA_EXPORTS["straight"], ALPHA_EXPORTS["premultiplied"]
     if (folder / straight.png_folder).is_dir():
@@ -153,9 +154,9 @@ def sample_layers(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np
     elif (folder / premultiplied.png_folder).is_dir():
         fg = unpremultiply(_read(folder, premultiplied.png_folder))
     else:
-        matted = uint8_to_model(_read(folder, layer_video("fg")))  # (t, 3, h, w)
-        fg = rgba_from_layers(matted, uint8_to_model(_read(folder, layer_video("alpha"))))
-    return fg, _read(folder, layer_video("bg"))[..., :3], _read(folder, layer_video("blend"))[..., :3]
+        matted = uint8_to_model(_read(folder, layer_video(Layer.FG)))  # (t, 3, h, w)
+        fg = rgba_from_layers(matted, uint8_to_model(_read(folder, layer_video(Layer.ALPHA))))
+    return fg, _read(folder, layer_video(Layer.BG))[..., :3], _read(folder, layer_video(Layer.BLEND))[..., :3]
 
 
 SCORE_THREADS = 1  # the sums round by the CPU thread count: one count, so every caller gets the same digits

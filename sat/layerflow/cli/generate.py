@@ -1,4 +1,5 @@
-"""``sample_video.py``: run a LayerFlow task from YAML configs, prompt files and given-layer videos.
+"""``layerflow generate`` (``sat/sample_video.py``): run a LayerFlow task from YAML configs, prompt files
+and given-layer videos.
 
 Examples::
 
@@ -25,7 +26,6 @@ import logging
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser, add_version, folder_argument
 from layerflow.batch.manifest import (
     ManifestError,
     Sample,
@@ -34,22 +34,27 @@ from layerflow.batch.manifest import (
     samples_from_manifest,
     samples_from_prompt_files,
 )
+from layerflow.cli.arguments import (
+    add_config_options,
+    add_debug_option,
+    add_seed_option,
+    command_parser,
+    config_overrides,
+    folder_argument,
+)
+from layerflow.cli.exits import EXIT_FAILED_SAMPLES, run_command
 from layerflow.config import ConfigError, LayerFlowConfig, load_config
 from layerflow.io.atomic import NotWritableError
 from layerflow.io.output_folder import OutputFolder, OutputFolderError, check_output_path
 from layerflow.io.pixels import LayerSourceError
 from layerflow.models.text_encoder import TextEncoderFilesError
-from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
-from layerflow.runtime.interrupt import exit_status, sigterm_as_interrupt
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
+from layerflow.weights.vae import VAECheckpointError
 
 SCRIPT_PROG = "sample_video.py"
-EXIT_FAILED_SAMPLES = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
 
 # Errors caused by what the user gave (files, keys, values, folders): one line, exit status 2.
 USER_ERRORS = (
@@ -66,27 +71,17 @@ USER_ERRORS = (
 )
 
 log = logging.getLogger("layerflow")
+INTERRUPTED = "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> argparse.Namespace:
     """Parse the options; ``prog`` is the command the user typed (``layerflow generate`` or the script)."""
-    parser = OneLineParser(
-        prog=prog,
-        description="LayerFlow: layer-aware video generation (foreground, background, blend).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=examples_for(prog),
+    parser = command_parser(
+        prog,
+        "LayerFlow: layer-aware video generation (foreground, background, blend).",
+        examples_for(prog),
     )
-    add_version(parser)
-    parser.add_argument(
-        "--base", nargs="+", required=True, metavar="YAML", help="config files, merged in order (later files win)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sampling.num_steps=25 (repeatable)",
-    )
+    add_config_options(parser)
     parser.add_argument(
         "--prompt",
         action="append",
@@ -122,7 +117,7 @@ def parse_args(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> argpar
     parser.add_argument(
         "--output", type=folder_argument, metavar="DIR", help="output folder (default outputs/<task>_<variant>)"
     )
-    parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
+    add_seed_option(parser)
     parser.add_argument(
         "--redo-changed",
         action="store_true",
@@ -130,7 +125,7 @@ def parse_args(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> argpar
         "(without it such a run stops before any model loads)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
@@ -178,40 +173,18 @@ def main(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> int:
     args = parse_args(argv, prog)
     _configure_logging(args.debug, args.no_progress)
     try:
-        with sigterm_as_interrupt():
-            distributed.stop_with_launcher()
-            return _run(args)
-    except KeyboardInterrupt as stop:
-        print(
-            "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return exit_status(stop)
-    except USER_ERRORS as error:
-        if args.debug:
-            logging.getLogger("layerflow").exception("details")
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as error:
-        if args.debug:
-            raise
-        print(
-            f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the traceback",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        return run_command(lambda: _run(args), user_errors=USER_ERRORS, debug=args.debug, interrupted=INTERRUPTED)
     finally:
         distributed.detach_rank_log()  # the next run in this process (the demo's next config) logs afresh
 
 
 def _run(args: argparse.Namespace) -> int:
     """Validate everything, take the output folder, run this rank's samples and report."""
-    overrides = list(args.set) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
-    config = load_config(args.base, overrides)
+    config = load_config(args.base, config_overrides(args))
     parallel.check_layout(config, distributed.world_size())
     try:
         placement = resolve_placement(config.runtime)
-        resolve_speed(config.runtime, placement, config.network.head_dim)  # a named kernel must run here
+        speed = resolve_speed(config.runtime, placement, config.network.head_dim)  # a named kernel must run here
     except ValueError as error:
         raise ConfigError(str(error)) from None
     samples = collect_samples(args, config)
@@ -245,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         with cpu_threads(config.runtime.cpu_threads):
             distributed.ensure_model_parallel()  # collective: every rank, even one with nothing left to run
             parallel.setup(config.runtime.parallel)  # collective too: the groups that share one video
-            pipeline = functools.partial(LayerFlowPipeline, weights=weights)
+            pipeline = functools.partial(LayerFlowPipeline, placement=placement, weights=weights, speed=speed)
             summary = run_samples(
                 config,
                 samples,
@@ -276,13 +249,6 @@ def _run(args: argparse.Namespace) -> int:
         for failure in failures:
             print(f"failed: {failure['id']}: {failure['error']}", file=sys.stderr)
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    if isinstance(error, OSError) and error.filename and error.strerror and text.startswith("["):
-        return f"{error.filename}: {error.strerror.lower()}"  # not Python's "[Errno 2] ..." form
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _for_terminal(record: logging.LogRecord) -> bool:

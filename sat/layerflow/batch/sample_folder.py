@@ -36,6 +36,7 @@ import torch
 from layerflow import __version__
 from layerflow.config import LayerFlowConfig, OutputSection
 from layerflow.io.atomic import atomic_directory
+from layerflow.io.contact_sheet import write_contact_sheet
 from layerflow.io.output_folder import is_ours, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
 from layerflow.io.sample_files import (
@@ -53,8 +54,8 @@ from layerflow.io.writer import (
     write_png_sequence,
     write_preview,
 )
-from layerflow.tools.contact_sheet import write_contact_sheet
-from layerflow.tools.score import score_folder, to_json
+from layerflow.scores import score_folder, to_json
+from layerflow.tasks import Layer
 
 
 def code_version() -> str:
@@ -74,9 +75,9 @@ def code_version() -> str:
 
 def foreground_rgba(layers: Mapping[str, torch.Tensor]):
     """Straight RGBA bytes (F, H, W, 4) of the foreground, or None without an alpha layer."""
-    if "alpha" not in layers:
+    if Layer.ALPHA not in layers:
         return None
-    return rgba_from_layers(layers["fg"], layers["alpha"])  # undoes the grey matte itself
+    return rgba_from_layers(layers[Layer.FG], layers[Layer.ALPHA])  # undoes the grey matte itself
 
 
 def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: OutputSection) -> None:
@@ -97,8 +98,8 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
                     folder / f"{export.video_stem}{suffix}", frames, codec=output.alpha_video, fps=output.fps
                 )
     if output.preview:
-        fg = rgba if rgba is not None else to_uint8(layers["fg"])
-        bg, blend = to_uint8(layers["bg"]), to_uint8(layers["blend"])
+        fg = rgba if rgba is not None else to_uint8(layers[Layer.FG])
+        bg, blend = to_uint8(layers[Layer.BG]), to_uint8(layers[Layer.BLEND])
         write_preview(folder / PREVIEW_FILE, fg, bg, blend, fps=output.fps)
         write_contact_sheet(folder / CONTACT_SHEET_FILE, fg, bg, blend)
 
@@ -132,7 +133,7 @@ def write_sample(
         for name, video in (given or {}).items():
             write_mp4(tmp / given_video(name), to_uint8(video), fps=output.fps)
         copy_files(tmp, kept or {})
-        scores = {"scores": to_json(score_folder(tmp))} if "alpha" in layers and output.scores else {}
+        scores = {"scores": to_json(score_folder(tmp))} if Layer.ALPHA in layers and output.scores else {}
         record = {
             **meta,
             **scores,

@@ -1,6 +1,6 @@
-"""The no-weights demo: all four tasks in both variants with the tiny built-in model on CPU.
+"""``layerflow demo``: all four tasks in both variants with the tiny built-in model on CPU (no weights).
 
-``python -m layerflow.demo OUTPUT_DIR`` writes synthetic given-layer inputs to
+``layerflow demo OUTPUT_DIR [CONFIG...]`` (``scripts/demo.sh``) writes synthetic given-layer inputs to
 ``OUTPUT_DIR/inputs`` and one sample folder per configuration, ``OUTPUT_DIR/<task>_<variant>/``,
 through the same command-line path a user runs (real MP4s, PNG sequences, alpha videos). A
 misspelt configuration name or an output path that is a file stops it before anything is written
@@ -9,20 +9,22 @@ misspelt configuration name or an output path that is a file stops it before any
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from layerflow.cli import main as sample_video
+from layerflow.cli.arguments import add_debug_option, command_parser, folder_argument
+from layerflow.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, TOOL_ERRORS, run_command
+from layerflow.cli.generate import main as sample_video
 from layerflow.io.synthetic import write_layered_clip
-from layerflow.tasks import LAYOUTS
+from layerflow.tasks import LAYOUTS, Layer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXIT_USAGE = 2
+REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = {
-    "fg": "a red balloon drifting slowly",
-    "bg": "a calm lake with hills at sunrise",
-    "blend": "a red balloon drifting over a calm lake with hills at sunrise",
+    Layer.FG: "a red balloon drifting slowly",
+    Layer.BG: "a calm lake with hills at sunrise",
+    Layer.BLEND: "a red balloon drifting over a calm lake with hills at sunrise",
 }
 
 
@@ -83,17 +85,32 @@ def run_demo(output: Path, configs: list[str] | None = None) -> int:
                 str(output),
             ]
         )
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            return code
         status = status or code
     return status
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = command_parser(
+        "layerflow demo",
+        "All four tasks in both variants with the tiny built-in model on CPU (no weights).",
+        "example:\n  layerflow demo outputs/demo gen_rgba fg2bg_rgba",
+    )
+    parser.add_argument("output", nargs="?", type=folder_argument, default=Path("outputs/demo"), help="output folder")
+    parser.add_argument("configs", nargs="*", metavar="CONFIG", help="only these, e.g. gen_rgba (default: all 8)")
+    add_debug_option(parser)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
-    """``python -m layerflow.demo [OUTPUT_DIR] [CONFIG...]`` (scripts/demo.sh)."""
-    try:
-        return run_demo(Path(argv[0] if argv else "outputs/demo"), argv[1:] or None)
-    except DemoError as error:
-        print(f"demo: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    args = parse_args(argv)
+    return run_command(
+        lambda: run_demo(args.output, args.configs or None),
+        user_errors=TOOL_ERRORS,
+        prefix="layerflow demo: error",
+        debug=args.debug,
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Examples::
     python sat/train_video.py --base ... --prepare-only
 
 Rerunning the same command resumes from the last checkpoint in ``training.save``.
-Exit status: 0 done, 2 usage, config, data or checkpoint error (one line on stderr), 130 when
-interrupted with Ctrl-C and 143 when stopped with SIGTERM (the last checkpoint is left intact).
+Exit status (:mod:`layerflow.cli.exits`): 0 done, 2 usage, config, data or checkpoint error (one line
+on stderr), 3 internal error (``--debug`` shows the traceback), 130 Ctrl-C, 143 SIGTERM (the last
+checkpoint is left intact).
 """
 
 from __future__ import annotations
@@ -22,49 +23,41 @@ import logging
 import sys
 from pathlib import Path
 
-from layerflow.arguments import OneLineParser
+from layerflow.cli.arguments import add_config_options, add_debug_option, command_parser, config_overrides
+from layerflow.cli.exits import run_command
 from layerflow.config import ConfigError
 from layerflow.runtime import distributed
-from layerflow.runtime.interrupt import exit_status, sigterm_as_interrupt
 from layerflow.training.cache import CacheError, prepare_cache
 from layerflow.training.checkpointing import latest_step, write_sample_config
 from layerflow.training.config import TrainConfig, load_train_config
-from layerflow.training.dataset import SampleError, TrainingSample, read_manifest
+from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.params import describe_trainable
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, Weights, resolve_weights
 
-EXIT_USAGE = 2
+# Errors caused by what the user gave (configs, data, checkpoints, folders): one line, exit status 2.
+USER_ERRORS = (SampleError, CacheError, CheckpointError, ConfigError, MissingWeightsError, OSError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(
-        prog="train_video.py",
-        description="LayerFlow training: LoRA / layer embedding / full fine-tuning on layered clips.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples::", 1)[1],
+    parser = command_parser(
+        "train_video.py",
+        "LayerFlow training: LoRA / layer embedding / full fine-tuning on layered clips.",
+        __doc__.split("Examples::", 1)[1],
     )
-    parser.add_argument(
-        "--base",
-        nargs="+",
-        required=True,
-        metavar="YAML",
-        help="config files, merged in order (later files win): model, task, training stage",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set training.steps=500 (repeatable)",
+    add_config_options(
+        parser,
+        base_help="config files, merged in order (later files win): model, task, training stage",
+        set_example="training.steps=500",
     )
     parser.add_argument("--prepare-only", action="store_true", help="encode the dataset into the cache and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
 def _checked_config(args: argparse.Namespace) -> tuple[TrainConfig, Weights]:
-    config = load_train_config(args.base, args.set)
+    config = load_train_config(args.base, config_overrides(args))
     if not config.training.manifest:
         raise ConfigError("training.manifest is not set (a JSONL of layered samples; see the README, 'Training')")
     resuming = latest_step(Path(config.training.save)) is not None
@@ -89,7 +82,7 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
     import torch
 
     from layerflow.io.atomic import atomic_path
-    from layerflow.training.cache import build_vae
+    from layerflow.weights.build import build_vae
 
     path = folder / "random-vae.pt"
     vae = build_vae(config, torch.device("cpu"), torch.float32)
@@ -104,22 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    save: Path | None = None
-    try:
-        with sigterm_as_interrupt():
-            distributed.stop_with_launcher()
-            try:
-                config, weights = _checked_config(args)
-                samples = read_manifest(config.training.manifest, config.layout)
-            except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
-                print(f"error: {error}", file=sys.stderr)
-                return EXIT_USAGE
-            save = Path(config.training.save)
-            return _train(args, config, weights, samples)
-    except KeyboardInterrupt as stop:
-        if distributed.is_main_process():
-            print(f"interrupted: stopped cleanly; {_resume_hint(save)}", file=sys.stderr)
-        return exit_status(stop)
+    save: list[Path] = []  # known once the config is read
+
+    def interrupted() -> str:
+        if not distributed.is_main_process():
+            return ""
+        return f"interrupted: stopped cleanly; {_resume_hint(save[0] if save else None)}"
+
+    return run_command(lambda: _run(args, save), user_errors=USER_ERRORS, debug=args.debug, interrupted=interrupted)
 
 
 def _resume_hint(save: Path | None) -> str:
@@ -133,36 +118,37 @@ def _resume_hint(save: Path | None) -> str:
     return f"the last checkpoint, iteration {step} in {save}, is intact; rerun the same command to resume from it"
 
 
-def _train(args: argparse.Namespace, config: TrainConfig, weights: Weights, samples: list[TrainingSample]) -> int:
-    """Prepare the cache, then train (or only prepare); user errors are one line and exit 2."""
-    layout, save = config.layout, Path(config.training.save)
-    try:
-        _setup_logging(save)
-        distributed.ensure_model_parallel()
-        prepare_cache(config, samples, show_progress=not args.no_progress and distributed.is_main_process())
-        if args.prepare_only:
-            if distributed.is_main_process():
-                print(f"prepared {len(samples)} samples in {config.training.cache_dir}")
-            return 0
-        from layerflow.training.trainer import Trainer
-
-        trainer = Trainer(config, samples, show_progress=not args.no_progress)
-        if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
-            vae_path = export_random_vae(config, save) if weights.random else None
-            sample_config = write_sample_config(config, save, vae_path)
-            print(
-                f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
-                f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
-                f"logs in {save / 'logs'}"
-                + (f", TensorBoard in {save / 'tensorboard'}" if config.training.tensorboard else "")
-            )
-        history = trainer.run()
+def _run(args: argparse.Namespace, known_save: list[Path]) -> int:
+    """Check the config and data, prepare the cache, then train (or resume) and report; the save
+    folder is appended to ``known_save`` as soon as it is known (for the Ctrl-C line)."""
+    config, weights = _checked_config(args)
+    layout = config.layout
+    samples = read_manifest(config.training.manifest, layout)
+    save = Path(config.training.save)
+    known_save.append(save)
+    _setup_logging(save)
+    distributed.ensure_model_parallel()
+    prepare_cache(config, samples, show_progress=not args.no_progress and distributed.is_main_process())
+    if args.prepare_only:
         if distributed.is_main_process():
-            last = f", last loss {history[-1]['loss']:.4f}" if history else " (already complete)"
-            print(f"trained {config.training.steps} steps{last} -> {save} (sample with --base {sample_config})")
-    except (SampleError, CacheError, CheckpointError, ConfigError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+            print(f"prepared {len(samples)} samples in {config.training.cache_dir}")
+        return 0
+    from layerflow.training.trainer import Trainer
+
+    trainer = Trainer(config, samples, show_progress=not args.no_progress)
+    if distributed.is_main_process():  # written first, so that every checkpoint of the run can be sampled
+        vae_path = export_random_vae(config, save) if weights.random else None
+        sample_config = write_sample_config(config, save, vae_path)
+        print(
+            f"{layout.name}: {len(samples)} samples, from step {trainer.start_step} to {config.training.steps}; "
+            f"trainable {describe_trainable(trainer.network, config.training.trainable)}; "
+            f"logs in {save / 'logs'}"
+            + (f", TensorBoard in {save / 'tensorboard'}" if config.training.tensorboard else "")
+        )
+    history = trainer.run()
+    if distributed.is_main_process():
+        last = f", last loss {history[-1]['loss']:.4f}" if history else " (already complete)"
+        print(f"trained {config.training.steps} steps{last} -> {save} (sample with --base {sample_config})")
     return 0
 
 
