@@ -9,6 +9,11 @@
   that cannot run is recorded at once and the others go on.
 * A sample that fails (bad input, out of memory) is written to ``failures.jsonl`` with its id and
   reason and the run goes on; the exit status says whether every sample succeeded.
+* When one video is made by a group of ranks (``runtime.parallel``), a rank that fails tells its
+  partners at their next exchange (:mod:`layerflow.runtime.parallel.agreement`): the whole group
+  gives the sample up, its leader records it once with the failing rank and its reason, and the
+  group goes on with its next sample. A partner that dies or hangs ends this rank's share of the
+  run with :class:`GroupLost` (one line; a rerun finishes the batch).
 * Rank 0 shows a progress bar for the whole run (it counts finished folders of all ranks); every
   rank logs to ``logs/rank<r>.log`` in the output folder.
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from layerflow.batch.faults import fault_from_environment
 from layerflow.batch.given import check_given_layers, given_layer_sources, read_given_layers
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
@@ -33,6 +39,8 @@ from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
 from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
+from layerflow.runtime.parallel import ParallelGroups
+from layerflow.runtime.parallel.agreement import GroupLost, PartnerFailed, RankFailure
 
 log = logging.getLogger("layerflow")
 FILE_ONLY = {"file_only": True}  # a record for the rank log; the terminal shows it through the progress and summary
@@ -93,8 +101,10 @@ def run_samples(
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring."""
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
+    distributed.tell_launcher(log=str(output / LOGS_DIR / f"rank{rank}.log"))
     groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
     mine = shard(samples, groups.group_index, groups.num_groups)
+    fault = fault_from_environment()  # a test's injected failure (batch/faults.py); None in real runs
     summary = RunSummary()
     failures: list[dict] = []
     todo = []
@@ -130,15 +140,20 @@ def run_samples(
             pipeline.speed.describe(),
             f" (attention auto passed over {passed_over})" if passed_over else "",
         )
+    lost: GroupLost | None = None
     for sample in todo:
         start = time.perf_counter()
         on_step = progress.start_sample(sample.id)
+        if fault is not None:
+            on_step = fault.around(on_step, sample.id, rank)
+        _start_video(groups, sample.id)
         failure = None
         try:
             run_config = sample_config(config, sample)
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             seed = sample.resolved_seed(config.sampling.seed)
             result = pipeline.generate(sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step)
+            _video_made(groups)
             meta = {
                 "id": sample.id,
                 "prompts": dict(sample.prompts),
@@ -159,19 +174,63 @@ def run_samples(
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
-            failure = _reason(error)
+            _log_failure(sample.id, error)
+            failed, lost = _group_failure(error, groups, rank)
+            failure = failed.reason
             summary.failed[sample.id] = failure
             if groups.is_leader:
-                failures.append({"id": sample.id, "rank": rank, "error": failure})
-            log.exception("sample %s failed: %s", sample.id, failure, extra=FILE_ONLY)
+                failures.append({"id": sample.id, "rank": failed.rank, "error": failure})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         finally:
             finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
             progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
+        if lost is not None:
+            break
     progress.close()
     _record_failures(output, rank, failures)
+    distributed.tell_launcher(sample=None)
+    if lost is not None:
+        raise GroupLost(f"{lost} while sample {sample.id} ran; rerun the same command to finish the batch")
     return summary
+
+
+def _start_video(groups: ParallelGroups, sample_id: str) -> None:
+    """A sample begins: its group's votes start over; a launcher learns which sample this rank runs."""
+    if groups.agreement is not None:
+        groups.agreement.start()
+    distributed.tell_launcher(sample=sample_id)
+
+
+def _video_made(groups: ParallelGroups) -> None:
+    """The group's last vote on a video: every rank did its part (else :class:`PartnerFailed`). Collective."""
+    if groups.agreement is not None:
+        groups.agreement.finish()
+
+
+def _group_failure(error: Exception, groups: ParallelGroups, rank: int) -> tuple[RankFailure, GroupLost | None]:
+    """Who failed the sample and why, the same on every rank of its group, and the loss of the group
+    if a partner died or hung. This rank's own error is first told to the partners, which wait for it
+    at their next exchange (collective)."""
+    if isinstance(error, PartnerFailed):
+        return error.failure, None
+    own = RankFailure(rank, _reason(error))
+    if isinstance(error, GroupLost):
+        return own, error
+    if groups.agreement is None:
+        return own, None
+    try:
+        return groups.agreement.fail(own.reason), None
+    except GroupLost as lost:
+        return own, lost
+
+
+def _log_failure(sample_id: str, error: Exception) -> None:
+    """The rank log's record of a failed sample: the traceback on a rank that failed, one line on its partners."""
+    if isinstance(error, (PartnerFailed, GroupLost)):
+        log.error("sample %s given up: %s", sample_id, error, extra=FILE_ONLY)
+    else:
+        log.exception("sample %s failed: %s", sample_id, _reason(error), extra=FILE_ONLY)
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:

@@ -19,14 +19,14 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from layerflow.models.vae import RegionShare
+from layerflow.runtime.parallel.agreement import Exchange
 from layerflow.runtime.parallel.groups import ParallelGroups
 
 
-def _sum_over(out: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(out, group=group)
+def _sum_over(out: torch.Tensor, group: Exchange) -> torch.Tensor:
+    group.all_reduce(out)
     return out
 
 
