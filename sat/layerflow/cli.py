@@ -10,8 +10,9 @@ Examples::
 
 Exit status: 0 when every sample succeeded (or was already complete), 1 when some failed,
 2 for a usage, configuration or input error (one line on stderr, found before any model loads
-where possible), 3 for an internal error (rerun with --debug for the traceback), 130 when
-interrupted with Ctrl-C and 143 when stopped with SIGTERM (nothing half-written is left).
+where possible; --validate-only stops there), 3 for an internal error (rerun with --debug for the
+traceback) or, under torchrun, a video partner that died or hung, 130 when interrupted with
+Ctrl-C and 143 when stopped with SIGTERM (nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from layerflow.models.text_encoder import TextEncoderFilesError
 from layerflow.models.vae import VAECheckpointError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
+from layerflow.runtime.parallel.agreement import GroupLost
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
@@ -110,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="run seed (sampling.seed); each sample's seed derives from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check configs, prompts, inputs, manifest, weights and the output path, then stop before "
+        "any model loads (the scripts do this in one process before starting the ranks)",
+    )
     return parser.parse_args(argv)
 
 
@@ -146,26 +154,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             distributed.stop_with_launcher()
-            return _run(args)
+            return _end(_run(args))
     except KeyboardInterrupt as stop:
-        print(
+        return _end(
+            EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED,
             "interrupted: stopped cleanly (unfinished samples were discarded); rerun the same command to resume",
-            file=sys.stderr,
         )
-        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:
             logging.getLogger("layerflow").exception("details")
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _end(EXIT_USAGE, f"error: {_one_line(error)}")
+    except GroupLost as error:  # a video partner died or hung: this rank cannot go on
+        return _end(EXIT_INTERNAL, f"error: {error}", partner_lost=True)
     except Exception as error:
         if args.debug:
             raise
-        print(
-            f"error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with --debug for the traceback",
-            file=sys.stderr,
+        log.error("internal error", exc_info=True, extra={"file_only": True})  # the traceback, in the rank log
+        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+        return _end(
+            EXIT_INTERNAL,
+            f"error: {where}internal error ({type(error).__name__}: {_one_line(error)}); "
+            f"rerun with --debug for the traceback",
         )
-        return EXIT_INTERNAL
+
+
+def _end(code: int, line: str = "", **facts) -> int:
+    """The run's last word: ``line`` on stderr, or under ``layerflow.launch`` to the launcher, which
+    prints one line for all ranks (:func:`layerflow.runtime.distributed.tell_launcher`)."""
+    told = distributed.tell_launcher(exit=code, error=line, **facts)
+    if line and not told:
+        print(line, file=sys.stderr)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -188,6 +207,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.manifest and config.layout.given_layers:
         check_given_layers(samples[0], config)  # --input files are shared by every sample: a bad one stops the run
+    if args.validate_only:
+        world = distributed.world_size()
+        print(f"ok: {len(samples)} samples of {config.layout.name} on {world} process{'es' * (world > 1)} -> {output}")
+        return 0
 
     distributed.init_process_group()
     folder = OutputFolder(output)
@@ -228,6 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         for failure in failures:
             print(f"failed: {failure['id']}: {failure['error']}", file=sys.stderr)
+    distributed.share_from_main("")  # no rank ends (and has torchrun stop the others) before rank 0 reported
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
 
 

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a config key, e.g. --set training.steps=500 (repeatable)",
     )
     parser.add_argument("--prepare-only", action="store_true", help="encode the dataset into the cache and stop")
+    parser.add_argument(
+        "--validate-only", action="store_true", help="check configs, manifest and weights, then stop (nothing written)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingWeightsError, CheckpointError, SampleError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.validate_only:
+        print(f"ok: {len(samples)} training samples of {layout.name} -> {config.training.save}")
+        return 0
     save = Path(config.training.save)
     try:
         _setup_logging(save)
