@@ -32,9 +32,10 @@ Left out, because they do not change a pixel or a file (:data:`EXCLUDED`): the r
 (``sampling.seed``: it acts through ``seed`` and the random weights' seeds), the weight paths as
 written (``weights.*`` names the files they resolve to), ``runtime.keep_text_encoder`` and
 ``runtime.model_cpu_offload`` (where models wait between uses; every operation runs on the same
-device in the same dtype). Also not in it: the number of processes (any count gives the same
-bytes), the progress and log options, and the versions of LayerFlow, torch and ffmpeg (recorded
-in ``meta.json``; counting them would refuse every finished folder after an upgrade).
+device in the same dtype), ``runtime.parallel.timeout_s`` (how long a rank waits for a hung
+partner). Also not in it: the number of processes (any count gives the same bytes), the
+progress and log options, and the versions of LayerFlow, torch and ffmpeg (recorded in
+``meta.json``; counting them would refuse every finished folder after an upgrade).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ EXCLUDED = {
     "model.checkpoint": "weights.network names the file it resolves to",
     "model.vae.path": "weights.vae names the file",
     "model.text_encoder.path": "weights.text_encoder names the folder",
+    "runtime.parallel.timeout_s": "how long a rank waits for a hung partner; no pixel depends on it",
     "runtime.keep_text_encoder": "memory only: T5 is kept or freed after the prompts are encoded",
     "runtime.model_cpu_offload": "memory only: models wait on the CPU between uses, and run where they would anyway",
 }

@@ -14,6 +14,11 @@
   that cannot run is recorded at once and the others go on.
 * A sample that fails (bad input, out of memory) is written to ``failures.jsonl`` with its id and
   reason and the run goes on; the exit status says whether every sample succeeded.
+* When one video is made by a group of ranks (``runtime.parallel``), a rank that fails tells its
+  partners at their next exchange (:mod:`layerflow.runtime.parallel.agreement`): the whole group
+  gives the sample up, its leader records it once with the failing rank and its reason, and the
+  group goes on with its next sample. A partner that dies or hangs ends this rank's share of the
+  run with :class:`GroupLost` (one line; a rerun finishes the batch).
 * Rank 0 shows a progress bar for the whole run (it counts finished folders of all ranks); every
   rank logs to ``logs/rank<r>.log`` in the output folder.
 """
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from layerflow.batch.faults import fault_from_environment
 from layerflow.batch.fingerprint import ChangedSampleError, Fingerprinter, refusal, why_changed
 from layerflow.batch.given import (
     check_given_layers,
@@ -46,6 +52,8 @@ from layerflow.io.atomic import write_text_atomic
 from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
 from layerflow.io.sample_files import META_FILE, SampleFolderError, read_meta
 from layerflow.runtime import distributed, parallel
+from layerflow.runtime.parallel import ParallelGroups
+from layerflow.runtime.parallel.agreement import GroupLost, PartnerFailed, RankFailure
 from layerflow.weights.resolve import Weights, resolve_weights
 
 log = logging.getLogger("layerflow")
@@ -115,26 +123,15 @@ def run_samples(
     """
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
+    distributed.tell_launcher(log=str(output / LOGS_DIR / f"rank{rank}.log"))
     groups = parallel.current()  # one video per group of ranks (runtime.parallel); its leader writes
     mine = shard(samples, groups.group_index, groups.num_groups)
     fingerprinter = Fingerprinter(config, weights if weights is not None else resolve_weights(config))
     redo = plan_reruns(config, samples, output, fingerprinter, redo_changed)
+    fault = fault_from_environment()  # a test's injected failure (batch/faults.py); None in real runs
     summary = RunSummary()
     failures: list[dict] = []
-    todo = []
-    checked = set() if checked is None else checked
-    for sample in mine:
-        if is_complete(output / sample.id) and sample.id not in redo:
-            summary.skipped.append(sample.id)
-            continue
-        problem = preflight(sample, config, output, checked)
-        if problem is None:
-            todo.append(sample)
-        else:
-            summary.failed[sample.id] = problem
-            if groups.is_leader:
-                failures.append({"id": sample.id, "rank": rank, "error": problem})
-            log.error("sample %s cannot run: %s", sample.id, problem, extra=FILE_ONLY)
+    todo = _samples_to_run(mine, config, output, redo, set() if checked is None else checked, summary, failures)
     log.info(
         "rank %d/%d: %d samples, %d already complete, %d cannot run",
         rank,
@@ -155,18 +152,23 @@ def run_samples(
             pipeline.speed.describe(),
             f" (attention auto passed over {passed_over})" if passed_over else "",
         )
+    lost: GroupLost | None = None
     for sample in todo:
         start = time.perf_counter()
+        _start_video(groups, sample.id)
         failure = None
         try:
             run_config = sample_config(config, sample)
             on_step = progress.start_sample(sample.id, run_config.sampling.num_steps)
+            if fault is not None:
+                on_step = fault.around(on_step, sample.id, rank)
             seed = sample.resolved_seed(config.sampling.seed)
             fingerprint = fingerprinter.record(sample, run_config, seed)  # before reading: what was read is named
             given = read_given_layers(sample, run_config) if config.layout.given_layers else None
             result = pipeline.generate(
                 sample.prompts, given, seed=seed, sampling=run_config.sampling, on_step=on_step, on_stage=progress.stage
             )
+            _video_made(groups)
             meta = {
                 "id": sample.id,
                 "prompts": dict(sample.prompts),
@@ -191,11 +193,12 @@ def run_samples(
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
-            failure = _reason(error)
+            _log_failure(sample.id, error)
+            failed, lost = _group_failure(error, groups, rank)
+            failure = failed.reason
             summary.failed[sample.id] = failure
             if groups.is_leader:
-                failures.append({"id": sample.id, "rank": rank, "error": failure})
-            log.exception("sample %s failed: %s", sample.id, failure, extra=FILE_ONLY)
+                failures.append({"id": sample.id, "rank": failed.rank, "error": failure})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except BaseException:  # Ctrl-C or SIGTERM: the sample is discarded, so it is neither done nor failed
@@ -203,9 +206,43 @@ def run_samples(
             raise
         finished = count_finished(output, samples, redo) + len(summary.failed)
         progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
+        if lost is not None:
+            break
     progress.close()
     _record_failures(output, rank, failures)
+    distributed.tell_launcher(sample=None)
+    if lost is not None:
+        raise GroupLost(f"{lost} while sample {sample.id} ran; rerun the same command to finish the batch")
     return summary
+
+
+def _samples_to_run(
+    mine: Sequence[Sample],
+    config: LayerFlowConfig,
+    output: Path,
+    redo: dict[str, int],
+    checked: set,
+    summary: RunSummary,
+    failures: list[dict],
+) -> list[Sample]:
+    """This rank's samples that are not complete (or are to be made again) and pass their pre-check;
+    the complete ones go to ``summary.skipped``, the ones that cannot run to ``summary.failed`` (and,
+    on the group's leader, to ``failures``)."""
+    rank, is_leader = distributed.rank(), parallel.current().is_leader
+    todo = []
+    for sample in mine:
+        if is_complete(output / sample.id) and sample.id not in redo:
+            summary.skipped.append(sample.id)
+            continue
+        problem = preflight(sample, config, output, checked)
+        if problem is None:
+            todo.append(sample)
+            continue
+        summary.failed[sample.id] = problem
+        if is_leader:
+            failures.append({"id": sample.id, "rank": rank, "error": problem})
+        log.error("sample %s cannot run: %s", sample.id, problem, extra=FILE_ONLY)
+    return todo
 
 
 def plan_reruns(
@@ -286,6 +323,44 @@ def rerun_records(
         content = {name: fingerprint["settings"].get(f"inputs.{name}") for name in sample.inputs}
         records["given_layers"] = given_layer_record(sample, run_config, given, content)
     return records
+
+
+def _start_video(groups: ParallelGroups, sample_id: str) -> None:
+    """A sample begins: its group's votes start over; a launcher learns which sample this rank runs."""
+    if groups.agreement is not None:
+        groups.agreement.start()
+    distributed.tell_launcher(sample=sample_id)
+
+
+def _video_made(groups: ParallelGroups) -> None:
+    """The group's last vote on a video: every rank did its part (else :class:`PartnerFailed`). Collective."""
+    if groups.agreement is not None:
+        groups.agreement.finish()
+
+
+def _group_failure(error: Exception, groups: ParallelGroups, rank: int) -> tuple[RankFailure, GroupLost | None]:
+    """Who failed the sample and why, the same on every rank of its group, and the loss of the group
+    if a partner died or hung. This rank's own error is first told to the partners, which wait for it
+    at their next exchange (collective)."""
+    if isinstance(error, PartnerFailed):
+        return error.failure, None
+    own = RankFailure(rank, _reason(error))
+    if isinstance(error, GroupLost):
+        return own, error
+    if groups.agreement is None:
+        return own, None
+    try:
+        return groups.agreement.fail(own.reason), None
+    except GroupLost as lost:
+        return own, lost
+
+
+def _log_failure(sample_id: str, error: Exception) -> None:
+    """The rank log's record of a failed sample: the traceback on a rank that failed, one line on its partners."""
+    if isinstance(error, (PartnerFailed, GroupLost)):
+        log.error("sample %s given up: %s", sample_id, error, extra=FILE_ONLY)
+    else:
+        log.exception("sample %s failed: %s", sample_id, _reason(error), extra=FILE_ONLY)
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:

@@ -46,6 +46,15 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def report(code: int, line: str = "", **facts) -> int:
+    """A command's last word: ``line`` on stderr, or, under ``layerflow.cli.launch``, to the launcher, which
+    prints one line for all ranks (:func:`layerflow.runtime.distributed.tell_launcher`); returns ``code``."""
+    told = distributed.tell_launcher(exit=code, error=line, **facts)
+    if line and not told:
+        print(line, file=sys.stderr)
+    return code
+
+
 def run_command(
     body: Callable[[], int],
     *,
@@ -53,35 +62,40 @@ def run_command(
     prefix: str = "error",
     debug: bool = False,
     interrupted: str | Callable[[], str] = "interrupted: stopped",
+    partner_lost: tuple[type[BaseException], ...] = (),
+    log_traceback: bool = False,
 ) -> int:
     """Run ``body`` and return its exit status, or the status of what stopped it (module docstring).
 
     A user error prints ``<prefix>: <first line>`` (exit 2), anything else ``<prefix>: internal
-    error (...)`` (exit 3); with ``debug`` the traceback is shown too (an internal error is re-raised).
-    Ctrl-C and SIGTERM print ``interrupted`` (a line, or a function that makes it when it is needed;
-    an empty line prints nothing) and give 130 and 143. Under torchrun the process also stops when
-    its launcher dies (:func:`layerflow.runtime.distributed.stop_with_launcher`).
+    error (...)`` (exit 3, naming the rank when there are several; with ``log_traceback`` the
+    traceback goes to the rank log); with ``debug`` the traceback is shown too (an internal error is
+    re-raised). ``partner_lost`` errors (a video partner that died or hung) are exit 3 with their
+    line. Ctrl-C and SIGTERM print ``interrupted`` (a line, or a function that makes it when it is
+    needed; an empty line prints nothing) and give 130 and 143. Every line goes through
+    :func:`report`. Under torchrun the process also stops when its launcher dies
+    (:func:`layerflow.runtime.distributed.stop_with_launcher`).
     """
     try:
         with sigterm_as_interrupt():
             distributed.stop_with_launcher()
-            return body()
+            return report(body())
     except KeyboardInterrupt as stop:
-        line = interrupted() if callable(interrupted) else interrupted
-        if line:
-            print(line, file=sys.stderr)
-        return exit_status(stop)
+        return report(exit_status(stop), interrupted() if callable(interrupted) else interrupted)
     except user_errors as error:
         if debug:
             log.exception("details")
-        print(f"{prefix}: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(EXIT_USAGE, f"{prefix}: {one_line(error)}")
+    except partner_lost as error:
+        return report(EXIT_INTERNAL, f"{prefix}: {one_line(error)}", partner_lost=True)
     except Exception as error:
         if debug:
             raise
-        print(
-            f"{prefix}: internal error ({type(error).__name__}: {one_line(error)}); "
+        if log_traceback:
+            log.error("internal error", exc_info=True, extra={"file_only": True})
+        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+        return report(
+            EXIT_INTERNAL,
+            f"{prefix}: {where}internal error ({type(error).__name__}: {one_line(error)}); "
             f"rerun with --debug for the traceback",
-            file=sys.stderr,
         )
-        return EXIT_INTERNAL

@@ -14,8 +14,9 @@ Examples::
 
 Exit status: 0 when every sample succeeded (or was already complete), 1 when some failed,
 2 for a usage, configuration or input error (one line on stderr, found before any model loads
-where possible), 3 for an internal error (rerun with --debug for the traceback), 130 when
-interrupted with Ctrl-C and 143 when stopped with SIGTERM (nothing half-written is left).
+where possible; --validate-only stops there), 3 for an internal error (rerun with --debug for the
+traceback) or, under torchrun, a video partner that died or hung, 130 when interrupted with
+Ctrl-C and 143 when stopped with SIGTERM (nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from layerflow.io.pixels import LayerSourceError
 from layerflow.models.text_encoder import TextEncoderFilesError
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
+from layerflow.runtime.parallel.agreement import GroupLost
 from layerflow.weights.checkpoint import CheckpointError
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 from layerflow.weights.vae import VAECheckpointError
@@ -126,6 +128,12 @@ def parse_args(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> argpar
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_debug_option(parser)
+    parser.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check configs, prompts, inputs, manifest, weights and the output path, then stop before "
+        "any model loads (the scripts do this in one process before starting the ranks)",
+    )
     return parser.parse_args(argv)
 
 
@@ -173,7 +181,14 @@ def main(argv: list[str] | None = None, prog: str = SCRIPT_PROG) -> int:
     args = parse_args(argv, prog)
     _configure_logging(args.debug, args.no_progress)
     try:
-        return run_command(lambda: _run(args), user_errors=USER_ERRORS, debug=args.debug, interrupted=INTERRUPTED)
+        return run_command(
+            lambda: _run(args),
+            user_errors=USER_ERRORS,
+            debug=args.debug,
+            interrupted=INTERRUPTED,
+            partner_lost=(GroupLost,),
+            log_traceback=True,
+        )
     finally:
         distributed.detach_rank_log()  # the next run in this process (the demo's next config) logs afresh
 
@@ -199,6 +214,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.manifest and config.layout.given_layers:
         # --input files are shared by every sample: a bad one stops the run
         check_given_layers(samples[0], config, checked)
+    if args.validate_only:
+        world = distributed.world_size()
+        print(f"ok: {len(samples)} samples of {config.layout.name} on {world} process{'es' * (world > 1)} -> {output}")
+        return 0
 
     distributed.init_process_group()
     folder = OutputFolder(output)
@@ -248,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         for failure in failures:
             print(f"failed: {failure['id']}: {failure['error']}", file=sys.stderr)
+    distributed.share_from_main("")  # no rank ends (and has torchrun stop the others) before rank 0 reported
     return EXIT_FAILED_SAMPLES if failed_anywhere else 0
 
 

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         set_example="training.steps=500",
     )
     parser.add_argument("--prepare-only", action="store_true", help="encode the dataset into the cache and stop")
+    parser.add_argument(
+        "--validate-only", action="store_true", help="check configs, manifest and weights, then stop (nothing written)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_debug_option(parser)
     return parser.parse_args(argv)
@@ -124,6 +127,9 @@ def _run(args: argparse.Namespace, known_save: list[Path]) -> int:
     config, weights = _checked_config(args)
     layout = config.layout
     samples = read_manifest(config.training.manifest, layout)
+    if args.validate_only:
+        print(f"ok: {len(samples)} training samples of {layout.name} -> {config.training.save}")
+        return 0
     save = Path(config.training.save)
     known_save.append(save)
     _setup_logging(save)

@@ -4,10 +4,15 @@ SwissArmyTransformer's layers ask its model-parallel group for their world size,
 exist before a model is built, even in a single process. Under ``torchrun`` the environment names
 the rank and world size and the real group is created; otherwise a single-process group on an
 in-memory store is made (no port is opened). Model-parallel size is always 1.
+
+Under ``layerflow.cli.launch`` (the scripts' launcher) each rank also keeps a small status file for
+the launcher (:func:`tell_launcher`): its log, the sample it runs and how it ended, from which the
+launcher makes the one line it prints when a rank fails or dies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -17,6 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from sat import mpu
+
+from layerflow.io.atomic import write_text_atomic
+
+LAUNCH_STATUS_VARIABLE = "LAYERFLOW_LAUNCH_STATUS"  # the folder of the ranks' status files, set by layerflow.cli.launch
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # how long a collective of the default group may wait
 
 
 def launched_by_torchrun() -> bool:
@@ -52,7 +62,7 @@ def init_process_group(backend: str | None = None) -> None:
     if launched_by_torchrun():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     else:
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
 
@@ -143,3 +153,18 @@ def detach_rank_log() -> None:
         target.removeHandler(handler)
         handler.close()
         _rank_log = None
+
+
+_told: dict = {}
+
+
+def tell_launcher(**facts) -> bool:
+    """Under ``layerflow.cli.launch``, add ``facts`` (``log``, ``sample``, ``exit``, ``error``) to this
+    rank's status file, ``rank<r>.json``; the launcher reads it when the run ends. Returns whether
+    there is a launcher to tell: without one, nothing is written."""
+    folder = os.environ.get(LAUNCH_STATUS_VARIABLE)
+    if not folder:
+        return False
+    _told.update(facts)
+    write_text_atomic(Path(folder) / f"rank{rank()}.json", json.dumps(_told, ensure_ascii=False))
+    return True

@@ -4,17 +4,24 @@
 requires for ``new_group``); afterwards :func:`current` tells the runner which share of the
 samples this rank's group takes and whether this rank writes, and the pipeline which groups to
 talk to. Without :func:`setup` every rank is a group of its own, as before.
+
+Every collective of a video goes through an :class:`~layerflow.runtime.parallel.agreement.Exchange`,
+which first makes the group vote that none of its ranks failed (see
+:mod:`layerflow.runtime.parallel.agreement`); the device groups wait at most
+``runtime.parallel.timeout_s`` for a collective.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from layerflow.errors import ConfigError
 from layerflow.runtime import distributed
+from layerflow.runtime.parallel.agreement import Agreement, Exchange
 from layerflow.runtime.parallel.layout import GroupLayout, ParallelSection
 from layerflow.runtime.parallel.ulysses import UlyssesGroup
 
@@ -25,9 +32,10 @@ class ParallelGroups:
 
     layout: GroupLayout
     rank: int
-    video_group: object | None = None  # every rank of this video (VAE decode split)
-    cfg_group: object | None = None  # this rank's guidance pair
-    ulysses_group: object | None = None  # the ranks sharing this rank's token sequence
+    video_group: Exchange | None = None  # every rank of this video (VAE decode split)
+    cfg_group: Exchange | None = None  # this rank's guidance pair
+    ulysses_group: Exchange | None = None  # the ranks sharing this rank's token sequence
+    agreement: Agreement | None = None  # the votes before each exchange of this rank's video
 
     @property
     def size(self) -> int:
@@ -64,12 +72,12 @@ class ParallelGroups:
 _current: ParallelGroups | None = None
 
 
-def _new_groups(rank_lists: Sequence[tuple[int, ...]], rank: int) -> object | None:
+def _new_groups(rank_lists: Sequence[tuple[int, ...]], rank: int, **options) -> object | None:
     """Create a group for every list (collective: the same lists, in the same order, on every rank);
-    return the one holding ``rank``."""
+    return the one holding ``rank``. ``options`` go to ``dist.new_group`` (backend, timeout)."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(list(ranks))
+        group = dist.new_group(list(ranks), **options)
         if rank in ranks:
             mine = group
     return mine
@@ -84,10 +92,23 @@ def setup(section: ParallelSection) -> ParallelGroups:
     if layout.group_size == 1:
         _current = ParallelGroups(layout, rank)
         return _current
-    video = _new_groups([layout.group_ranks(i) for i in range(layout.num_groups)], rank)
-    cfg = _new_groups(layout.cfg_groups(), rank) if layout.cfg > 1 else None
-    ulysses = _new_groups(layout.ulysses_groups(), rank) if layout.ulysses > 1 else None
-    _current = ParallelGroups(layout, rank, video, cfg, ulysses)
+    videos = [layout.group_ranks(i) for i in range(layout.num_groups)]
+    timeout = timedelta(seconds=section.timeout_s)
+    agreement = Agreement(
+        layout.group_ranks(layout.group_index(rank)),
+        rank,
+        first_group=_new_groups(videos, rank, backend="gloo", timeout=distributed.PROCESS_GROUP_TIMEOUT),
+        later_group=_new_groups(videos, rank, backend="gloo", timeout=timeout),
+        timeout_s=section.timeout_s,
+    )
+
+    def exchanges(rank_lists: Sequence[tuple[int, ...]]) -> Exchange:
+        return Exchange(_new_groups(rank_lists, rank, timeout=timeout), agreement)
+
+    video = exchanges(videos)
+    cfg = exchanges(layout.cfg_groups()) if layout.cfg > 1 else None
+    ulysses = exchanges(layout.ulysses_groups()) if layout.ulysses > 1 else None
+    _current = ParallelGroups(layout, rank, video, cfg, ulysses, agreement)
     return _current
 
 

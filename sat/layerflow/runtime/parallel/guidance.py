@@ -3,8 +3,9 @@
 The sampler asks its model function for a guidance batch of 2b samples, unconditional first
 (:func:`layerflow.sampling.guided_v`). :func:`split_guidance_batch` wraps the pipeline's model
 function so that member c of the guidance pair computes half c of that batch and the two halves
-are exchanged with one ``all_gather``; both ranks then hold the whole batch and take the same
-sampler step. Nothing inside the network communicates, and the sampler does not know.
+are exchanged with one ``all_gather`` (after the group's vote that neither rank failed, see
+:mod:`.agreement`); both ranks then hold the whole batch and take the same sampler step. Nothing
+inside the network communicates, and the sampler does not know.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
+
+from layerflow.runtime.parallel.agreement import Exchange
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def split_guidance_batch(model_fn: ModelFn, index: int, group) -> ModelFn:
+def split_guidance_batch(model_fn: ModelFn, index: int, group: Exchange) -> ModelFn:
     """``model_fn`` on half ``index`` of each (2b, ...) guidance batch, the halves gathered over ``group``."""
 
     def half_each(x: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,7 @@ def split_guidance_batch(model_fn: ModelFn, index: int, group) -> ModelFn:
         mine = slice(index * b, (index + 1) * b)
         v = model_fn(x[mine], timesteps[mine], text[mine]).contiguous()  # (b, ...)
         halves = [torch.empty_like(v) for _ in range(2)]
-        dist.all_gather(halves, v, group=group)
+        group.all_gather(halves, v)
         return torch.cat(halves)  # (2b, ...), unconditional first
 
     return half_each

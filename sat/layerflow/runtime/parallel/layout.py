@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layerflow.errors import ConfigError
+from layerflow.errors import ConfigError, FieldError
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,17 @@ class ParallelSection:
 
     cfg: int = 1
     ulysses: int = 1
+    # how long a rank waits in an exchange of a video for a partner that neither answers nor fails
+    # (one that hangs); a partner that raises or dies is noticed at once (layerflow.runtime.parallel.agreement)
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.cfg not in (1, 2):
             raise ConfigError(f"runtime.parallel.cfg must be 1 or 2 (the two guidance passes), got {self.cfg}")
         if self.ulysses < 1:
             raise ConfigError(f"runtime.parallel.ulysses must be at least 1, got {self.ulysses}")
+        if not 0 < self.timeout_s <= 86400:
+            raise FieldError("timeout_s", "a number of seconds from 0 (excluded) to 86400")
 
     @property
     def group_size(self) -> int:

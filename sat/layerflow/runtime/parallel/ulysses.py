@@ -12,7 +12,9 @@ final layer and every rank see the whole output.
 
 Chunks may differ by one token (any sequence length splits), so the exchanges use
 ``all_to_all_single`` with split sizes. A slice is always [text tokens, video tokens], so the
-block's text/video modulation runs unchanged with the slice's own text length.
+block's text/video modulation runs unchanged with the slice's own text length. Every exchange goes
+through the group's :class:`~layerflow.runtime.parallel.agreement.Exchange`, which first has the
+group vote that no rank failed.
 
 Legend: b batch, h heads, k ranks in the group, n tokens (all), n_r tokens of rank r, e head size,
 d hidden size.
@@ -23,13 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from layerflow.runtime.parallel.agreement import Exchange
 from layerflow.runtime.parallel.layout import token_chunks
 
 
-def sequence_to_heads(x: torch.Tensor, chunks: tuple[int, ...], group) -> torch.Tensor:
+def sequence_to_heads(x: torch.Tensor, chunks: tuple[int, ...], group: Exchange) -> torch.Tensor:
     """All-to-all: this rank's tokens of every head -> every token of this rank's heads.
 
     (b, h, n_r, e) -> (b, h/k, n, e); ``chunks`` are the token counts of the group's ranks.
@@ -40,12 +42,12 @@ def sequence_to_heads(x: torch.Tensor, chunks: tuple[int, ...], group) -> torch.
     send = x.reshape(b, k, per_rank, n_r, e).transpose(0, 1).contiguous()  # (k, b, h/k, n_r, e)
     block = b * per_rank * e
     received = x.new_empty(block * sum(chunks))
-    dist.all_to_all_single(received, send.reshape(-1), [block * n for n in chunks], [block * n_r] * k, group=group)
+    group.all_to_all_single(received, send.reshape(-1), [block * n for n in chunks], [block * n_r] * k)
     parts = received.split([block * n for n in chunks])
     return torch.cat([part.view(b, per_rank, n, e) for part, n in zip(parts, chunks, strict=True)], dim=2)
 
 
-def heads_to_sequence(x: torch.Tensor, chunks: tuple[int, ...], rank: int, group) -> torch.Tensor:
+def heads_to_sequence(x: torch.Tensor, chunks: tuple[int, ...], rank: int, group: Exchange) -> torch.Tensor:
     """The inverse all-to-all: (b, h/k, n, e) -> (b, h, n_r, e) for this rank's tokens."""
     k = len(chunks)
     b, per_rank, _, e = x.shape
@@ -53,16 +55,16 @@ def heads_to_sequence(x: torch.Tensor, chunks: tuple[int, ...], rank: int, group
     block = b * per_rank * e
     send = torch.cat([part.reshape(-1) for part in x.split(list(chunks), dim=2)])  # rank by rank, (b, h/k, n_i, e)
     received = x.new_empty(k * block * n_r)
-    dist.all_to_all_single(received, send, [block * n_r] * k, [block * n for n in chunks], group=group)
+    group.all_to_all_single(received, send, [block * n_r] * k, [block * n for n in chunks])
     return received.view(k, b, per_rank, n_r, e).transpose(0, 1).reshape(b, k * per_rank, n_r, e)
 
 
-def gather_sequence(x: torch.Tensor, chunks: tuple[int, ...], group) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, chunks: tuple[int, ...], group: Exchange) -> torch.Tensor:
     """All ranks' slices, joined in order: (b, n_r, d) -> (b, n, d)."""
     longest = max(chunks)
     padded = F.pad(x, (0, 0, 0, longest - x.shape[1])).contiguous()  # (b, max n_r, d)
     parts = [torch.empty_like(padded) for _ in chunks]
-    dist.all_gather(parts, padded, group=group)
+    group.all_gather(parts, padded)
     return torch.cat([part[:, :n] for part, n in zip(parts, chunks, strict=True)], dim=1)
 
 
@@ -70,7 +72,7 @@ def gather_sequence(x: torch.Tensor, chunks: tuple[int, ...], group) -> torch.Te
 class SequenceShard:
     """This rank's slice [start, stop) of one forward's token sequence, and the exchanges it needs."""
 
-    group: object
+    group: Exchange
     rank: int
     chunks: tuple[int, ...]
     text_length: int
@@ -107,7 +109,7 @@ class SequenceShard:
 class UlyssesGroup:
     """A Ulysses group as the network sees it: the process group, this rank's index and the degree."""
 
-    group: object
+    group: Exchange
     rank: int
     degree: int
 

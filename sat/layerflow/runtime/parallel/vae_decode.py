@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
+from layerflow.runtime.parallel.agreement import Exchange
 from layerflow.runtime.parallel.groups import ParallelGroups
 
 
@@ -37,8 +37,8 @@ class RegionShare:
     complete: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _sum_over(out: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(out, group=group)
+def _sum_over(out: torch.Tensor, group: Exchange) -> torch.Tensor:
+    group.all_reduce(out)
     return out
 
 
