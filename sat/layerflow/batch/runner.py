@@ -29,8 +29,17 @@ from layerflow.batch.given import check_given_layers, given_layer_sources, read_
 from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
-from layerflow.io.atomic import write_text_atomic
-from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
+from layerflow.io import links
+from layerflow.io.atomic import DiskFullError, format_bytes, free_bytes, with_margin, write_text_atomic
+from layerflow.io.log_file import LogFileHandler
+from layerflow.io.output_folder import (
+    FAILURES_FILE,
+    LOGS_DIR,
+    WHERE,
+    check_sample_target,
+    is_complete,
+    largest_sample_bytes,
+)
 from layerflow.io.sample_folder import write_sample
 from layerflow.runtime import distributed, parallel
 
@@ -76,8 +85,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _setup_rank_log(output: Path, rank: int) -> None:
-    (output / LOGS_DIR).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output / LOGS_DIR / f"rank{rank}.log", encoding="utf-8")
+    handler = LogFileHandler(output, Path(LOGS_DIR) / f"rank{rank}.log", WHERE)  # never through a link
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -130,6 +138,7 @@ def run_samples(
             pipeline.speed.describe(),
             f" (attention auto passed over {passed_over})" if passed_over else "",
         )
+    disk_full = None
     for sample in todo:
         start = time.perf_counter()
         on_step = progress.start_sample(sample.id)
@@ -158,6 +167,9 @@ def run_samples(
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
+        except DiskFullError as error:  # every later sample would fail too: stop; the rerun resumes
+            failure, disk_full = "no space left on device", _disk_full_for_samples(error, output, samples, sample.id)
+            break
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
             failure = _reason(error)
             summary.failed[sample.id] = failure
@@ -170,23 +182,45 @@ def run_samples(
             finished = sum(is_complete(output / s.id) for s in samples) + len(summary.failed)
             progress.end_sample(sample.id, finished, time.perf_counter() - start, failure)
     progress.close()
+    if disk_full is not None:
+        raise disk_full
     _record_failures(output, rank, failures)
     return summary
+
+
+def _disk_full_for_samples(
+    error: DiskFullError, output: Path, samples: Sequence[Sample], sample_id: str
+) -> DiskFullError:
+    """The disk filled while writing ``sample_id``: how much a sample needs, from a finished one when there is one."""
+    whole = largest_sample_bytes(output, (s.id for s in samples))
+    needed = max(error.needed, with_margin(whole))
+    left = sum(not is_complete(output / s.id) for s in samples)
+    full = DiskFullError(
+        output,
+        error.written,
+        needed,
+        f"{output}: no space left on device while writing sample {sample_id}; a sample needs about "
+        f"{format_bytes(needed)} free there (the {left} left: about {format_bytes(needed * left)}) and "
+        f"{format_bytes(free_bytes(output))} is free (the partial files were removed); "
+        f"free some space and rerun the same command to resume",
+    )
+    full.__cause__ = error  # raised after the loop, outside the handler
+    return full
 
 
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:
     """This rank's failures go to ``failures.rank<r>.jsonl``; :func:`merge_failures` joins them."""
     path = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
-    write_text_atomic(path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+    write_text_atomic(path, text, within=output, where=WHERE)
 
 
 def merge_failures(output: Path, world_size: int) -> list[dict]:
     """Join the failures of this run's ranks into ``failures.jsonl`` (an empty file when none)."""
     failures = []
     for rank in range(world_size):
-        part = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
-        if part.is_file():
-            lines = part.read_text(encoding="utf-8").splitlines()
-            failures += [json.loads(line) for line in lines if line.strip()]
-    write_text_atomic(output / FAILURES_FILE, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+        text = links.read_text(output, Path(LOGS_DIR) / f"failures.rank{rank}.jsonl", WHERE) or ""
+        failures += [json.loads(line) for line in text.splitlines() if line.strip()]
+    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+    write_text_atomic(output / FAILURES_FILE, text, within=output, where=WHERE)
     return failures

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from layerflow.arguments import OneLineParser
 from layerflow.config import ConfigError
+from layerflow.io.log_file import LogFileHandler
 from layerflow.runtime import distributed
 from layerflow.training.cache import CacheError, prepare_cache
-from layerflow.training.checkpointing import latest_step, write_sample_config
+from layerflow.training.checkpointing import WHERE, latest_step, write_sample_config
 from layerflow.training.config import TrainConfig, load_train_config
 from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.params import describe_trainable
@@ -74,8 +75,7 @@ def _setup_logging(save: Path) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.root.handlers:
         handler.setLevel(logging.WARNING)
-    (save / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(save / "logs" / f"rank{distributed.rank()}.log", encoding="utf-8")
+    handler = LogFileHandler(save, Path("logs") / f"rank{distributed.rank()}.log", WHERE)  # never through a link
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     package = logging.getLogger("layerflow")
     package.addHandler(handler)
@@ -86,13 +86,13 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
     """The tiny model's seeded VAE as a ``3d-vae.pt``-style file, so the checkpoint samples like a real one."""
     import torch
 
-    from layerflow.io.atomic import atomic_path
+    from layerflow.io.atomic import atomic_path, save_torch
     from layerflow.training.cache import build_vae
 
     path = folder / "random-vae.pt"
     vae = build_vae(config, torch.device("cpu"), torch.float32)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": vae.state_dict()}, tmp)
+    with atomic_path(path, where=WHERE) as tmp:
+        save_torch({"state_dict": vae.state_dict()}, tmp)
     return str(path.resolve())
 
 
