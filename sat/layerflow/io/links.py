@@ -49,6 +49,13 @@ def link_refusal(path: Path, where: str) -> LinkInTheWayError:
     )
 
 
+def hard_link_refusal(path: Path, where: str) -> LinkInTheWayError:
+    return LinkInTheWayError(
+        f"{path} has other hard links; LayerFlow does not write into a file it shares with another name "
+        f"(remove it or use another {where})"
+    )
+
+
 def refusal(path: Path, wanted: str, where: str) -> LinkInTheWayError:
     """The one-line error for ``path`` when it should be ``wanted`` ('folder' or 'file') and is not."""
     found = describe(path)
@@ -124,10 +131,7 @@ def open_file(folder_fd: int, name: str, flags: int, shown: Path, where: str, mo
     if not stat.S_ISREG(info.st_mode):
         problem = refusal(shown, "file", where)
     elif flags & _WRITING and info.st_nlink > 1:
-        problem = LinkInTheWayError(
-            f"{shown} has other hard links; LayerFlow does not write into a file it shares with another "
-            f"name (remove it or use another {where})"
-        )
+        problem = hard_link_refusal(shown, where)
     if problem is not None:
         os.close(fd)
         raise problem

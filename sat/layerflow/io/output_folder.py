@@ -22,6 +22,8 @@ The tool only ever creates, replaces or deletes what it can prove it made:
   appended to or deleted through a link (:mod:`layerflow.io.links`). A linked lock file, ``logs``
   folder or log file stops the run before anything is written; a linked marker or sample folder is
   not LayerFlow's.
+* A disk with less than :data:`layerflow.io.atomic.MIN_FREE` free stops the run before any model
+  loads (one line with the space needed); one that fills later stops it at the sample being written.
 * Inside a sample folder of ours only the files LayerFlow writes (:func:`written_by_layerflow`) are
   ever deleted: redoing an unfinished sample or cleaning a leftover keeps anything else found there.
 """

@@ -90,9 +90,10 @@ def export_random_vae(config: TrainConfig, folder: Path) -> str:
     from layerflow.training.cache import build_vae
 
     path = folder / "random-vae.pt"
-    vae = build_vae(config, torch.device("cpu"), torch.float32)
-    with atomic_path(path, where=WHERE) as tmp:
-        save_torch({"state_dict": vae.state_dict()}, tmp)
+    state = build_vae(config, torch.device("cpu"), torch.float32).state_dict()
+    size = sum(value.numel() * value.element_size() for value in state.values())  # for a full disk's message
+    with atomic_path(path, where=WHERE, expected_bytes=size) as tmp:
+        save_torch({"state_dict": state}, tmp)
     return str(path.resolve())
 
 
