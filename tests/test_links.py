@@ -109,6 +109,8 @@ def test_a_hard_linked_rank_log_is_refused(tmp_path, capsys, user_files):
     output = used_output(tmp_path)
     (output / "logs").mkdir()
     os.link(user_files / "rank0.log", output / "logs" / "rank0.log")
+    with pytest.raises(OutputFolderError, match="has other hard links"):  # rank 0 refuses it for every rank
+        OutputFolder(output).acquire()
     code, lines = run_one(capsys, tmp_path, output)
     assert code == 2
     assert f"{output / 'logs' / 'rank0.log'} has other hard links" in one_error(lines)

@@ -311,8 +311,12 @@ class OutputFolder:
             return
         with links.folder(self.path, LOGS_DIR, where=WHERE) as folder:
             for entry in os.scandir(folder):
-                if _LOG_FILE.match(entry.name) and not entry.is_file(follow_symlinks=False):
+                if not _LOG_FILE.match(entry.name):
+                    continue
+                if not entry.is_file(follow_symlinks=False):
                     raise links.refusal(logs / entry.name, "file", WHERE)
+                if entry.name.endswith(".log") and entry.stat(follow_symlinks=False).st_nlink > 1:
+                    raise links.hard_link_refusal(logs / entry.name, WHERE)  # every rank appends to its log
 
     def release(self) -> None:
         if self._lock is not None:
