@@ -314,7 +314,7 @@ def test_a_config_error_stops_the_launcher_before_any_rank_starts(tmp_path):
 
 
 def test_validate_only_checks_and_writes_nothing(tmp_path, capsys):
-    from layerflow.cli import main
+    from layerflow.cli.generate import main
 
     manifest, output = tmp_path / "jobs.jsonl", tmp_path / "out"
     write_manifest(manifest, 3)

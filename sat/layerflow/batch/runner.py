@@ -48,8 +48,16 @@ from layerflow.batch.manifest import Sample, shard
 from layerflow.batch.progress import RunProgress
 from layerflow.batch.sample_folder import write_sample
 from layerflow.config import LayerFlowConfig, apply_sampling_overrides
-from layerflow.io.atomic import write_text_atomic
-from layerflow.io.output_folder import FAILURES_FILE, LOGS_DIR, check_sample_target, is_complete
+from layerflow.io import links
+from layerflow.io.atomic import DiskFullError, format_bytes, free_bytes, with_margin, write_text_atomic
+from layerflow.io.output_folder import (
+    FAILURES_FILE,
+    LOGS_DIR,
+    WHERE,
+    check_sample_target,
+    is_complete,
+    largest_sample_bytes,
+)
 from layerflow.io.sample_files import META_FILE, SampleFolderError, read_meta
 from layerflow.runtime import distributed, parallel
 from layerflow.runtime.parallel import ParallelGroups
@@ -101,7 +109,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _setup_rank_log(output: Path, rank: int) -> None:
-    distributed.attach_rank_log(output / LOGS_DIR / f"rank{rank}.log")  # replaces an earlier run's handler
+    distributed.attach_rank_log(output, Path(LOGS_DIR) / f"rank{rank}.log", WHERE)  # replaces an earlier run's
 
 
 def run_samples(
@@ -153,6 +161,7 @@ def run_samples(
             f" (attention auto passed over {passed_over})" if passed_over else "",
         )
     lost: GroupLost | None = None
+    disk_full: DiskFullError | None = None
     for sample in todo:
         start = time.perf_counter()
         _start_video(groups, sample.id)
@@ -192,6 +201,9 @@ def run_samples(
             summary.done.append(sample.id)
             summary.seconds[sample.id] = time.perf_counter() - start
             log.info("sample %s done in %.1f s", sample.id, summary.seconds[sample.id])
+        except DiskFullError as error:  # every later sample would fail too: stop; the rerun resumes
+            failure, disk_full = "no space left on device", _disk_full_for_samples(error, output, samples, sample.id)
+            break
         except Exception as error:  # one sample's failure, whatever it is, must not stop the batch
             _log_failure(sample.id, error)
             failed, lost = _group_failure(error, groups, rank)
@@ -209,6 +221,8 @@ def run_samples(
         if lost is not None:
             break
     progress.close()
+    if disk_full is not None:
+        raise disk_full
     _record_failures(output, rank, failures)
     distributed.tell_launcher(sample=None)
     if lost is not None:
@@ -363,19 +377,39 @@ def _log_failure(sample_id: str, error: Exception) -> None:
         log.exception("sample %s failed: %s", sample_id, _reason(error), extra=FILE_ONLY)
 
 
+def _disk_full_for_samples(
+    error: DiskFullError, output: Path, samples: Sequence[Sample], sample_id: str
+) -> DiskFullError:
+    """The disk filled while writing ``sample_id``: how much a sample needs, from a finished one when there is one."""
+    whole = largest_sample_bytes(output, (s.id for s in samples))
+    needed = max(error.needed, with_margin(whole))
+    left = sum(not is_complete(output / s.id) for s in samples)
+    full = DiskFullError(
+        output,
+        error.written,
+        needed,
+        f"{output}: no space left on device while writing sample {sample_id}; a sample needs about "
+        f"{format_bytes(needed)} free there (the {left} left: about {format_bytes(needed * left)}) and "
+        f"{format_bytes(free_bytes(output))} is free (the partial files were removed); "
+        f"free some space and rerun the same command to resume",
+    )
+    full.__cause__ = error  # raised after the loop, outside the handler
+    return full
+
+
 def _record_failures(output: Path, rank: int, failures: list[dict]) -> None:
     """This rank's failures go to ``failures.rank<r>.jsonl``; :func:`merge_failures` joins them."""
     path = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
-    write_text_atomic(path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+    write_text_atomic(path, text, within=output, where=WHERE)
 
 
 def merge_failures(output: Path, world_size: int) -> list[dict]:
     """Join the failures of this run's ranks into ``failures.jsonl`` (an empty file when none)."""
     failures = []
     for rank in range(world_size):
-        part = output / LOGS_DIR / f"failures.rank{rank}.jsonl"
-        if part.is_file():
-            lines = part.read_text(encoding="utf-8").splitlines()
-            failures += [json.loads(line) for line in lines if line.strip()]
-    write_text_atomic(output / FAILURES_FILE, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+        text = links.read_text(output, Path(LOGS_DIR) / f"failures.rank{rank}.jsonl", WHERE) or ""
+        failures += [json.loads(line) for line in text.splitlines() if line.strip()]
+    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+    write_text_atomic(output / FAILURES_FILE, text, within=output, where=WHERE)
     return failures

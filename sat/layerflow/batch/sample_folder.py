@@ -37,7 +37,7 @@ from layerflow import __version__
 from layerflow.config import LayerFlowConfig, OutputSection
 from layerflow.io.atomic import atomic_directory
 from layerflow.io.contact_sheet import write_contact_sheet
-from layerflow.io.output_folder import is_ours, write_marker
+from layerflow.io.output_folder import SAMPLE_FOLDER, write_marker
 from layerflow.io.pixels import premultiply, rgba_from_layers, to_uint8
 from layerflow.io.sample_files import (
     CONTACT_SHEET_FILE,
@@ -125,10 +125,11 @@ def write_sample(
 
     The folder appears only when complete. An existing ``folder`` is replaced only when it is a
     sample folder of ours (it has the marker); anything else there is left untouched and
-    :class:`layerflow.io.atomic.TargetInTheWayError` is raised.
+    :class:`layerflow.io.atomic.TargetInTheWayError` is raised. Of an old folder of ours only the
+    files LayerFlow writes are deleted; anything else found in it stays.
     """
     output = config.output
-    with atomic_directory(folder, may_replace=is_ours, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:
+    with atomic_directory(folder, owned=SAMPLE_FOLDER, prepare=lambda tmp: write_marker(tmp, folder.name)) as tmp:
         write_layer_files(tmp, layers, output)
         for name, video in (given or {}).items():
             write_mp4(tmp / given_video(name), to_uint8(video), fps=output.fps)

@@ -28,7 +28,7 @@ from layerflow.cli.exits import run_command
 from layerflow.config import ConfigError
 from layerflow.runtime import distributed
 from layerflow.training.cache import CacheError, prepare_cache
-from layerflow.training.checkpointing import latest_step, write_sample_config
+from layerflow.training.checkpointing import WHERE, latest_step, write_sample_config
 from layerflow.training.config import TrainConfig, load_train_config
 from layerflow.training.dataset import SampleError, read_manifest
 from layerflow.training.params import describe_trainable
@@ -72,25 +72,21 @@ def _setup_logging(save: Path) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.root.handlers:
         handler.setLevel(logging.WARNING)
-    (save / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(save / "logs" / f"rank{distributed.rank()}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    package = logging.getLogger("layerflow")
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    distributed.attach_rank_log(save, Path("logs") / f"rank{distributed.rank()}.log", WHERE)  # never through a link
 
 
 def export_random_vae(config: TrainConfig, folder: Path) -> str:
     """The tiny model's seeded VAE as a ``3d-vae.pt``-style file, so the checkpoint samples like a real one."""
     import torch
 
-    from layerflow.io.atomic import atomic_path
+    from layerflow.io.atomic import atomic_path, save_torch
     from layerflow.weights.build import build_vae
 
     path = folder / "random-vae.pt"
-    vae = build_vae(config, torch.device("cpu"), torch.float32)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": vae.state_dict()}, tmp)
+    state = build_vae(config, torch.device("cpu"), torch.float32).state_dict()
+    size = sum(value.numel() * value.element_size() for value in state.values())  # for a full disk's message
+    with atomic_path(path, where=WHERE, expected_bytes=size) as tmp:
+        save_torch({"state_dict": state}, tmp)
     return str(path.resolve())
 
 
@@ -107,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             return ""
         return f"interrupted: stopped cleanly; {_resume_hint(save[0] if save else None)}"
 
-    return run_command(lambda: _run(args, save), user_errors=USER_ERRORS, debug=args.debug, interrupted=interrupted)
+    try:
+        return run_command(lambda: _run(args, save), user_errors=USER_ERRORS, debug=args.debug, interrupted=interrupted)
+    finally:
+        distributed.detach_rank_log()  # a next run in this process logs into its own folder
 
 
 def _resume_hint(save: Path | None) -> str:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from sat import mpu
 
 from layerflow.io.atomic import write_text_atomic
+from layerflow.io.log_file import LogFileHandler
 
 LAUNCH_STATUS_VARIABLE = "LAYERFLOW_LAUNCH_STATUS"  # the folder of the ranks' status files, set by layerflow.cli.launch
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # how long a collective of the default group may wait
@@ -128,16 +129,17 @@ def is_main_process() -> bool:
 _rank_log: tuple[logging.Logger, logging.FileHandler] | None = None  # (logger, handler) of the current run
 
 
-def attach_rank_log(path: Path, logger: str = "layerflow") -> None:
-    """Log ``logger``'s INFO and up to ``path`` (this rank's log file), replacing the file of an earlier run.
+def attach_rank_log(root: Path, relative: Path, where: str, logger: str = "layerflow") -> None:
+    """Log ``logger``'s INFO and up to ``root / relative`` (this rank's log file), replacing the file of
+    an earlier run; the file is reached without following links below ``root`` (``where`` names the
+    setting to change when something is in the way, :class:`layerflow.io.log_file.LogFileHandler`).
 
     One handler at a time: a process that runs several times (the demo runs 8 configurations,
     tests run many) writes each record once, into the current run's file.
     """
     global _rank_log
     detach_rank_log()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = LogFileHandler(root, relative, where)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     target = logging.getLogger(logger)
     target.addHandler(handler)

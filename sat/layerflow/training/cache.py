@@ -8,8 +8,10 @@ The cache folder holds one file per sample and an index::
 Mean and std are stored multiplied by the VAE scale factor, so each training step draws a fresh
 latent ``mean + std * eps`` from the posterior, as the original does with its cached VAE moments.
 The digest covers the sample's prompts and input paths: an edited manifest line is encoded anew.
-Files are written atomically; an interrupted prepare resumes where it stopped, and a cache made
-for another task, size or encoder is refused with one line. Under torchrun rank r encodes
+Files are written atomically and never through a link below the cache folder (or below
+``training.save`` for the default ``<save>/cache``); an interrupted prepare resumes where it stopped,
+a full disk stops it with one line, and a cache made for another task, size or encoder is refused
+with one line. Under torchrun rank r encodes
 samples r, r+N, ...
 """
 
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from layerflow.io.atomic import atomic_path, write_text_atomic
+from layerflow.io import links
+from layerflow.io.atomic import atomic_path, save_torch, write_text_atomic
 from layerflow.runtime import distributed
 from layerflow.runtime.devices import resolve_placement
 from layerflow.training.config import TrainConfig
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "layerflow-training-cache-1"
 INDEX_FILE = "index.json"
+SAMPLES_DIR = "samples"
+WHERE = "training.cache"  # the setting a user changes when something is in the way (named in messages)
 
 
 class CacheError(ValueError):
@@ -74,8 +79,21 @@ def sample_digest(sample: TrainingSample) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _root(config: TrainConfig) -> Path:
+    """The folder the user named, below which the cache follows no link: ``training.cache``, else ``training.save``."""
+    return Path(config.training.cache or config.training.save)
+
+
 def _sample_path(cache: Path, sample: TrainingSample) -> Path:
-    return cache / "samples" / f"{sample.id}-{sample_digest(sample)}.pt"
+    return cache / SAMPLES_DIR / f"{sample.id}-{sample_digest(sample)}.pt"
+
+
+def _check_no_links(config: TrainConfig) -> None:
+    """Before anything is encoded: the cache's folders are real folders (made if missing), its index no link."""
+    root, cache = _root(config), config.training.cache_dir
+    with links.folder(root, (cache / SAMPLES_DIR).relative_to(root), create=True, where=WHERE):
+        pass
+    links.refuse_link(cache / INDEX_FILE, WHERE)
 
 
 def _check_index(cache: Path, expected: dict) -> None:
@@ -101,6 +119,7 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
     """
     cache = config.training.cache_dir
     expected = fingerprint(config)
+    _check_no_links(config)
     _check_index(cache, expected)
     rank, world = distributed.rank(), distributed.world_size()
     todo = [s for s in samples[rank::world] if not _sample_path(cache, s).is_file()]
@@ -125,8 +144,11 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
                 error = failure
                 break
             record = {"mean": mean * scale, "std": std * scale, "context": context.float().cpu().contiguous()}
-            with atomic_path(_sample_path(cache, sample)) as tmp:
-                torch.save(record, tmp)
+            size = sum(value.numel() * value.element_size() for value in record.values())
+            with atomic_path(
+                _sample_path(cache, sample), within=_root(config), where=WHERE, expected_bytes=size
+            ) as tmp:
+                save_torch(record, tmp)
             if show_progress:
                 print(f"prepare: {number}/{len(todo)} samples encoded on rank {rank}", file=sys.stderr, flush=True)
     failed = distributed.sum_over_ranks(int(error is not None))
@@ -140,7 +162,7 @@ def prepare_cache(config: TrainConfig, samples: Sequence[TrainingSample], show_p
             "fingerprint": expected,
             "samples": [_sample_path(cache, s).name for s in samples],
         }
-        write_text_atomic(cache / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_text_atomic(cache / INDEX_FILE, json.dumps(index, indent=2) + "\n", _root(config), WHERE)
     distributed.sum_over_ranks(0)  # every rank waits until the index is written
     return cache
 

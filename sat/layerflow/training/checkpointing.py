@@ -9,16 +9,21 @@
 
 The iteration folder appears complete or not at all, and ``latest`` names it only afterwards, so
 a run killed at any moment resumes from the last complete checkpoint; the staging folder such a
-kill leaves behind is removed when the next run starts (:func:`remove_stale_staging`). The model
-file is the format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is
-read back with ``torch.load(weights_only=True)``.
+kill leaves behind is removed when the next run starts (:func:`remove_stale_staging`). Nothing is
+written through a link, and only the trainer's own two files are ever deleted from an iteration
+folder (pruning keeps a folder that holds anything else). A full disk stops the run with one line
+naming the folder and the checkpoint's size, the partial checkpoint removed. The model file is the
+format ``sat/sample_video.py`` loads (``model.checkpoint: <save>``). Everything is read back with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,16 @@ import torch
 import yaml
 from torch import nn
 
-from layerflow.io.atomic import atomic_directory, atomic_path, write_text_atomic
+from layerflow.io import links
+from layerflow.io.atomic import (
+    OwnedFolder,
+    atomic_directory,
+    atomic_path,
+    remove_owned,
+    save_torch,
+    temporary_of,
+    write_text_atomic,
+)
 from layerflow.training.config import TrainConfig
 from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, CheckpointError
 from layerflow.weights.resolve import resolve_weights
@@ -38,6 +52,10 @@ CHECKPOINT_FILES = frozenset({SAT_MODEL_FILE, TRAINING_STATE_FILE})
 # What layerflow.io.atomic names its temporary siblings while an iteration folder or ``latest`` is written.
 _ITERATION_LEFTOVER = re.compile(r"^\.(?P<step>\d+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")
 _LATEST_LEFTOVER = re.compile(r"^\.latest\.tmp-[0-9a-f]{8}$")
+LATEST_FILE = "latest"
+WHERE = "training.save"  # the setting a user changes when something is in the way (named in messages)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,24 +97,60 @@ def save_checkpoint(
         "identity": dict(identity),
     }
     target = folder / str(step)
-    with atomic_directory(target, may_replace=is_training_checkpoint) as staging:
-        torch.save({"module": module}, staging / SAT_MODEL_FILE)
-        torch.save(training_state, staging / TRAINING_STATE_FILE)
-    write_text_atomic(folder / "latest", str(step))
+    size = _tensor_bytes(module) + _tensor_bytes(training_state)  # what the disk must hold, near enough
+    with atomic_directory(target, owned=CHECKPOINT_FOLDER, where=WHERE, expected_bytes=size) as staging:
+        save_torch({"module": module}, staging / SAT_MODEL_FILE)
+        save_torch(training_state, staging / TRAINING_STATE_FILE)
+    write_text_atomic(folder / LATEST_FILE, str(step), where=WHERE)
     if keep:
         _prune(folder, keep)
     return target
 
 
+def _tensor_bytes(value: object) -> int:
+    """The bytes of every tensor in nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
+
+
 def is_training_checkpoint(path: Path) -> bool:
-    """An iteration folder this trainer wrote (it holds the training state); only those are replaced or pruned."""
-    return path.is_dir() and not path.is_symlink() and (path / TRAINING_STATE_FILE).is_file()
+    """An iteration folder this trainer wrote (it holds the training state); only those are replaced or pruned.
+
+    Neither the folder nor its training state may be a link."""
+    return stat.S_ISDIR(_mode(path)) and stat.S_ISREG(_mode(path / TRAINING_STATE_FILE))
+
+
+def _written_by_trainer(path: Path) -> bool:
+    """A plain file of an iteration folder that the trainer writes (or a temporary of one)."""
+    name = temporary_of(path.name) or path.name
+    return name in (SAT_MODEL_FILE, TRAINING_STATE_FILE) and stat.S_ISREG(_mode(path))
+
+
+CHECKPOINT_FOLDER = OwnedFolder(
+    is_ours=is_training_checkpoint, owns=_written_by_trainer, finished_by=TRAINING_STATE_FILE
+)
 
 
 def _prune(folder: Path, keep: int) -> None:
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_training_checkpoint(p))
     for step in steps[:-keep]:
-        shutil.rmtree(folder / str(step), ignore_errors=True)
+        kept = remove_owned(folder / str(step), _written_by_trainer)
+        if kept:
+            log.warning(
+                "%s: pruned, but kept with files the trainer did not write (%s)", folder / str(step), ", ".join(kept)
+            )
 
 
 def remove_stale_staging(folder: Path) -> list[str]:
@@ -137,7 +191,9 @@ def _holds_only_checkpoint_files(path: Path) -> bool:
 
 
 def latest_step(folder: Path) -> int | None:
-    latest = folder / "latest"
+    latest = folder / LATEST_FILE
+    if latest.is_symlink():
+        raise CheckpointError(str(links.link_refusal(latest, WHERE)))
     if not latest.is_file():
         return None
     text = latest.read_text(encoding="utf-8").strip()
@@ -180,6 +236,6 @@ def write_sample_config(config: TrainConfig, folder: Path, vae_path: str | None 
     data["model"]["vae"]["path"] = vae_path or str(Path(data["model"]["vae"]["path"]).resolve())
     data["model"]["text_encoder"]["path"] = str(resolve_weights(config, check=False).text_encoder.resolve())
     path = folder / SAMPLE_CONFIG_FILE
-    with atomic_path(path) as tmp:
+    with atomic_path(path, where=WHERE) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path

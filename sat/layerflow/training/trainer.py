@@ -33,19 +33,28 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from layerflow.geometry import TOKENS_PER_PROMPT
-from layerflow.io.atomic import write_text_atomic
+from layerflow.io import links
+from layerflow.io.atomic import append_text, write_text_atomic
 from layerflow.models.dit import LayerFlowDiT
 from layerflow.runtime import distributed
 from layerflow.runtime.devices import Placement, resolve_placement
 from layerflow.sampling import DDPM_STEPS
 from layerflow.training.cache import CachedSample, LatentCache
-from layerflow.training.checkpointing import load_resume_state, remove_stale_staging, run_identity, save_checkpoint
+from layerflow.training.checkpointing import (
+    WHERE,
+    load_resume_state,
+    remove_stale_staging,
+    run_identity,
+    save_checkpoint,
+)
 from layerflow.training.config import TrainConfig
 from layerflow.training.dataset import TrainingSample
 from layerflow.training.loss import NoisedBatch, diffusion_loss
 from layerflow.training.params import describe_trainable, load_checkpoint_weights, select_trainable
 from layerflow.weights import build
 from layerflow.weights.resolve import resolve_weights
+
+TRAIN_LOG_FILE = "train_log.jsonl"
 
 log = logging.getLogger("layerflow.training")
 
@@ -297,11 +306,11 @@ class Trainer:
 
     def _drop_logged_steps_after(self, step: int) -> None:
         """A killed run may have logged steps past its last checkpoint; they are redone, so forget them."""
-        path = self.save_dir / "train_log.jsonl"
-        if not path.is_file():
+        text = links.read_text(self.save_dir, TRAIN_LOG_FILE, WHERE)  # a link there is refused
+        if text is None:
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [line for line in text.splitlines() if _logged_step(line) <= step]
+        write_text_atomic(self.save_dir / TRAIN_LOG_FILE, "".join(line + "\n" for line in kept), self.save_dir, WHERE)
 
     def _tensorboard(self):
         """The TensorBoard writer; ``purge_step`` hides the steps a killed run logged after its checkpoint."""
@@ -309,6 +318,8 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
+        with links.folder(self.save_dir, "tensorboard", create=True, where=WHERE):  # a real folder, not a link
+            pass
         return SummaryWriter(log_dir=str(self.save_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     def _log(self, record: dict, writer, bar: tqdm) -> None:
@@ -329,8 +340,7 @@ class Trainer:
                 record["lr"],
                 record["samples_per_s"],
             )
-            with open(self.save_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_text(self.save_dir, TRAIN_LOG_FILE, json.dumps(record) + "\n", WHERE)
 
 
 def _logged_step(line: str) -> float:
