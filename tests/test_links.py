@@ -17,11 +17,11 @@ from conftest import REPO_ROOT
 from test_reliability import FAST, cli, entry, manifest, one_error, tiny, tree
 from test_training import PROMPTS, write_manifest, write_still
 
+from layerflow.cli.train import main as train_main
 from layerflow.io.atomic import TargetInTheWayError, write_text_atomic
 from layerflow.io.links import LinkInTheWayError
 from layerflow.io.output_folder import LOCK_FILE, SAMPLE_MARKER, OutputFolder, OutputFolderError, write_marker
 from layerflow.training.checkpointing import TRAINING_STATE_FILE, latest_step, save_checkpoint
-from layerflow.cli.train import main as train_main
 from layerflow.weights.checkpoint import SAT_MODEL_FILE, CheckpointError
 
 REFUSAL = "is a symbolic link; LayerFlow does not write through links it did not make"
