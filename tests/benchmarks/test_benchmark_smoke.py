@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # every test runs benchmarks/benchmark.py in a subprocess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 NUM_STEPS = 2
 

@@ -29,7 +29,7 @@ from layerflow.weights.checkpoint import NETWORK_PREFIX, SAT_MODEL_FILE, load_ne
 from layerflow.weights.resolve import resolve_weights
 
 CONFIGS = REPO_ROOT / "configs"
-FIXTURES = Path(__file__).parent / "fixtures" / "training"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "training"
 FILES = [
     CONFIGS / "model.yaml",
     CONFIGS / "tasks" / "seg_rgb.yaml",

@@ -10,7 +10,7 @@ import pytest
 from layerflow.config import ConfigError, load_config
 from layerflow.weights.resolve import MissingWeightsError, resolve_weights
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 MODEL = [CONFIGS / "model.yaml", CONFIGS / "tasks" / "gen_rgb.yaml"]
 
