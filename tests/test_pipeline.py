@@ -62,6 +62,7 @@ def runs(fg2bg_rgba):
     }
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_layers_have_the_layout_sizes(fg2bg_rgba, runs):
     height, width = fg2bg_rgba.config.video_size
     assert set(runs["a"].layers) == set(fg2bg_rgba.layout.video_layers)
@@ -71,6 +72,7 @@ def test_same_seed_same_result_and_layers_have_the_layout_sizes(fg2bg_rgba, runs
     assert not torch.equal(runs["a"].layers["bg"], runs["a_other_seed"].layers["bg"])
 
 
+@pytest.mark.slow
 def test_given_latents_enter_clean(runs):
     """The generated frames depend on the given layer: change it and the background changes."""
     assert not torch.equal(runs["a"].layers["bg"], runs["b"].layers["bg"])
@@ -100,6 +102,7 @@ def test_missing_prompt_is_an_input_error():
         pipeline.encode_prompts({"fg": "a"})
 
 
+@pytest.mark.slow
 def test_chunked_decode_matches_plain_decode(fg2bg_rgba):
     layout = fg2bg_rgba.layout
     generated = torch.randn(1, layout.generated_frames, 16, 8, 12, generator=torch.Generator().manual_seed(0))

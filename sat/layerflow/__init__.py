@@ -1,7 +1,10 @@
 """LayerFlow: layer-aware video generation on the SAT version of CogVideoX-2B.
 
 The package lives under ``sat/`` of the repository as ``layerflow``; it never shadows the
-installed SwissArmyTransformer package, which is imported as ``sat``.
+installed SwissArmyTransformer package, which is imported as ``sat``. It reads from the top down:
+``cli`` (the commands) over ``tools``, ``batch``, ``pipeline``/``training``, ``weights``, ``config``,
+``models``/``sampling``/``scores``, ``runtime``, ``io``, ``tasks`` and ``geometry``/``errors``; each
+imports only from the ones after it (the order is ``LAYERS`` in ``tests/test_import_layers.py``).
 """
 
 import os

@@ -453,6 +453,7 @@ def test_too_short_clip_names_the_file(tmp_path, capsys, clips):
     assert one_error(lines).startswith(f"error: {clips['short']}: clip has 5 frames")
 
 
+@pytest.mark.slow
 def test_warnings_for_upscaling_cropping_and_long_prompts(tmp_path, capsys, clips):
     long_prompt = " ".join(f"word{i}" for i in range(400))
     jobs = manifest(
@@ -469,6 +470,7 @@ def test_warnings_for_upscaling_cropping_and_long_prompts(tmp_path, capsys, clip
     assert sum("the fg prompt" in w for w in warnings) == 1, "one warning line per truncated prompt"
 
 
+@pytest.mark.slow
 def test_no_progress_means_no_progress_output(tmp_path, capsys):
     jobs = manifest(tmp_path / "jobs.jsonl", entry("a"))
     code = main([*tiny(), *FAST, "--manifest", str(jobs), "--output", str(tmp_path / "out")])

@@ -108,7 +108,9 @@ def test_scale_factor_helpers(vae: CausalVideoVAE, sweep: dict, config: VAEConfi
     torch.testing.assert_close(latent, config.scale_factor * sample)
 
 
-@pytest.mark.parametrize("temporal_chunk, spatial_tile", [(2, None), (None, (2, 3)), (1, (3, 4))])
+@pytest.mark.parametrize(
+    "temporal_chunk, spatial_tile", [(2, None), (None, (2, 3)), pytest.param(1, (3, 4), marks=pytest.mark.slow)]
+)
 def test_chunked_decode_equals_plain_decode(vae: CausalVideoVAE, clip: dict, temporal_chunk, spatial_tile):
     with torch.no_grad():
         video = vae.decode(
