@@ -78,9 +78,22 @@ def test_a_layer_is_its_short_name_in_every_use():
     assert Layer.FG == "fg" and {"fg": 1}[Layer.FG] == 1 and {Layer.BG: 2}["bg"] == 2
     assert f"{Layer.BLEND}.txt" == "blend.txt" and str(Layer.ALPHA) == "alpha"
     assert json.dumps({Layer.FG: [Layer.BG]}) == '{"fg": ["bg"]}'
+    assert f"takes {[Layer.FG, Layer.BG]}" == "takes ['fg', 'bg']"  # messages read as before
     layout = LAYOUTS[(Task.DECOMPOSITION, Variant.RGBA)]
-    assert f"takes {list(layout.prompt_layers)}" == "takes ['fg', 'bg']"  # messages read as before
-    assert all(isinstance(name, Layer) for name in layout.video_layers + layout.prompt_layers + layout.given_layers)
+    names = layout.video_layers + layout.prompt_layers + layout.given_layers
+    assert set(names) <= set(Layer) and all(type(name) is str for name in names)  # the table's data: plain names
+
+
+def test_layer_videos_keyed_by_the_layout_load_with_weights_only(tmp_path):
+    layout = LAYOUTS[(Task.FOREGROUND_TO_BACKGROUND, Variant.RGBA)]
+    torch.save({span.name: torch.zeros(1) for span in layout.spans}, tmp_path / "layers.pt")
+    assert list(torch.load(tmp_path / "layers.pt", weights_only=True)) == [
+        "first_frame_copy",
+        "fg",
+        "alpha",
+        "bg",
+        "blend",
+    ]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=lambda layout: layout.name)

@@ -35,6 +35,8 @@ class Layer(str, enum.Enum):
 
     A member is its short name everywhere: ``Layer.FG == "fg"``, it hashes as ``"fg"`` (so it finds
     ``"fg"`` dictionary keys and plain strings find it), and f-strings, messages and JSON show ``fg``.
+    A :class:`TaskLayout` stores the short names themselves (plain strings), so layer videos keyed by
+    its names pickle and ``torch.load(weights_only=True)`` as before.
     """
 
     FG = "fg"  # the foreground, matted over grey
@@ -125,6 +127,11 @@ class TaskLayout:
     condition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        # The table is written with Layer members; a layout keeps their short names as plain strings, so
+        # what flows out of it (dictionary keys of layer videos, pickles, messages) carries no enum.
+        object.__setattr__(self, "layers", tuple((str(name), count) for name, count in self.layers))
+        object.__setattr__(self, "prompt_layers", tuple(str(name) for name in self.prompt_layers))
+        object.__setattr__(self, "given_layers", tuple(str(name) for name in self.given_layers))
         total = self.latent_frames
         if self.condition is not None:
             start, stop = self.condition
