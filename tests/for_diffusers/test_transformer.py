@@ -182,3 +182,22 @@ def test_bfloat16_export_keeps_its_dtype(tmp_path):
     assert {value.dtype for value in loaded.state_dict().values()} == {torch.bfloat16}
     x, timesteps, context = tiny_inputs(config)
     assert diffusers_v(loaded, x.bfloat16(), timesteps, context.bfloat16()).dtype == torch.bfloat16
+
+
+def test_norms_and_activation_are_ours():
+    """Each LayerNorm's epsilon (1e-5 in the blocks, 1e-6 for q/k and the final adaLN) and the tanh GELU."""
+    network, config = tiny_network("gen_rgba")
+    model = transformer_from_sat(network.state_dict(), config.network)
+    layer, block = network.transformer.layers[0], model.transformer_blocks[0]
+    adaln, mixins = network.mixins.adaln_layer, network.mixins
+    pairs = [
+        (layer.input_layernorm, block.norm1.norm),
+        (layer.post_attention_layernorm, block.norm2.norm),
+        (adaln.query_layernorm_list[0], block.attn1.norm_q),
+        (adaln.key_layernorm_list[0], block.attn1.norm_k),
+        (network.transformer.final_layernorm, model.norm_final),
+        (mixins.final_layer.norm_final, model.norm_out.norm),
+        (mixins.pos_embed.txt_embedder[1], model.patch_embed.txt_embedder[1]),
+    ]
+    assert [theirs.eps for _, theirs in pairs] == [ours.eps for ours, _ in pairs]
+    assert block.ff.net[0].approximate == layer.mlp.activation_func.approximate == "tanh"
