@@ -170,8 +170,8 @@ def test_base_weights_are_plain_diffusers_and_adapters_record_alpha(tmp_path):
     for name, rank in (("content", lora.spatial_r), ("motion", lora.motion_r)):
         with safe_open(str(folder / f"{name}_lora.safetensors"), framework="pt") as handle:
             peft_config = json.loads(handle.metadata()["lora_adapter_metadata"])
-            assert handle.get_tensor("transformer_blocks.0.attn1.to_v.lora_B.weight").shape[1] == rank
-        assert (peft_config["r"], peft_config["lora_alpha"]) == (rank, lora.lora_alpha)
+            assert handle.get_tensor("transformer.transformer_blocks.0.attn1.to_v.lora_B.weight").shape[1] == rank
+        assert (peft_config["transformer.r"], peft_config["transformer.lora_alpha"]) == (rank, lora.lora_alpha)
 
 
 def test_bfloat16_export_keeps_its_dtype(tmp_path):
@@ -201,3 +201,24 @@ def test_norms_and_activation_are_ours():
     ]
     assert [theirs.eps for _, theirs in pairs] == [ours.eps for ours, _ in pairs]
     assert block.ff.net[0].approximate == layer.mlp.activation_func.approximate == "tanh"
+
+
+@pytest.mark.filterwarnings("ignore:Already found a:UserWarning")  # peft, on the second adapter: by design
+def test_adapter_files_load_through_the_pipelines_lora_loader(tmp_path):
+    """What ``CogVideoXPipeline.load_lora_weights`` does with our files gives the same model."""
+    from diffusers.loaders import CogVideoXLoraLoaderMixin
+
+    network, config = tiny_network("gen_rgba")
+    model = transformer_from_sat(network.state_dict(), config.network)
+    folder = save_transformer(model, tmp_path / "transformer")
+    bare = LayerFlowTransformer3DModel.from_pretrained(folder)
+    for name in ("content", "motion"):
+        state, metadata = CogVideoXLoraLoaderMixin.lora_state_dict(
+            str(folder), weight_name=f"{name}_lora.safetensors", return_lora_metadata=True
+        )
+        CogVideoXLoraLoaderMixin.load_lora_into_transformer(
+            state, transformer=bare, adapter_name=name, metadata=metadata
+        )
+    set_motion_scale(bare, 0.0)
+    x, timesteps, context = tiny_inputs(config)
+    assert torch.equal(diffusers_v(bare, x, timesteps, context), diffusers_v(model, x, timesteps, context))
