@@ -173,3 +173,32 @@ def test_diffusers_side_is_strict_too():
     base["proj_out.extra"] = torch.zeros(1)
     with pytest.raises(ExportError, match=r"unexpected key proj_out\.extra"):
         diffusers_to_sat(base, adapters, config.network)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"qk_ln": False}, "q/k LayerNorms"),
+        ({"elementwise_affine": False}, "q/k LayerNorms"),
+        ({"text_length": 0}, "text_length is not set"),
+    ],
+)
+def test_configs_diffusers_cannot_express_are_refused(change, match):
+    from dataclasses import replace
+
+    from layerflow.for_diffusers import transformer_config
+
+    _, config = tiny_network("gen_rgb")
+    with pytest.raises(ExportError, match=match):
+        transformer_config(replace(config.network, **change))
+
+
+def test_stage1_network_is_refused():
+    from dataclasses import replace
+
+    from layerflow.for_diffusers import transformer_config
+
+    _, config = tiny_network("gen_rgb")
+    stage1 = replace(config.network, lora=replace(config.network.lora, is_stage1=True))
+    with pytest.raises(ExportError, match="stage-1"):
+        transformer_config(stage1)
