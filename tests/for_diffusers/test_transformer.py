@@ -222,3 +222,28 @@ def test_adapter_files_load_through_the_pipelines_lora_loader(tmp_path):
     set_motion_scale(bare, 0.0)
     x, timesteps, context = tiny_inputs(config)
     assert torch.equal(diffusers_v(bare, x, timesteps, context), diffusers_v(model, x, timesteps, context))
+
+
+@pytest.mark.slow  # ~130M parameters on the CPU
+def test_full_width_blocks_equal_ours():
+    """The released width (30 heads of 64, T5 width 4096, LoRA ranks 256 and 8), two blocks, a small grid."""
+    from dataclasses import replace
+
+    from conftest import CONFIGS as CONFIG_DIR
+
+    from layerflow.config import load_config
+
+    config = load_config([CONFIG_DIR / "model.yaml", CONFIG_DIR / "tasks" / "gen_rgba.yaml"])
+    network_config = replace(config.network, num_layers=2, latent_height=4, latent_width=6)
+    network = randomize_(LayerFlowDiT(network_config).eval(), 0)
+    model = transformer_from_sat(network.state_dict(), network_config)
+    assert (model.config.num_attention_heads, model.config.attention_head_dim) == (30, 64)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.layout.latent_frames, 16, 4, 6, generator=generator)
+    context = torch.randn(2, network_config.text_length, network_config.text_hidden_size, generator=generator)
+    timesteps = torch.tensor([999.0, 10.0])
+    for scale in (0.0, 1.0):
+        with torch.no_grad():
+            ours = network(x, timesteps, context, lora_scale=scale)
+        set_motion_scale(model, scale)
+        assert (diffusers_v(model, x, timesteps, context) - ours).abs().max().item() <= TOLERANCE
