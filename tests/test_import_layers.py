@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("weights",),  # which files, loading them, and the one builder of every model
     ("pipeline", "training"),  # one sample's generation; training on layered clips
     ("batch",),  # many samples: manifests, given files, sample folders, resumable sharded runs
-    ("tools",),  # layer tools for editors: compose, inspect
+    ("tools", "for_diffusers"),  # layer tools for editors: compose, inspect
     ("cli",),  # the entry points
 )
 LAYER_OF = {name: index for index, layer in enumerate(LAYERS) for name in layer}
