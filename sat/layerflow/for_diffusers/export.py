@@ -1,7 +1,7 @@
 """One LayerFlow task checkpoint -> a folder that ``LayerFlowPipeline.from_pretrained`` loads.
 
 The folder holds ``transformer/`` (CogVideoX's transformer with LayerFlow's layer embedding and the
-content and motion LoRA as peft adapters, :mod:`layerflow.for_diffusers.transformer`), ``vae/``
+content and motion LoRA as peft adapters, :mod:`layerflow.for_diffusers`), ``vae/``
 (``AutoencoderKLCogVideoX``), ``scheduler/`` (:class:`LayerFlowDPMScheduler`), ``text_encoder/`` and
 ``tokenizer/`` (T5), and ``model_index.json`` naming the task and variant.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from layerflow.config import LayerFlowConfig
+from layerflow.for_diffusers import transformer_from_sat
 from layerflow.for_diffusers.pipeline import LayerFlowPipeline
 from layerflow.for_diffusers.scheduler import LayerFlowDPMScheduler
-from layerflow.for_diffusers.transformer import transformer_from_sat
 from layerflow.for_diffusers.vae_keys import vae_to_diffusers
 from layerflow.io.atomic import atomic_path
 from layerflow.models.text_encoder import T5TextEncoder

@@ -34,6 +34,7 @@ from diffusers import AutoencoderKLCogVideoX, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import T5EncoderModel, T5Tokenizer
 
+from layerflow.for_diffusers import load_transformer, save_transformer, set_motion_scale
 from layerflow.for_diffusers.scheduler import LayerFlowDPMScheduler
 from layerflow.for_diffusers.vae_keys import whole_clip
 from layerflow.geometry import TOKENS_PER_PROMPT
@@ -74,8 +75,6 @@ class DiffusersNetwork:
 def set_lora_scale(transformer: torch.nn.Module, scale: float) -> None:
     """The motion-LoRA switch (``sampling.lora_scale``) on a transformer exported with its adapters."""
     if getattr(transformer, "peft_config", None):
-        from layerflow.for_diffusers.lora import set_motion_scale
-
         set_motion_scale(transformer, scale)
     elif scale:
         raise InputError("lora_scale needs the transformer's LoRA adapters (this one has none)")
@@ -106,10 +105,8 @@ class LayerFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loading, with the transformer and its LoRA adapters read by our loader
-        (:func:`layerflow.for_diffusers.transformer.load_transformer`) unless one is passed."""
+        (:func:`layerflow.for_diffusers.load_transformer`) unless one is passed."""
         if "transformer" not in kwargs:
-            from layerflow.for_diffusers.transformer import load_transformer
-
             folder = Path(pretrained_model_name_or_path) / "transformer"
             kwargs["transformer"] = load_transformer(folder, kwargs.get("torch_dtype") or torch.float32)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -117,8 +114,6 @@ class LayerFlowPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Each component into its folder (the transformer and its LoRA adapters by our writer,
         :func:`layerflow.for_diffusers.transformer.save_transformer`) and ``model_index.json``."""
-        from layerflow.for_diffusers.transformer import save_transformer
-
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer", "text_encoder", "vae", "scheduler"):
