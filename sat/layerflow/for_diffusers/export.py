@@ -62,7 +62,9 @@ def build_pipeline(config: LayerFlowConfig, checkpoint: str | Path, dtype: torch
     load_network(network, checkpoint, config.layout)
     transformer = transformer_from_sat(network.state_dict(), config.network, dtype)
     del network
-    vae = vae_to_diffusers(build_vae(config, "cpu", torch.float32, weights), config.video_size).to(dtype)
+    vae = vae_to_diffusers(build_vae(config, "cpu", torch.float32, weights), config.video_size)
+    if dtype != torch.float32:
+        vae = vae.to(dtype)
     t5 = T5TextEncoder.from_folder(weights.text_encoder, "cpu", dtype)
     scheduler = LayerFlowDPMScheduler(
         snr_shift_scale=SNR_SHIFT,

@@ -34,7 +34,8 @@ from diffusers import AutoencoderKLCogVideoX, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import T5EncoderModel, T5Tokenizer
 
-from layerflow.for_diffusers import load_transformer, save_transformer, set_motion_scale
+from layerflow.for_diffusers import save_transformer, set_motion_scale
+from layerflow.for_diffusers.lora import load_adapters
 from layerflow.for_diffusers.scheduler import LayerFlowDPMScheduler
 from layerflow.for_diffusers.vae_keys import whole_clip
 from layerflow.geometry import TOKENS_PER_PROMPT
@@ -104,12 +105,12 @@ class LayerFlowPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loading, with the transformer and its LoRA adapters read by our loader
-        (:func:`layerflow.for_diffusers.load_transformer`) unless one is passed."""
+        """diffusers' loading of a local folder, then the transformer's content and motion LoRA adapters
+        attached from its folder (content on, motion off), as :func:`layerflow.for_diffusers.load_transformer` does."""
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if "transformer" not in kwargs:
-            folder = Path(pretrained_model_name_or_path) / "transformer"
-            kwargs["transformer"] = load_transformer(folder, kwargs.get("torch_dtype") or torch.float32)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            load_adapters(pipeline.transformer, Path(pretrained_model_name_or_path) / "transformer")
+        return pipeline
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Each component into its folder (the transformer and its LoRA adapters by our writer,
