@@ -149,3 +149,16 @@ def test_bad_inputs_are_one_line(cases):
         case.pipe(prompts_for(case.layout), given={"fg": torch.zeros(1)}, num_inference_steps=STEPS)
     with pytest.raises(InputError, match="output_type"):
         case.pipe(prompts_for(case.layout), num_inference_steps=STEPS, output_type="pil")
+
+
+def test_model_cpu_offload_gives_the_same_latents(cases):
+    """diffusers' offload hooks (model_cpu_offload_seq) on the CPU as the execution device: same result."""
+    case = cases("gen_rgb")
+    plain = case.run().latents
+    case.pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        offloaded = case.run().latents
+        assert all(hasattr(getattr(case.pipe, name), "_hf_hook") for name in ("text_encoder", "transformer", "vae"))
+    finally:
+        case.pipe.remove_all_hooks()
+    assert torch.equal(offloaded, plain)
