@@ -12,11 +12,18 @@ Public API (what ``layerflow export --to diffusers`` calls):
   :class:`ExportError` (one line) names the key;
 * :func:`save_transformer` ``(model, folder)`` writes ``folder`` atomically: ``config.json`` and
   ``diffusion_pytorch_model.safetensors`` as ``save_pretrained`` does (base weights only), plus
-  ``content_lora.safetensors`` and ``motion_lora.safetensors`` (diffusers LoRA files);
+  ``content_lora.safetensors`` and ``motion_lora.safetensors`` (diffusers' CogVideoX LoRA files, which
+  ``load_lora_adapter`` and a pipeline's ``load_lora_weights`` read); an existing folder is replaced
+  once the new one is complete;
 * :func:`load_transformer` ``(folder, dtype=torch.float32)`` restores exactly what was saved;
 * :func:`sat_state_from_transformer` ``(model)`` -> our network's state dict again (position table
   recomputed), which loads with ``strict=True`` into :class:`layerflow.models.dit.LayerFlowDiT`;
-* :func:`set_motion_scale` ``(model, s)``: SAT's ``lora_scale`` (0, the default, leaves motion off).
+* :func:`set_motion_scale` ``(model, s)``: SAT's ``lora_scale`` (0, the default, leaves motion off);
+* :func:`dit_config_of` ``(model)``: our ``DiTConfig`` back from the transformer's config and adapters.
+
+Exported networks: every released task and variant (sin-cos or learned position table, with or
+without the layer embedding). Refused with :class:`ExportError`: stage-1 networks, no q/k norm,
+norms without weights (diffusers' CogVideoX blocks always have them).
 
 Module by module: :mod:`.transformer` (the model class and :func:`transformer_config`),
 :mod:`.transformer_keys` (the key mapping), :mod:`.lora` (the adapters); :mod:`.vae_keys` (our VAE as

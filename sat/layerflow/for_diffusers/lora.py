@@ -11,10 +11,13 @@ its weight, so both adapters carry SAT's ``lora_alpha`` (not the rank, which wou
 :func:`set_motion_scale` switches the motion adapter on with weight s, which gives SAT's
 ``lora_scale=s``. Stage-1 networks (motion only, always on) are not exported.
 
-On disk the adapters are diffusers' LoRA files (:meth:`save_lora_adapter`), one per adapter,
-``content_lora.safetensors`` and ``motion_lora.safetensors`` beside the model's weights; their
-metadata holds the peft config (ranks and alpha), so ``load_lora_adapter(folder, prefix=None,
-weight_name=..., adapter_name=...)`` restores them with the right scale.
+On disk the adapters are diffusers' CogVideoX LoRA files (``CogVideoXLoraLoaderMixin.save_lora_weights``:
+keys prefixed ``transformer.``, the peft config with ranks and alpha in the metadata), one per
+adapter, ``content_lora.safetensors`` and ``motion_lora.safetensors`` beside the model's weights.
+So both ``transformer.load_lora_adapter(folder, weight_name=..., adapter_name=...)`` and a
+pipeline's ``load_lora_weights(folder, weight_name=..., adapter_name=...)`` restore them with the
+right scale. One weight per adapter: a per-sample motion switch (SAT's tensor ``lora_scale``) is not
+expressible with peft.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -117,9 +121,14 @@ def set_motion_scale(model: LayerFlowTransformer3DModel, scale: float) -> None:
 
 
 def save_adapters(model: LayerFlowTransformer3DModel, folder: Path) -> None:
-    """Write each adapter as a diffusers LoRA file (peft config in its metadata) into ``folder``."""
-    for name in adapter_states(model):
-        model.save_lora_adapter(str(folder), adapter_name=name, weight_name=ADAPTER_FILES[name])
+    """Write each adapter as a diffusers CogVideoX LoRA file (peft config in its metadata) into ``folder``."""
+    for name, tensors in adapter_states(model).items():
+        CogVideoXLoraLoaderMixin.save_lora_weights(
+            str(folder),
+            transformer_lora_layers=tensors,
+            weight_name=ADAPTER_FILES[name],
+            transformer_lora_adapter_metadata=model.peft_config[name].to_dict(),
+        )
 
 
 def load_adapters(model: LayerFlowTransformer3DModel, folder: Path) -> None:
@@ -133,5 +142,5 @@ def load_adapters(model: LayerFlowTransformer3DModel, folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for name in ADAPTERS:
-            model.load_lora_adapter(str(folder), prefix=None, weight_name=ADAPTER_FILES[name], adapter_name=name)
+            model.load_lora_adapter(str(folder), weight_name=ADAPTER_FILES[name], adapter_name=name)
     set_motion_scale(model, 0.0)

@@ -230,15 +230,19 @@ def diffusers_to_sat(
 
     state = {}
     if not config.learnable_pos_embed:
-        state[POSITION_TABLE_KEY] = position_table(config, base["patch_embed.proj.weight"].dtype)
+        reference = base["patch_embed.proj.weight"]
+        state[POSITION_TABLE_KEY] = position_table(config, reference.dtype, reference.device)
     for entry in maps:
         state[entry.sat] = _unconvert([tensor(name) for name in entry.diffusers], entry)
     return state
 
 
-def position_table(config: DiTConfig, dtype: torch.dtype) -> torch.Tensor:
-    """Our ``pos_embedding``, (1, L + F*N, d): zero text rows, then the sin-cos table."""
+def position_table(config: DiTConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Our ``pos_embedding``, (1, L + F*N, d): zero text rows, then the sin-cos table (shape only on meta)."""
     rows, cols = config.patch_grid
+    if torch.device(device).type == "meta":
+        length = config.text_length + config.pos_embed_frames * rows * cols
+        return torch.empty(1, length, config.hidden_size, dtype=dtype, device="meta")
     table = sincos_3d_table(
         config.hidden_size,
         config.pos_embed_frames,
@@ -248,7 +252,7 @@ def position_table(config: DiTConfig, dtype: torch.dtype) -> torch.Tensor:
         config.width_interpolation,
         config.time_interpolation,
     )
-    return torch.cat([torch.zeros(config.text_length, config.hidden_size), table])[None].to(dtype)
+    return torch.cat([torch.zeros(config.text_length, config.hidden_size), table])[None].to(dtype=dtype, device=device)
 
 
 def describe(config: DiTConfig) -> str:
