@@ -88,6 +88,8 @@ def test_a_folder_that_is_not_empty_is_refused(checkpoints, tmp_path, capsys):
 
 
 def test_without_the_extra_the_error_says_how_to_install_it(checkpoints, tmp_path, capsys, monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("layerflow.for_diffusers")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, and restored afterwards
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     assert export(checkpoints["recorded"], tmp_path / "out", "seg", "rgb", *TINY) == 2
     assert capsys.readouterr().err == f"layerflow export: error: {MISSING_EXTRA}\n"

@@ -44,12 +44,7 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     return parser.parse_args(argv)
 
 
-def check_extra() -> None:
-    try:
-        import diffusers  # noqa: F401
-        import peft  # noqa: F401
-    except ImportError:
-        raise ExportUnavailableError(MISSING_EXTRA) from None
+EXTRA_PACKAGES = ("diffusers", "peft")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     from layerflow.config import load_config
 
-    check_extra()
-    from layerflow.for_diffusers.export import export_to_diffusers
+    try:
+        from layerflow.for_diffusers.export import export_to_diffusers
+    except ImportError as error:
+        if (error.name or "").split(".")[0] in EXTRA_PACKAGES:
+            raise ExportUnavailableError(MISSING_EXTRA) from None
+        raise
 
     name = f"{args.task}_{args.variant}"
     config = load_config([CONFIGS / "model.yaml", CONFIGS / "tasks" / f"{name}.yaml", *args.base], args.set)
