@@ -162,3 +162,31 @@ def test_model_cpu_offload_gives_the_same_latents(cases):
     finally:
         case.pipe.remove_all_hooks()
     assert torch.equal(offloaded, plain)
+
+
+@pytest.mark.slow
+def test_vae_tiling_goes_through_diffusers_tiled_decode(cases):
+    """With ``pipe.vae.enable_tiling()`` the layers are diffusers' tiled decode of the whole stack (in time at once)."""
+    from layerflow.for_diffusers.vae_keys import whole_clip
+
+    case = cases("gen_rgb")
+    height, width = case.config.video_size
+    # tiles of 3/4 of each side with 1/3 overlap cover the tiny 64x96 frame exactly (diffusers' tiling arithmetic)
+    case.pipe.vae.enable_tiling(height * 3 // 4, width * 3 // 4, 1 / 3, 1 / 3)
+    try:
+        out = case.run(output_type="pt")
+        vae = case.pipe.vae
+        latent = out.latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # (1, c, T, h, w)
+        with torch.no_grad(), whole_clip(vae, case.layout.pixel_frames, case.layout.latent_frames):
+            tiled = vae.tiled_decode(latent).sample[0].clamp(-1, 1).permute(1, 0, 2, 3)  # (F, 3, H, W)
+        with torch.no_grad():
+            one_call = case.ours.decode_layers(out.latents, None)
+    finally:
+        case.pipe.vae.disable_tiling()
+    span = case.layout.span("blend")
+    expected = (tiled[span.pixel_start : span.pixel_stop] + 1) / 2
+    assert out.layers["blend"].shape == expected.shape == (span.pixel_frames, 3, height, width)
+    assert (out.layers["blend"] - expected).abs().max() <= 1e-5  # 1/s x or x/s: rounding
+    assert ((out.layers["blend"] * 2 - 1) - one_call["blend"]).abs().max() > 1e-4, (
+        "tiles blend: not the one-call decode"
+    )
