@@ -114,7 +114,7 @@ class LayerFlowPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Each component into its folder (the transformer and its LoRA adapters by our writer,
-        :func:`layerflow.for_diffusers.transformer.save_transformer`) and ``model_index.json``."""
+        :func:`layerflow.for_diffusers.save_transformer`) and ``model_index.json``."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer", "text_encoder", "vae", "scheduler"):
