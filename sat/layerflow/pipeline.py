@@ -144,32 +144,9 @@ class LayerFlowPipeline:
         return states.to(self.placement.compute_device, self.placement.dtype)
 
     def stack_given_layers(self, given: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Given layer videos (F_layer, 3, H, W) -> the stacked clip (1, 3, F, H, W) the VAE encodes.
-
-        Layers the user does not give are filled with a copy of the first given layer; with the
-        causal VAE only frames before the given latents can influence them.
-        """
-        layout = self.layout
-        unknown = sorted(set(given) - set(layout.given_layers))
-        absent = [name for name in layout.given_layers if name not in given]
-        if unknown or absent:
-            raise InputError(
-                f"{layout.name} takes the layers {list(layout.given_layers)}; missing {absent}, not used {unknown}"
-            )
-        height, width = self.config.video_size
-        filler = given[layout.given_layers[0]]
-        layers = {}
-        for span in layout.spans:
-            if span.name == FIRST_FRAME_COPY:
-                continue
-            video = given.get(span.name, filler)
-            if tuple(video.shape) != (span.pixel_frames, 3, height, width):
-                raise InputError(
-                    f"layer {span.name}: expected frames of shape "
-                    f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}"
-                )
-            layers[span.name] = video
-        return stack_layers(layers, layout)  # (1, 3, F, H, W)
+        """Given layer videos (F_layer, 3, H, W) -> the stacked clip (1, 3, F, H, W) the VAE encodes
+        (:func:`stack_given_layers`)."""
+        return stack_given_layers(given, self.layout, self.config.video_size)
 
     def encode_given_layers(self, given: Mapping[str, torch.Tensor], seed: int) -> torch.Tensor:
         """Clean latents of the given frames (1, T_cond, c, h, w), scaled like the engine's."""
@@ -273,6 +250,36 @@ class LayerFlowPipeline:
         with clock("vae_decode"):
             layers = self.decode_layers(generated, condition)
         return LayerVideos(layers=layers, seed=seed, timings=timings, peak_bytes=peaks)
+
+
+def stack_given_layers(
+    given: Mapping[str, torch.Tensor], layout: TaskLayout, video_size: tuple[int, int]
+) -> torch.Tensor:
+    """Given layer videos (F_layer, 3, H, W) -> the stacked clip (1, 3, F, H, W) the VAE encodes.
+
+    Layers the user does not give are filled with a copy of the first given layer; with the
+    causal VAE only frames before the given latents can influence them. ``video_size`` is (H, W).
+    """
+    unknown = sorted(set(given) - set(layout.given_layers))
+    absent = [name for name in layout.given_layers if name not in given]
+    if unknown or absent:
+        raise InputError(
+            f"{layout.name} takes the layers {list(layout.given_layers)}; missing {absent}, not used {unknown}"
+        )
+    height, width = video_size
+    filler = given[layout.given_layers[0]]
+    layers = {}
+    for span in layout.spans:
+        if span.name == FIRST_FRAME_COPY:
+            continue
+        video = given.get(span.name, filler)
+        if tuple(video.shape) != (span.pixel_frames, 3, height, width):
+            raise InputError(
+                f"layer {span.name}: expected frames of shape "
+                f"{(span.pixel_frames, 3, height, width)}, got {tuple(video.shape)}"
+            )
+        layers[span.name] = video
+    return stack_layers(layers, layout)  # (1, 3, F, H, W)
 
 
 def conditioned_denoiser(

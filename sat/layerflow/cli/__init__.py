@@ -3,7 +3,7 @@
 * :mod:`.command`   the ``layerflow`` command (``python -m layerflow.cli``): its subcommand table;
 * :mod:`.generate`  ``layerflow generate`` = ``sat/sample_video.py``: a task over prompts and given layers;
 * :mod:`.train`     ``sat/train_video.py``: prepare the encoded dataset, then train a stage;
-* :mod:`.convert`, :mod:`.demo`, :mod:`.compose`, :mod:`.score`, :mod:`.inspect`: the other subcommands;
+* :mod:`.convert`, :mod:`.export`, :mod:`.demo`, :mod:`.compose`, :mod:`.score`, :mod:`.inspect`: the other subcommands;
 * :mod:`.arguments` the options every command shares (``--base``, ``--set``, ``--seed``, ``--debug``);
 * :mod:`.exits`     the exit statuses and the one wrapper that maps errors to them.
 

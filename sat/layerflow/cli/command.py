@@ -2,6 +2,7 @@
 
     layerflow generate ...     run a task (exactly ``python sat/sample_video.py ...``)
     layerflow convert ...      convert a task checkpoint between the release layout and safetensors
+    layerflow export ...       a task checkpoint as a diffusers folder (LayerFlowPipeline; optional extra)
     layerflow demo [DIR]       all tasks with the tiny built-in model on CPU
     layerflow compose ...      a foreground over a background -> blend MP4 and layer files
     layerflow score DIR...     layer consistency of sample folders -> scores.json and a table
@@ -33,7 +34,7 @@ def _subcommand(name: str) -> Callable[[list[str]], int]:
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
-    name: _subcommand(name) for name in ("generate", "convert", "demo", "compose", "score", "inspect")
+    name: _subcommand(name) for name in ("generate", "convert", "export", "demo", "compose", "score", "inspect")
 }
 
 

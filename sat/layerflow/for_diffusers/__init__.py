@@ -1,4 +1,5 @@
-"""LayerFlow for diffusers: our DiT as a diffusers transformer with peft LoRA adapters, both ways.
+"""LayerFlow for diffusers: our DiT as a diffusers transformer with peft LoRA adapters, both ways; the
+export of a task to a diffusers folder and the ``DiffusionPipeline`` that runs it.
 
 diffusers and peft are the optional ``[diffusers]`` extra; only this package imports them.
 
@@ -25,7 +26,9 @@ without the layer embedding). Refused with :class:`ExportError`: stage-1 network
 norms without weights (diffusers' CogVideoX blocks always have them).
 
 Module by module: :mod:`.transformer` (the model class and :func:`transformer_config`),
-:mod:`.transformer_keys` (the key mapping), :mod:`.lora` (the adapters).
+:mod:`.transformer_keys` (the key mapping), :mod:`.lora` (the adapters); :mod:`.vae_keys` (our VAE as
+``AutoencoderKLCogVideoX``), :mod:`.scheduler` (our sampler as a diffusers scheduler), :mod:`.pipeline`
+(``LayerFlowPipeline``) and :mod:`.export` (``layerflow export --to diffusers``).
 """
 
 from __future__ import annotations

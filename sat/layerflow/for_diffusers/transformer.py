@@ -31,6 +31,9 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import CogVideoXPatchEmbed
+
+# diffusers' pipeline loader looks a custom component's base class up by name in the component's module
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 from torch import nn
 
