@@ -112,7 +112,7 @@ class ServeApp:
         self.folder = OutputFolder(self.samples).acquire()
         self.folder.clean_stale()
         remove_upload_leftovers(self.output / "uploads")
-        self.uploads = UploadStore(self.output / "uploads", settings.max_upload_bytes, self.output)
+        self.uploads = UploadStore(self.output / "uploads", settings.max_upload_bytes, self.output, self.sizes[0])
         self.results = Results(self.output)
         config = self.model.config(next(iter(LAYOUTS.values())))
         self.defaults = Defaults(
@@ -330,15 +330,15 @@ class Handler(BaseHTTPRequestHandler):
         filename = (parse_qs(urlsplit(self.path).query).get("filename") or [""])[0]
         length = self._length()
         try:
-            if not filename:
-                raise UploadRefused("no ?filename=NAME given (its suffix says what the file is)")
-            store.check_size(length)
+            store.check_request(filename, length)  # before a byte is read
+        except (UploadTooLarge, UploadRefused) as error:
+            self._drain(length)
+            too_large = isinstance(error, UploadTooLarge)
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_large else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+            raise Refusal(status, str(error)) from None
+        try:
             upload = store.receive(filename, self.rfile, length)
-        except UploadTooLarge as error:
-            self._drain(length)
-            raise Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(error)) from None
         except UploadRefused as error:
-            self._drain(length)
             raise Refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(error)) from None
         self._json(HTTPStatus.CREATED, upload.as_json())
 
