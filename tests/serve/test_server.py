@@ -342,7 +342,7 @@ def test_nothing_is_written_outside_the_output_folder(served):
 
 
 @pytest.mark.slow
-def test_the_command_prints_its_address_once_and_stops_cleanly_on_sigterm(tmp_path):
+def test_the_command_prints_its_address_once_and_sigterm_stops_it_without_leaving_a_folder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")}
     command = [sys.executable, "-m", "layerflow.cli", "serve", "--port", "0", "--output", str(tmp_path / "out")]
     process = subprocess.Popen(
@@ -351,15 +351,29 @@ def test_the_command_prints_its_address_once_and_stops_cleanly_on_sigterm(tmp_pa
     try:
         line = process.stdout.readline()
         assert line.startswith("layerflow serve: http://127.0.0.1:") and line.endswith("/\n"), line
-        with urllib.request.urlopen(line.split(": ", 1)[1].strip() + "api/tasks", timeout=30) as answer:
-            assert len(json.loads(answer.read())["tasks"]) == 8
-        process.terminate()
+        url = line.split(": ", 1)[1].strip()
+        job = {"task": "gen", "variant": "rgb", "prompts": PROMPTS, "steps": 200}
+        for _ in range(2):  # one runs, one waits
+            request = urllib.request.Request(url + "api/jobs", data=json.dumps(job).encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                job_id = json.loads(answer.read())["job"]
+        first = f"{int(job_id[:4]) - 1:04d}{job_id[4:]}"
+        while True:
+            with urllib.request.urlopen(f"{url}api/jobs/{first}", timeout=30) as answer:
+                state = json.loads(answer.read())
+            if state["stage"] == "denoise" or state["state"] in ("done", "failed"):
+                break
+            time.sleep(0.05)
+        assert state["state"] == "running", state
+        process.terminate()  # SIGTERM while the first job denoises
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
     assert process.returncode == 143
-    assert out == "" and err.strip().splitlines()[-1].startswith("layerflow serve: stopped")
+    assert out == "" and err.strip().splitlines()[-1].startswith("layerflow serve: stopped"), err
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    samples = tmp_path / "out" / "samples"
+    assert not [name for name in os.listdir(samples) if "gen_rgb" in name]  # neither job, nor a temporary folder
 
 
 def test_a_bad_size_option_is_one_line_and_exit_status_2(capsys):
