@@ -254,7 +254,9 @@ class Handler(BaseHTTPRequestHandler):
     server: LayerFlowHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "layerflow-serve"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -388,7 +390,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: int, line: str) -> None:
         self._json(status, {"error": " ".join(str(line).split())})
