@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -93,9 +94,14 @@ def host_name(host: str) -> str:
     return host.partition(":")[0]
 
 
-def _first_job_number(samples: Path) -> int:
-    numbers = [int(p.name.split("-", 1)[0]) for p in samples.iterdir() if re.match(rf"^{_JOB_ID}$", p.name)]
-    return max(numbers, default=0) + 1
+def _first_job_number(output: Path) -> int:
+    """One more than the highest job number found in the output folder: a new job's id was never used there,
+    so no zip or compose of an older job (whose folder was deleted since) is taken for its own."""
+    numbers = [0]
+    for folder in ("samples", "zips", "composes"):
+        if (output / folder).is_dir():
+            numbers += [int(m.group(1)) for name in os.listdir(output / folder) if (m := re.match(r"^(\d{4,})-", name))]
+    return max(numbers) + 1
 
 
 class ServeApp:
@@ -124,7 +130,7 @@ class ServeApp:
         )
         cached = settings.cached_models or (len(LAYOUTS) if self.model.tiny else 1)
         self.generator = Generator(self.model, self.samples, PipelineCache(cached))
-        self.jobs = JobQueue(self.generator, settings.queue_size, _first_job_number(self.samples))
+        self.jobs = JobQueue(self.generator, settings.queue_size, _first_job_number(self.output))
         self.jobs.start()
 
     def close(self) -> None:
@@ -241,6 +247,8 @@ class LayerFlowHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: ServeApp):
         self.app = app
         self.check_host = is_loopback(address[0])
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     @property
