@@ -191,6 +191,21 @@ def test_a_zip_of_png_frames_becomes_a_frame_folder(served):
     assert sorted(os.listdir(folder)) == ["0000.png", "0001.png", "0002.png"]
 
 
+def test_a_video_upload_is_read_for_its_frames_and_alpha(served, tmp_path):
+    from layerflow.io.writer import write_alpha_video, write_mp4
+
+    frames = np.zeros((5, 64, 96, 4), np.uint8)
+    frames[..., 0], frames[..., 3] = 200, 128
+    for name, write, alpha in (
+        ("clip.mp4", lambda path: write_mp4(path, frames[..., :3]), False),
+        ("clip.webm", lambda path: write_alpha_video(path, frames, codec="vp9"), True),
+    ):
+        write(tmp_path / name)
+        status, answer, _ = served.upload(name, (tmp_path / name).read_bytes())
+        assert status == 201, answer
+        assert (answer["kind"], answer["frames"], answer["alpha"]) == ("video", 5, alpha)
+
+
 def test_a_job_with_a_bad_field_is_refused_with_400_naming_it(served):
     job = {"task": "gen", "variant": "rgba", "prompts": PROMPTS, "steps": 1}
     status, answer, _ = served.call("POST", "/api/jobs", job)
@@ -256,6 +271,7 @@ def test_jobs_queue_run_one_at_a_time_and_give_the_layers_zip_score_and_compose(
     assert {state_a["stage"] for state_a, _ in pairs} >= {"denoise", "vae_decode"}
     done_b = served.wait(b["job"])
     assert done_b["state"] == "done", done_b
+    assert served.app.generator.cache.kept() == [("gen_rgba", (64, 96)), ("fg2bg_rgba", (64, 96))]  # loaded still
     check_result_files(served, done_a["result"])
     check_zip(served, a["job"])
     check_compose(served, a["job"])

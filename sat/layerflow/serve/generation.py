@@ -50,6 +50,11 @@ class PipelineCache:
         self._built: collections.OrderedDict[tuple, tuple[object, Weights]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def kept(self) -> list[tuple]:
+        """The keys of the pipelines kept, least recently used first."""
+        with self._lock:
+            return list(self._built)
+
     def weights(self, key: tuple, config: LayerFlowConfig) -> Weights:
         with self._lock:
             if key in self._built:
