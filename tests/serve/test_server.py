@@ -415,3 +415,20 @@ def test_a_bad_size_option_is_one_line_and_exit_status_2(capsys):
     assert main(["serve", "--size", "100x64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "multiples of 16" in err
+
+
+def test_a_second_server_on_the_same_output_folder_is_refused_with_one_line(served):
+    from layerflow.io.output_folder import OutputFolderError
+
+    with pytest.raises(OutputFolderError, match="in use by another run") as refused:
+        start(ServeSettings(output=served.output, port=0, tiny=True))
+    assert "\n" not in str(refused.value)
+
+
+def test_an_output_path_that_is_a_file_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from layerflow.cli.command import main
+
+    (tmp_path / "taken").write_text("a file")
+    assert main(["serve", "--model", "tiny", "--port", "0", "--output", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("layerflow serve: error:") and "taken" in err

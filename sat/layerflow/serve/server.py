@@ -180,8 +180,8 @@ class ServeApp:
         except BadField as error:
             raise Refusal(HTTPStatus.BAD_REQUEST, str(error)) from None
         problem = self.generator.check(self.jobs.next_id(request.layout), request)
-        if problem is not None:
-            raise Refusal(HTTPStatus.BAD_REQUEST, f"given: {problem}")
+        if problem is not None:  # named by its place in the output folder, as the page knows it
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"given: {problem.replace(f'{self.output}/', '')}")
         try:
             job = self.jobs.submit(request)
         except QueueFull as error:
