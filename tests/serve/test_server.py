@@ -162,6 +162,17 @@ def test_an_upload_over_the_limit_is_refused_with_413_and_one_line(served):
     assert uploads_kept(served) == before
 
 
+def test_a_client_that_asks_first_hears_the_refusal_before_sending_the_upload(served):
+    connection = http.client.HTTPConnection(*served.server.server_address[:2], timeout=30)
+    connection.putrequest("POST", "/api/uploads?filename=big.mp4")
+    connection.putheader("Content-Length", str(10 * UPLOAD_LIMIT))
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()  # and no body
+    answer = connection.getresponse()
+    assert answer.status == 413 and "limit" in json.loads(answer.read())["error"]
+    connection.close()
+
+
 @pytest.mark.parametrize(
     "name, content, said",
     [
