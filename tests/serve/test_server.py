@@ -443,3 +443,23 @@ def test_an_output_path_that_is_a_file_is_one_line_and_exit_status_2(tmp_path, c
     assert main(["serve", "--model", "tiny", "--port", "0", "--output", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("layerflow serve: error:") and "taken" in err
+
+
+def test_a_new_server_removes_what_a_killed_one_left_half_written(tmp_path):
+    from layerflow.io.output_folder import write_marker
+
+    output = tmp_path / "out"
+    upload = output / "uploads" / ".0123456789abcdef.tmp-0badcafe"
+    upload.mkdir(parents=True)
+    (upload / "half.mp4").write_bytes(b"\x00" * 100)
+    sample = output / "samples" / ".0007-gen_rgb.tmp-1234abcd"
+    sample.mkdir(parents=True)
+    write_marker(sample, "0007-gen_rgb")
+    (sample / "foreground.mp4").write_bytes(b"\x00" * 100)
+    server = start(ServeSettings(output=output, port=0, tiny=True))
+    try:
+        assert not upload.exists() and not sample.exists()
+        assert server.app.jobs.next_id(LAYOUTS[next(iter(LAYOUTS))]).startswith("0001-")
+    finally:
+        server.server_close()
+        server.app.close()
