@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("weights",),  # which files, loading them, and the one builder of every model
     ("pipeline", "training"),  # one sample's generation; training on layered clips
     ("batch",),  # many samples: manifests, given files, sample folders, resumable sharded runs
-    ("tools", "for_diffusers"),  # layer tools for editors: compose, inspect
+    ("tools", "for_diffusers"),  # layer tools for editors: compose, inspect; the diffusers export and pipeline
+    ("serve",),  # the local web page: its HTTP server, uploads, job queue and results
     ("cli",),  # the entry points
 )
 LAYER_OF = {name: index for index, layer in enumerate(LAYERS) for name in layer}
