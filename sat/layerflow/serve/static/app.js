@@ -105,11 +105,11 @@ function refusalOf(file) {
   const limits = page.catalogue.limits;
   const suffix = suffixOf(file.name);
   if (!limits.upload_types.includes(suffix)) {
-    const what = suffix ? `a ${suffix} file` : "a file without a suffix";
-    return `${file.name}: ${what} is not taken; expected one of ${limits.upload_types.join(" ")}`;
+    const what = suffix ? `${suffix} files are` : "a file without a suffix is";
+    return `${file.name}: ${what} not taken (expected ${limits.upload_types.join(" ")})`;
   }
   if (file.size > limits.upload_bytes) {
-    return `${file.name}: ${megabytes(file.size)} is over the upload limit of ${megabytes(limits.upload_bytes)}`;
+    return `${file.name}: ${megabytes(file.size)} is over the upload limit (${megabytes(limits.upload_bytes)})`;
   }
   return null;
 }
