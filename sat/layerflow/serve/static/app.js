@@ -39,7 +39,8 @@ const IMAGE_TYPES = [".png", ".jpg", ".jpeg"];
 const page = {
   catalogue: null, // GET /api/tasks
   given: null, // the uploaded given layer: {file, id, info}
-  job: null, // the id of the job this page runs or shows
+  job: null, // the id of the job this page runs or ran last
+  shown: null, // the id of the job whose result is shown (compose works on it)
   started: 0, // when it was posted (ms), for the time in the status line
 };
 
@@ -429,6 +430,7 @@ function formatScore(score) {
 function showResult(job) {
   const { result } = job;
   const entry = currentEntry();
+  page.shown = job.job;
   $("result-title").textContent = `Result ${job.job}`;
   showLayers(result);
   showAlphaViews(result);
@@ -475,7 +477,7 @@ function previewBackground() {
 }
 
 async function compose() {
-  if (!page.job) {
+  if (!page.shown) {
     return;
   }
   const button = $("compose");
@@ -493,7 +495,7 @@ async function compose() {
       over = body.colour;
     }
     setStatus(`composing the foreground over ${over}…`);
-    const answer = await postJson(`/api/jobs/${encodeURIComponent(page.job)}/compose`, body);
+    const answer = await postJson(`/api/jobs/${encodeURIComponent(page.shown)}/compose`, body);
     const composed = $("composed");
     composed.src = answer.video;
     composed.play().catch(() => {});
