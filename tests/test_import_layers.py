@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline", "training"),  # one sample's generation; training on layered clips
     ("batch",),  # many samples: manifests, given files, sample folders, resumable sharded runs
     ("tools",),  # layer tools for editors: compose, inspect
+    ("serve",),  # the local web page: its HTTP server, uploads, job queue and results
     ("cli",),  # the entry points
 )
 LAYER_OF = {name: index for index, layer in enumerate(LAYERS) for name in layer}

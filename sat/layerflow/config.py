@@ -211,6 +211,8 @@ class RuntimeSection:
 
 
 ALPHA_MODES = ("straight", "premultiplied", "both")
+# output.alpha_video: the RGBA videos written; "both" is ProRes 4444 (.mov) and VP9 with alpha (.webm)
+ALPHA_VIDEOS = ("prores", "vp9", "both", "none")
 MASTER_LAYERS = ("fg", "bg", "blend", "alpha")
 
 
@@ -235,7 +237,7 @@ class OutputSection:
 
     def __post_init__(self) -> None:
         _require(1 <= self.fps <= 240, "fps", "frames per second from 1 to 240")
-        _require(self.alpha_video in ("prores", "vp9", "none"), "alpha_video", "prores, vp9 or none")
+        _require(self.alpha_video in ALPHA_VIDEOS, "alpha_video", "prores, vp9, both or none")
         _require(self.alpha_mode in ALPHA_MODES, "alpha_mode", "straight, premultiplied or both")
         _require(0 <= self.crf <= 51, "crf", "an H.264 constant rate factor from 0 (lossless) to 51")
         _require(self.master in MASTER_CHOICES, "master", ", ".join(MASTER_CHOICES))

@@ -121,13 +121,16 @@ def run_samples(
     checked: set | None = None,
     weights: Weights | None = None,
     redo_changed: bool = False,
+    progress: RunProgress | None = None,
 ) -> RunSummary:
     """Run this rank's share of ``samples`` into ``output/<id>/``; see the module docstring.
 
     ``checked``: given-layer files the caller has checked already, so that each is checked (and
     warned about) once per run. ``weights`` (default: :func:`resolve_weights` of ``config``) are what
     the pipeline loads, named in each fingerprint; ``redo_changed`` makes finished samples with another
-    fingerprint again instead of stopping with :class:`ChangedSampleError`.
+    fingerprint again instead of stopping with :class:`ChangedSampleError`. ``progress`` is where the
+    run reports its samples, steps and stages (default: a :class:`RunProgress` on stderr; ``layerflow
+    serve`` passes one that its web page polls).
     """
     rank, world = distributed.rank(), distributed.world_size()
     _setup_rank_log(output, rank)
@@ -149,9 +152,10 @@ def run_samples(
         len(summary.failed),
     )
     finished = count_finished(output, samples, redo)
-    progress = RunProgress(
-        len(samples), finished, config.sampling.num_steps, enabled=show_progress and distributed.is_main_process()
-    )
+    if progress is None:
+        progress = RunProgress(
+            len(samples), finished, config.sampling.num_steps, enabled=show_progress and distributed.is_main_process()
+        )
     pipeline = pipeline_factory(config) if todo else None
     if pipeline is not None:
         passed_over = "; ".join(pipeline.speed.passed_over)

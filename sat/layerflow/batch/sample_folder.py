@@ -9,7 +9,7 @@ Files (RGBA variant; the RGB variant has no alpha files; names in :mod:`layerflo
   foreground.mp4 background.mp4 blend.mp4 alpha.mp4   one H.264 video per layer (alpha: the grey matte)
   background_ffv1.mkv, ...                            output.master: a master copy of each layer
   foreground_rgba/0000.png ...                        straight RGBA frames (output.alpha_mode straight, both)
-  foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha, straight
+  foreground.mov | foreground.webm                    ProRes 4444 or VP9 with alpha (or both), straight
   foreground_rgba_premultiplied/, foreground_premultiplied.mov|.webm   the same premultiplied
                                                       (output.alpha_mode premultiplied, both)
   preview.mp4                                         foreground over checkerboard | background | blend
@@ -80,6 +80,11 @@ def foreground_rgba(layers: Mapping[str, torch.Tensor]):
     return rgba_from_layers(layers[Layer.FG], layers[Layer.ALPHA])  # undoes the grey matte itself
 
 
+def alpha_video_codecs(alpha_video: str) -> tuple[str, ...]:
+    """The alpha codecs (keys of :data:`ALPHA_CODECS`) that ``output.alpha_video`` asks for."""
+    return {"none": (), "both": ("prores", "vp9")}.get(alpha_video, (alpha_video,))
+
+
 def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: OutputSection) -> None:
     """The layer files of one sample into an existing ``folder``: a video per layer, the RGBA exports
     of ``output.alpha_mode``, the preview and the contact sheet."""
@@ -92,11 +97,9 @@ def write_layer_files(folder: Path, layers: Mapping[str, torch.Tensor], output: 
             frames = premultiply(rgba) if export.premultiplied else rgba  # (F, H, W, 4)
             if output.png_sequence:
                 write_png_sequence(folder / export.png_folder, frames)
-            if output.alpha_video != "none":
-                suffix = ALPHA_CODECS[output.alpha_video].suffix
-                write_alpha_video(
-                    folder / f"{export.video_stem}{suffix}", frames, codec=output.alpha_video, fps=output.fps
-                )
+            for codec in alpha_video_codecs(output.alpha_video):
+                suffix = ALPHA_CODECS[codec].suffix
+                write_alpha_video(folder / f"{export.video_stem}{suffix}", frames, codec=codec, fps=output.fps)
     if output.preview:
         fg = rgba if rgba is not None else to_uint8(layers[Layer.FG])
         bg, blend = to_uint8(layers[Layer.BG]), to_uint8(layers[Layer.BLEND])

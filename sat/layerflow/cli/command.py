@@ -6,6 +6,7 @@
     layerflow compose ...      a foreground over a background -> blend MP4 and layer files
     layerflow score DIR...     layer consistency of sample folders -> scores.json and a table
     layerflow inspect DIR      what made a sample folder and the command that makes it again
+    layerflow serve            a local web page: run the tasks, see and download the layers
 
 ``layerflow SUBCOMMAND --help`` shows each one's options and an example; ``layerflow --version``
 the version. Errors are one line on stderr with exit status 2.
@@ -33,7 +34,7 @@ def _subcommand(name: str) -> Callable[[list[str]], int]:
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
-    name: _subcommand(name) for name in ("generate", "convert", "demo", "compose", "score", "inspect")
+    name: _subcommand(name) for name in ("generate", "convert", "demo", "compose", "score", "inspect", "serve")
 }
 
 
