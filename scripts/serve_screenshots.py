@@ -49,7 +49,7 @@ def served(url: str | None):
         yield url
         return
     with tempfile.TemporaryDirectory(prefix="layerflow-serve-") as output:
-        command = [sys.executable, "-m", "layerflow.cli", "serve", "--port", "0", "--output", output]
+        command = [sys.executable, "-m", "layerflow.cli", "serve", "--model", "tiny", "--port", "0", "--output", output]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")}
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
         try:
@@ -81,6 +81,7 @@ def fill(page, task: str, variant: str, steps: int) -> None:
         if box.is_visible():
             box.fill(prompt)
     page.fill("#steps", str(steps))
+    page.locator("#steps").blur()
 
 
 def wait_for_status(page, pattern: str, timeout_ms: int = 300_000) -> None:
@@ -91,7 +92,6 @@ def wait_for_status(page, pattern: str, timeout_ms: int = 300_000) -> None:
 
 def shoot_form(page, out: Path, steps: int) -> None:
     fill(page, "fg2bg", "rgba", steps)
-    page.locator("#prompt-blend").blur()
     save(out / "form.png", page.screenshot(full_page=True))
 
 

@@ -73,7 +73,7 @@ def server(tmp_path_factory):
     """``layerflow serve --port 0`` on the tiny model: its URL and its output folder."""
     output = tmp_path_factory.mktemp("serve-output")
     command = [sys.executable, "-m", "layerflow.cli", "serve", "--port", "0", "--output", str(output)]
-    command += ["--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    command += ["--model", "tiny", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")}
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

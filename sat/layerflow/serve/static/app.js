@@ -10,8 +10,8 @@ const LAYER_LABELS = { fg: "foreground", alpha: "alpha", bg: "background", blend
 const TASK_LABELS = {
   gen: "gen: all layers",
   seg: "seg: split a blend",
-  fg2bg: "fg2bg: add a background",
-  bg2fg: "bg2fg: add a foreground",
+  fg2bg: "fg2bg: add background",
+  bg2fg: "bg2fg: add foreground",
 };
 const TASK_HELP = {
   gen: "Writes a foreground, a background and their blend from three prompts.",
@@ -92,8 +92,10 @@ function postJson(url, body) {
   });
 }
 
+// MiB to one decimal, rounded up (a file just over a 1 MB limit reads 1.1 MB, not 1.0 MB)
 function megabytes(bytes) {
-  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
+  const mb = Math.ceil((bytes / (1024 * 1024)) * 10) / 10;
+  return `${Number.isInteger(mb) ? mb : mb.toFixed(1)} MB`;
 }
 
 function suffixOf(name) {
@@ -150,7 +152,7 @@ function fillSelect(select, values, labels = {}) {
 function fillVariants() {
   const task = $("task").value;
   const variants = page.catalogue.tasks.filter((entry) => entry.task === task).map((entry) => entry.variant);
-  fillSelect($("variant"), variants, { rgb: "rgb", rgba: "rgba (alpha)" });
+  fillSelect($("variant"), variants, { rgb: "rgb", rgba: "rgba" });
 }
 
 function layerName(layer) {
