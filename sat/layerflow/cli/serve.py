@@ -62,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "layerflow serve",
         "A local web page: pick a task, type the prompts, upload a given layer, watch the steps, and see the "
         "foreground over a checkerboard, the alpha, the background and the blend side by side.",
-        "examples:\n  layerflow serve                       # http://127.0.0.1:7860/, the tiny model without weights\n"
-        "  layerflow serve --port 0 --output outputs/page --set sampling.num_steps=25",
+        "example:\n  layerflow serve --port 0 --output outputs/page --set runtime.device=cuda\n"
+        "  (then open the address it prints; without weights it runs the tiny built-in model)",
     )
     parser.add_argument(
         "--host",

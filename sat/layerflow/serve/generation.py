@@ -17,6 +17,7 @@ from pathlib import Path
 from layerflow.batch.manifest import Sample
 from layerflow.batch.runner import preflight, run_samples
 from layerflow.config import ConfigError, LayerFlowConfig
+from layerflow.runtime import distributed
 from layerflow.runtime.devices import cpu_threads, resolve_placement, resolve_speed
 from layerflow.serve.catalog import ModelChoice
 from layerflow.serve.jobs import Job, JobProgress, JobRequest
@@ -48,6 +49,11 @@ class PipelineCache:
         self.capacity = max(1, capacity)
         self._built: collections.OrderedDict[tuple, tuple[object, Weights]] = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def kept(self) -> list[tuple]:
+        """The keys of the pipelines kept, least recently used first."""
+        with self._lock:
+            return list(self._built)
 
     def weights(self, key: tuple, config: LayerFlowConfig) -> Weights:
         with self._lock:
@@ -111,4 +117,6 @@ class Generator:
                 )
         except Exception as error:  # a job's failure, whatever it is, is its one line; the server goes on
             return one_line(error)
+        finally:
+            distributed.detach_rank_log()  # the runner logged this job to samples/logs/rank0.log
         return summary.failed.get(job.id)

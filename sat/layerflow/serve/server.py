@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -93,9 +94,14 @@ def host_name(host: str) -> str:
     return host.partition(":")[0]
 
 
-def _first_job_number(samples: Path) -> int:
-    numbers = [int(p.name.split("-", 1)[0]) for p in samples.iterdir() if re.match(rf"^{_JOB_ID}$", p.name)]
-    return max(numbers, default=0) + 1
+def _first_job_number(output: Path) -> int:
+    """One more than the highest job number found in the output folder: a new job's id was never used there,
+    so no zip or compose of an older job (whose folder was deleted since) is taken for its own."""
+    numbers = [0]
+    for folder in ("samples", "zips", "composes"):
+        if (output / folder).is_dir():
+            numbers += [int(m.group(1)) for name in os.listdir(output / folder) if (m := re.match(r"^(\d{4,})-", name))]
+    return max(numbers) + 1
 
 
 class ServeApp:
@@ -112,7 +118,7 @@ class ServeApp:
         self.folder = OutputFolder(self.samples).acquire()
         self.folder.clean_stale()
         remove_upload_leftovers(self.output / "uploads")
-        self.uploads = UploadStore(self.output / "uploads", settings.max_upload_bytes, self.output)
+        self.uploads = UploadStore(self.output / "uploads", settings.max_upload_bytes, self.output, self.sizes[0])
         self.results = Results(self.output)
         config = self.model.config(next(iter(LAYOUTS.values())))
         self.defaults = Defaults(
@@ -124,7 +130,7 @@ class ServeApp:
         )
         cached = settings.cached_models or (len(LAYOUTS) if self.model.tiny else 1)
         self.generator = Generator(self.model, self.samples, PipelineCache(cached))
-        self.jobs = JobQueue(self.generator, settings.queue_size, _first_job_number(self.samples))
+        self.jobs = JobQueue(self.generator, settings.queue_size, _first_job_number(self.output))
         self.jobs.start()
 
     def close(self) -> None:
@@ -241,6 +247,8 @@ class LayerFlowHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: ServeApp):
         self.app = app
         self.check_host = is_loopback(address[0])
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     @property
@@ -254,7 +262,9 @@ class Handler(BaseHTTPRequestHandler):
     server: LayerFlowHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "layerflow-serve"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -330,15 +340,15 @@ class Handler(BaseHTTPRequestHandler):
         filename = (parse_qs(urlsplit(self.path).query).get("filename") or [""])[0]
         length = self._length()
         try:
-            if not filename:
-                raise UploadRefused("no ?filename=NAME given (its suffix says what the file is)")
-            store.check_size(length)
+            store.check_request(filename, length)  # before a byte is read
+        except (UploadTooLarge, UploadRefused) as error:
+            self._drain(length)
+            too_large = isinstance(error, UploadTooLarge)
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_large else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+            raise Refusal(status, str(error)) from None
+        try:
             upload = store.receive(filename, self.rfile, length)
-        except UploadTooLarge as error:
-            self._drain(length)
-            raise Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(error)) from None
         except UploadRefused as error:
-            self._drain(length)
             raise Refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(error)) from None
         self._json(HTTPStatus.CREATED, upload.as_json())
 
@@ -388,7 +398,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: int, line: str) -> None:
         self._json(status, {"error": " ".join(str(line).split())})

@@ -98,14 +98,18 @@ def suffix_of(filename: str) -> str:
 class UploadStore:
     """The uploads of one server: ``root`` (``OUTPUT/uploads``), ``limit`` bytes per upload."""
 
-    def __init__(self, root: Path, limit: int, within: Path):
+    def __init__(self, root: Path, limit: int, within: Path, size: tuple[int, int]):
         self.root = root
+        self.size = size  # (height, width) the layers are read at: a warning names what is enlarged
         self.limit = limit
         self.within = within
         self._uploads: dict[str, Upload] = {}
 
-    def check_size(self, length: int | None) -> None:
-        """Before reading the body: its declared length is within the limit."""
+    def check_request(self, filename: str, length: int | None) -> None:
+        """Before reading the body: a name with an accepted suffix, a declared length within the limit."""
+        if not filename:
+            raise UploadRefused("no ?filename=NAME given (its suffix says what the file is)")
+        suffix_of(safe_filename(filename))
         if length is None:
             raise UploadRefused("the upload has no Content-Length; send the file as the request body")
         if length > self.limit:
@@ -115,14 +119,14 @@ class UploadStore:
 
     def receive(self, filename: str, body: BinaryIO, length: int) -> Upload:
         """Keep ``length`` bytes of ``body`` as ``filename`` once its type and content are checked."""
-        self.check_size(length)
+        self.check_request(filename, length)
         name = safe_filename(filename)
         suffix = suffix_of(name)
         upload_id = secrets.token_hex(8)
         with atomic_directory(self.root / upload_id, within=self.within, where="--output") as folder:
             file = folder / name
             _copy_body(body, file, length)
-            kind, frames, alpha = _check_content(file, suffix, folder, self.limit * ZIP_EXPANSION)
+            kind, frames, alpha = _check_content(file, suffix, folder, self.limit * ZIP_EXPANSION, self.size)
             if kind == "frames_zip":
                 file.unlink()  # the frames stay, unpacked
         path = self.root / upload_id / (FRAMES_FOLDER if kind == "frames_zip" else name)
@@ -158,18 +162,20 @@ def _check_magic(file: Path, suffix: str) -> None:
         raise UploadRefused(f"{file.name}: its content is not {suffix[1:].upper()} (the name says it is)")
 
 
-def _check_content(file: Path, suffix: str, folder: Path, unpacked_limit: int) -> tuple[str, int, bool]:
+def _check_content(
+    file: Path, suffix: str, folder: Path, unpacked_limit: int, size: tuple[int, int]
+) -> tuple[str, int, bool]:
     """(kind, frames, has alpha) of a checked upload; :class:`UploadRefused` when it does not read."""
     _check_magic(file, suffix)
     try:
         if suffix in VIDEO_SUFFIXES:
-            check_layer_source(file, num_frames=1, pick=PICK_ONE_FOR_ONE)  # decodes it
+            check_layer_source(file, num_frames=1, size=size, pick=PICK_ONE_FOR_ONE)  # decodes it
             return "video", clip_length(file)[0], probe_video(file).has_alpha
         if suffix in IMAGE_SUFFIXES:
-            check_layer_source(file, num_frames=1, pick=PICK_ONE_FOR_ONE)
+            check_layer_source(file, num_frames=1, size=size, pick=PICK_ONE_FOR_ONE)
             return "image", 1, _image_has_alpha(file)
         frames = unpack_frames(file, folder / FRAMES_FOLDER, unpacked_limit)
-        check_layer_source(frames, num_frames=1, pick=PICK_ONE_FOR_ONE)
+        check_layer_source(frames, num_frames=1, size=size, pick=PICK_ONE_FOR_ONE)
         return "frames_zip", clip_length(frames)[0], _image_has_alpha(sorted(frames.iterdir())[0])
     except (LayerSourceError, OSError) as error:
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
