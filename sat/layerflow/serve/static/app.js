@@ -123,7 +123,12 @@ async function upload(file) {
     throw new Error(refusal);
   }
   const url = `/api/uploads?filename=${encodeURIComponent(file.name)}`;
-  return requestJson(url, { method: "POST", body: file });
+  try {
+    return await requestJson(url, { method: "POST", body: file });
+  } catch (error) {
+    // the line names the file, whether the server's words do or not
+    throw new Error(error.message.includes(file.name) ? error.message : `${file.name}: ${error.message}`);
+  }
 }
 
 // ---- the form --------------------------------------------------------------------------------
@@ -212,6 +217,11 @@ async function loadCatalogue() {
   }
   fillDefaults(catalogue);
   updateForm();
+  if (catalogue.model) {
+    const badge = $("model");
+    badge.textContent = catalogue.model === "tiny" ? "tiny model (random weights, no checkpoint)" : "release checkpoints";
+    badge.hidden = false;
+  }
   setStatus("ready");
 }
 
@@ -265,7 +275,8 @@ async function uploadGiven() {
     const info = await upload(file);
     page.given = { file, id: info.upload, info };
     const frames = info.frames ? `, ${info.frames} frame${info.frames === 1 ? "" : "s"}` : "";
-    setStatus(`uploaded ${info.filename} (${info.kind}${frames})`);
+    const alpha = info.alpha === undefined ? "" : info.alpha ? ", with alpha" : ", no alpha";
+    setStatus(`uploaded ${info.filename} (${info.kind}${frames}${alpha})`);
   } catch (error) {
     $("given-file").value = "";
     showError(error);
@@ -339,7 +350,7 @@ async function poll(jobId) {
   }
   showProgress(job);
   if (job.state === "done") {
-    const seconds = ((Date.now() - page.started) / 1000).toFixed(1);
+    const seconds = (job.seconds ?? (Date.now() - page.started) / 1000).toFixed(1);
     $("progress").value = $("progress").max;
     showResult(job);
     setStatus(`done: ${job.job} in ${seconds} s`, "done");
@@ -439,6 +450,7 @@ function showResult(job) {
   const score = $("score");
   score.textContent = formatScore(result.score);
   score.title = "how well the blend matches the foreground laid over the background by the alpha";
+  $("meta-link").href = result.meta;
   const link = $("download-zip");
   link.href = result.zip;
   link.download = `${job.job}.zip`;
