@@ -6,7 +6,7 @@
 Writes ``form.png`` (a conditioned task's form, with its given-layer upload), ``running.png`` (the form
 while a run denoises), ``result.png`` (a finished gen/rgba result: the layers, the foreground over a
 checkerboard and composed over a colour, the score) and ``error.png`` (an upload refused in the status
-line) to ``--out`` (default docs/serve/). Needs the playwright package and /usr/bin/chromium.
+line: a zip without PNG frames) to ``--out`` (default docs/serve/). Needs the playwright package and /usr/bin/chromium.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         page.goto(url)
         wait_for_status(page, "^ready$", 30_000)
         shoot_form(page, args.out, args.steps)
-        wrong = Path(tmp) / "dancer.gif"
-        wrong.write_bytes(b"GIF89a")
-        shoot_error(page, args.out, wrong)
+        not_frames = Path(tmp) / "dancer_frames.zip"
+        with zipfile.ZipFile(not_frames, "w") as archive:
+            archive.writestr("notes.txt", "the frames are elsewhere")
+        shoot_error(page, args.out, not_frames)
         page.reload()
         wait_for_status(page, "^ready$", 30_000)
         shoot_run(page, args.out, args.steps)
