@@ -5,7 +5,8 @@
 
 Writes ``form.png`` (a conditioned task's form, with its given-layer upload), ``running.png`` (the form
 while a run denoises), ``result.png`` (a finished gen/rgba result: the layers, the foreground over a
-checkerboard and composed over a colour, the score) and ``error.png`` (an upload refused in the status
+checkerboard and composed over a colour, the score), ``result_fg2bg.png`` (fg2bg/rgba from an uploaded
+zip of RGBA frames: the given layer beside the generated ones) and ``error.png`` (an upload refused in the status
 line: a zip without PNG frames) to ``--out`` (default docs/serve/). Needs the playwright package and /usr/bin/chromium.
 """
 
@@ -117,6 +118,26 @@ def shoot_run(page, out: Path, steps: int) -> None:
     save(out / "result.png", page.screenshot(full_page=True))
 
 
+def shoot_conditioned(page, out: Path, steps: int, tmp: Path) -> None:
+    """fg2bg/rgba from the synthetic clip's RGBA foreground (the demo's), uploaded as a zip of PNG frames."""
+    sys.path.insert(0, str(REPO_ROOT / "sat"))
+    from layerflow.io.synthetic import write_layered_clip
+
+    frames = write_layered_clip(tmp / "clip")["fg_rgba"]
+    archive = tmp / "balloon_rgba.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for frame in sorted(frames.iterdir()):
+            zipped.write(frame, frame.name)
+    fill(page, "fg2bg", "rgba", steps)
+    page.set_input_files("#given-file", str(archive))
+    wait_for_status(page, "^uploaded|error")
+    page.click("#generate")
+    wait_for_status(page, "^(done|error)|failed")
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(3500)
+    save(out / "result_fg2bg.png", page.screenshot(full_page=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running layerflow serve (default: start one on the tiny model)")
@@ -137,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         page.reload()
         wait_for_status(page, "^ready$", 30_000)
         shoot_run(page, args.out, args.steps)
+        shoot_conditioned(page, args.out, args.steps, Path(tmp))
         browser.close()
     return 0
 

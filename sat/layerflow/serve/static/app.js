@@ -396,7 +396,8 @@ function showLayers(result) {
   const given = result.given || {};
   $("layers").replaceChildren(
     ...orderedLayers(result).map(([name, src]) => {
-      const caption = `${layerName(name)}${name in given ? " (given)" : ""}`;
+      // a given layer's slot holds its latents decoded by the VAE, next to the generated layers
+      const caption = `${layerName(name)}${name in given ? " (given, re-decoded)" : ""}`;
       return layerVideo(src, caption, "layer", name);
     }),
   );
