@@ -162,6 +162,17 @@ def test_an_upload_over_the_limit_is_refused_with_413_and_one_line(served):
     assert uploads_kept(served) == before
 
 
+def test_a_client_that_asks_first_hears_the_refusal_before_sending_the_upload(served):
+    connection = http.client.HTTPConnection(*served.server.server_address[:2], timeout=30)
+    connection.putrequest("POST", "/api/uploads?filename=big.mp4")
+    connection.putheader("Content-Length", str(10 * UPLOAD_LIMIT))
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()  # and no body
+    answer = connection.getresponse()
+    assert answer.status == 413 and "limit" in json.loads(answer.read())["error"]
+    connection.close()
+
+
 @pytest.mark.parametrize(
     "name, content, said",
     [
@@ -415,3 +426,40 @@ def test_a_bad_size_option_is_one_line_and_exit_status_2(capsys):
     assert main(["serve", "--size", "100x64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "multiples of 16" in err
+
+
+def test_a_second_server_on_the_same_output_folder_is_refused_with_one_line(served):
+    from layerflow.io.output_folder import OutputFolderError
+
+    with pytest.raises(OutputFolderError, match="in use by another run") as refused:
+        start(ServeSettings(output=served.output, port=0, tiny=True))
+    assert "\n" not in str(refused.value)
+
+
+def test_an_output_path_that_is_a_file_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from layerflow.cli.command import main
+
+    (tmp_path / "taken").write_text("a file")
+    assert main(["serve", "--model", "tiny", "--port", "0", "--output", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("layerflow serve: error:") and "taken" in err
+
+
+def test_a_new_server_removes_what_a_killed_one_left_half_written(tmp_path):
+    from layerflow.io.output_folder import write_marker
+
+    output = tmp_path / "out"
+    upload = output / "uploads" / ".0123456789abcdef.tmp-0badcafe"
+    upload.mkdir(parents=True)
+    (upload / "half.mp4").write_bytes(b"\x00" * 100)
+    sample = output / "samples" / ".0007-gen_rgb.tmp-1234abcd"
+    sample.mkdir(parents=True)
+    write_marker(sample, "0007-gen_rgb")
+    (sample / "foreground.mp4").write_bytes(b"\x00" * 100)
+    server = start(ServeSettings(output=output, port=0, tiny=True))
+    try:
+        assert not upload.exists() and not sample.exists()
+        assert server.app.jobs.next_id(LAYOUTS[next(iter(LAYOUTS))]).startswith("0001-")
+    finally:
+        server.server_close()
+        server.app.close()

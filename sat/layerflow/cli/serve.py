@@ -39,6 +39,12 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
+def _steps(text: str) -> int:
+    if not text.isdigit() or not 2 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 2 to 1000 (sampling.num_steps' range)")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a port from 0 (any free one) to 65535")
@@ -121,7 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-steps",
-        type=_at_least_one,
+        type=_steps,
         default=MAX_STEPS,
         metavar="N",
         help=f"most sampler steps a job may ask for (default {MAX_STEPS})",

@@ -180,8 +180,8 @@ class ServeApp:
         except BadField as error:
             raise Refusal(HTTPStatus.BAD_REQUEST, str(error)) from None
         problem = self.generator.check(self.jobs.next_id(request.layout), request)
-        if problem is not None:
-            raise Refusal(HTTPStatus.BAD_REQUEST, f"given: {problem}")
+        if problem is not None:  # named by its place in the output folder, as the page knows it
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"given: {problem.replace(f'{self.output}/', '')}")
         try:
             job = self.jobs.submit(request)
         except QueueFull as error:
@@ -335,17 +335,36 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, app.compose(match.group(1), self._read_json()))
         raise Refusal(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}")
 
-    def _upload(self) -> None:
-        store = self.server.app.uploads
+    def handle_expect_100(self) -> bool:
+        """A client that asks first (``Expect: 100-continue``, as curl does) hears of a refusal before sending."""
+        if self.command == "POST" and urlsplit(self.path).path == "/api/uploads":
+            try:
+                self._check_upload_request()
+            except Refusal as refusal:
+                self.close_connection = True
+                self._error(refusal.status, refusal.line)
+                return False
+        return super().handle_expect_100()
+
+    def _check_upload_request(self) -> tuple[str, int | None]:
+        """The upload's name and length, checked before a byte of it is read (:class:`Refusal` 413 or 415)."""
         filename = (parse_qs(urlsplit(self.path).query).get("filename") or [""])[0]
         length = self._length()
         try:
-            store.check_request(filename, length)  # before a byte is read
+            self.server.app.uploads.check_request(filename, length)
         except (UploadTooLarge, UploadRefused) as error:
-            self._drain(length)
             too_large = isinstance(error, UploadTooLarge)
             status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_large else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
             raise Refusal(status, str(error)) from None
+        return filename, length
+
+    def _upload(self) -> None:
+        store = self.server.app.uploads
+        try:
+            filename, length = self._check_upload_request()
+        except Refusal:
+            self._drain(self._length())
+            raise
         try:
             upload = store.receive(filename, self.rfile, length)
         except UploadRefused as error:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import stat
 import zipfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from layerflow.io.atomic import atomic_directory
+from layerflow.io.atomic import TEMPORARY_NAME, atomic_directory
 from layerflow.io.pixels import LayerSourceError
 from layerflow.io.reader import PICK_ONE_FOR_ONE, check_layer_source, clip_length, probe_video
 
@@ -242,20 +243,10 @@ def _copy_limited(source: BinaryIO, out: BinaryIO, size: int) -> None:
 
 
 def remove_upload_leftovers(root: Path) -> None:
-    """Nothing to do at start beyond the atomic writes: a killed upload leaves a hidden temporary folder,
-    removed here (only hidden ``.<id>.tmp-...`` folders directly under ``root``)."""
+    """Remove what uploads cut off by a killed server left: their hidden temporary folders
+    (``.<id>.tmp-<hex>``, :mod:`layerflow.io.atomic`) directly under ``root``; links are left alone."""
     if not root.is_dir():
         return
     for entry in os.scandir(root):
-        if entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_dir(follow_symlinks=False):
-            _remove_tree(Path(entry.path))
-
-
-def _remove_tree(path: Path) -> None:
-    for entry in os.scandir(path):
-        child = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            _remove_tree(child)
-        else:
-            child.unlink()
-    path.rmdir()
+        if TEMPORARY_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
