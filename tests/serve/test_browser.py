@@ -206,22 +206,40 @@ def check_zip(path: Path, width: int, height: int) -> dict:
 @pytest.mark.slow
 def test_a_generation_shows_its_layers_and_downloads_its_sample_folder(page, server, tmp_path):
     """gen + rgba on the tiny model from the page: progress, every layer playable, the alpha views, the
-    score the sample's meta.json holds, a compose over a colour, and the zip download."""
+    score the sample's meta.json holds, a compose over a colour, the zip download, and a second
+    visitor's job shown queued behind it, then run."""
     with opened(page, server[0], tmp_path / "failure.png"):
         generate_and_check(page, tmp_path)
+
+
+def wait_for_end(tab) -> None:
+    tab.wait_for_function(
+        "() => ['done', 'error'].some(c => document.querySelector('#status').classList.contains(c))",
+        timeout=RUN_TIMEOUT_MS,
+    )
+    text, kind = status_of(tab)
+    assert kind == "done", f"the run did not finish: {text}"
+    assert tab.is_visible("#results")
+
+
+def queue_behind(page):
+    """A second visitor's job, posted while the first runs: its page shows it waits one job behind."""
+    second = page.context.new_page()
+    second.goto(page.url)
+    second.wait_for_function("document.querySelector('#status').textContent === 'ready'", timeout=30_000)
+    fill_form(second, "gen", "rgb", steps=4)
+    second.click("#generate")
+    second.wait_for_function("document.querySelector('#status').textContent.startsWith('queued')")
+    assert status_of(second)[0] == "queued: 1 job ahead"
+    return second
 
 
 def generate_and_check(page, tmp_path: Path) -> None:
     size = fill_form(page, "gen", "rgba")
     record_progress(page)
     page.click("#generate")
-    page.wait_for_function(
-        "() => ['done', 'error'].some(c => document.querySelector('#status').classList.contains(c))",
-        timeout=RUN_TIMEOUT_MS,
-    )
-    text, kind = status_of(page)
-    assert kind == "done", f"the run did not finish: {text}"
-    assert page.is_visible("#results")
+    second = queue_behind(page)
+    wait_for_end(page)
 
     seen = page.evaluate("window.progressSeen")
     running = [value for value, _, status in seen if status.startswith("running") and value > 0]
@@ -254,6 +272,9 @@ def generate_and_check(page, tmp_path: Path) -> None:
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('composed')", timeout=60_000)
     composed = wait_for_video(page, "video#composed")
     assert (composed["width"], composed["height"]) == (width, height)
+
+    wait_for_end(second)  # the queued job ran once the first was done
+    assert second.text_content("#result-title") != page.text_content("#result-title")
 
 
 def test_a_refused_upload_or_field_shows_one_line(page, server, tmp_path):
