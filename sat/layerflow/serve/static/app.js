@@ -1,7 +1,8 @@
 // The page of `layerflow serve`: a form that posts a job to the server's JSON API, polls it while it
 // runs (queue position, stage, a progress bar per denoising step) and shows the finished sample's
 // layers side by side. Plain JavaScript, no build step, nothing loaded from the network but the
-// server itself. The API and the element ids are fixed in SERVE_API (the server's contract).
+// server itself. The API is the one README's "Web page" section lists; tests/serve/test_browser.py
+// finds the elements by their ids (#task, #prompt-fg, #given-file, #progress, #status, #results, ...).
 "use strict";
 
 const POLL_MS = 300;
