@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ def served(url: str | None):
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
         try:
             line = process.stdout.readline().strip()
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # never let its stdout fill up
             match = re.fullmatch(r"layerflow serve: (http://\S+/)", line)
             if not match:
                 raise SystemExit(f"error: layerflow serve did not print its URL (got {line!r})")

@@ -55,34 +55,39 @@ def _playwright():
     return sync_playwright
 
 
-def _read_first_line(process: subprocess.Popen, timeout_s: float) -> str:
-    """The server's first stdout line (its URL), or a failure that shows what it wrote instead."""
+def _read_url(process: subprocess.Popen, log: Path, timeout_s: float) -> str:
+    """The URL of the server's first stdout line; the rest of stdout is drained so that it never blocks."""
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    if not lines or not lines[0]:
+    first = threading.Event()
+
+    def drain() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            first.set()
+        first.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not first.wait(timeout_s) or not lines:
         process.kill()
-        _, errors = process.communicate(timeout=30)
-        pytest.fail(f"layerflow serve printed no URL within {timeout_s} s; stderr:\n{errors}")
-    return lines[0].strip()
+        process.wait(timeout=30)
+        pytest.fail(f"layerflow serve printed no URL within {timeout_s} s; its log:\n{log.read_text()}")
+    match = re.fullmatch(r"layerflow serve: (http://\S+/)", lines[0].strip())
+    assert match, f"the first stdout line should name the URL, got {lines[0]!r}"
+    return match.group(1)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``layerflow serve --port 0`` on the tiny model: its URL and its output folder."""
+    """``layerflow serve --port 0`` on the tiny model: its URL and its output folder (its stderr: serve.log)."""
     output = tmp_path_factory.mktemp("serve-output")
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [sys.executable, "-m", "layerflow.cli", "serve", "--port", "0", "--output", str(output)]
     command += ["--model", "tiny", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")}
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    with open(log, "w") as errors:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
-        line = _read_first_line(process, START_TIMEOUT_S)
-        match = re.fullmatch(r"layerflow serve: (http://\S+/)", line)
-        assert match, f"the first stdout line should name the URL, got {line!r}"
-        yield match.group(1), output
+        yield _read_url(process, log, START_TIMEOUT_S), output
     finally:
         process.terminate()
         try:
