@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from layerflow.for_diffusers.transformer import ExportError
-from layerflow.models.dit import DiTConfig, sincos_3d_table
+from layerflow.models.dit import DiTConfig, video_position_table
 
 POSITION_TABLE_KEY = "mixins.pos_embed.pos_embedding"
 CONTENT, MOTION = "content", "motion"
@@ -150,15 +150,7 @@ def check_position_table(table: torch.Tensor, config: DiTConfig, source: str) ->
         )
     if table.device.type == "meta" or config.learnable_pos_embed:
         return
-    expected = sincos_3d_table(
-        config.hidden_size,
-        frames,
-        rows,
-        cols,
-        config.height_interpolation,
-        config.width_interpolation,
-        config.time_interpolation,
-    )
+    expected = video_position_table(config)
     stored = table[0].float()
     expected = torch.cat([torch.zeros(config.text_length, config.hidden_size), expected]).to(table.dtype).float()
     difference = (stored - expected).abs().max().item()
@@ -243,15 +235,7 @@ def position_table(config: DiTConfig, dtype: torch.dtype, device: torch.device |
     if torch.device(device).type == "meta":
         length = config.text_length + config.pos_embed_frames * rows * cols
         return torch.empty(1, length, config.hidden_size, dtype=dtype, device="meta")
-    table = sincos_3d_table(
-        config.hidden_size,
-        config.pos_embed_frames,
-        rows,
-        cols,
-        config.height_interpolation,
-        config.width_interpolation,
-        config.time_interpolation,
-    )
+    table = video_position_table(config)
     return torch.cat([torch.zeros(config.text_length, config.hidden_size), table])[None].to(dtype=dtype, device=device)
 
 

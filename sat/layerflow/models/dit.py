@@ -154,6 +154,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def video_position_table(config: DiTConfig) -> torch.Tensor:
+    """The video rows of the network's sin-cos position table: (pos_embed_frames * rows * cols, d)."""
+    rows, cols = config.patch_grid
+    return sincos_3d_table(
+        config.hidden_size,
+        config.pos_embed_frames,
+        rows,
+        cols,
+        config.height_interpolation,
+        config.width_interpolation,
+        config.time_interpolation,
+    )
+
+
 class LayerPositionEmbedding(BaseMixin):
     """Position table (1, L + T*N, d) with text rows first; layer embedding on the text rows."""
 
@@ -175,19 +189,8 @@ class LayerPositionEmbedding(BaseMixin):
     def reinit(self, parent_model=None) -> None:
         if self.pos_embedding.device.type == "meta":
             return
-        config = self.config
-        rows, cols = config.patch_grid
-        table = sincos_3d_table(
-            config.hidden_size,
-            config.pos_embed_frames,
-            rows,
-            cols,
-            config.height_interpolation,
-            config.width_interpolation,
-            config.time_interpolation,
-        )
         with torch.no_grad():
-            self.pos_embedding[0, self.text_length :].copy_(table)
+            self.pos_embedding[0, self.text_length :].copy_(video_position_table(self.config))
 
     def layer_embedding(self) -> torch.Tensor:
         """(L, d): txt_embedder(k) repeated over the 226 rows of prompt k."""
