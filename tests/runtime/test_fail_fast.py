@@ -24,6 +24,7 @@ from conftest import REPO_ROOT
 from test_distributed import environment, sample_folders, wait_until_unlocked, write_manifest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
+from layerflow.batch import faults
 from layerflow.batch.faults import Fault, InjectedFault, fault_from_environment
 from layerflow.cli.launch import root_cause
 from layerflow.config import ConfigError
@@ -328,3 +329,14 @@ def test_validate_only_checks_and_writes_nothing(tmp_path, capsys):
     assert main([*BASE, "--manifest", str(broken), "--output", str(output), "--validate-only"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not output.exists()
+
+
+def test_a_pause_slows_its_step_and_the_run_goes_on(monkeypatch):
+    monkeypatch.setenv("LAYERFLOW_FAULT", "0:sample-1:1:pause")
+    slept = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    steps = []
+    callback = fault_from_environment().around(lambda step, x: steps.append(step), "sample-1", rank=0)
+    for step in range(3):
+        callback(step, torch.zeros(1))
+    assert steps == [0, 1, 2] and slept == [faults.PAUSE_S]

@@ -35,7 +35,10 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 UPLOAD_LIMIT_MB = 1
-STEPS = 48  # ~35 ms a step on the tiny model: the page's 300 ms poll sees the bar between empty and full
+STEPS = 8
+# the first job (the gen/rgba run) pauses after its second step (LAYERFLOW_FAULT's pause mode), so the
+# page's 300 ms poll sees the bar between empty and full however fast the machine runs the tiny model
+PAUSE_AT = "0:0001-gen_rgba:1:pause"
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_MS = 180_000
 PROMPTS = {
@@ -83,7 +86,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [sys.executable, "-m", "layerflow.cli", "serve", "--port", "0", "--output", str(output)]
     command += ["--model", "tiny", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "sat"), "LAYERFLOW_FAULT": PAUSE_AT}
     with open(log, "w") as errors:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:

@@ -6,7 +6,9 @@ right after sampler step STEP (counted from 0). MODE says how:
 * ``raise`` (the default): a ``RuntimeError``, as an out-of-memory error on one GPU would;
 * ``exit``: the process ends at once, without cleanup (``os._exit(1)``), as a crash would;
 * ``kill``: the process sends itself SIGKILL, as the kernel's out-of-memory killer would;
-* ``hang``: the process sleeps for ever, as a rank stuck on a device or a file system would.
+* ``hang``: the process sleeps for ever, as a rank stuck on a device or a file system would;
+* ``pause``: that step takes :data:`PAUSE_S` seconds longer and the run goes on, as a step on a busy
+  device would (lets a test watch a run in the middle, whatever the machine's speed).
 
 Unset (always, outside tests), nothing changes. A value that does not parse stops the run before
 any model loads, with one line (exit status 2).
@@ -25,7 +27,8 @@ from layerflow.config import ConfigError
 from layerflow.sampling import StepCallback
 
 FAULT_VARIABLE = "LAYERFLOW_FAULT"
-MODES = ("raise", "exit", "kill", "hang")
+MODES = ("raise", "exit", "kill", "hang", "pause")
+PAUSE_S = 3.0
 
 
 class InjectedFault(RuntimeError):
@@ -41,6 +44,9 @@ class Fault:
 
     def happen(self) -> None:
         """Fail in this fault's way (the caller checked that this is the rank, sample and step)."""
+        if self.mode == "pause":
+            time.sleep(PAUSE_S)
+            return
         if self.mode == "exit":
             os._exit(1)
         if self.mode == "kill":
