@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from layerflow.for_diffusers import (  # noqa: E402
     set_motion_scale,
     transformer_from_sat,
 )
+from layerflow.io.atomic import TargetInTheWayError  # noqa: E402
 from layerflow.models.dit import LayerFlowDiT  # noqa: E402
 from layerflow.tasks import LAYOUTS  # noqa: E402
 from layerflow.weights.checkpoint import load_network  # noqa: E402
@@ -128,6 +131,22 @@ def test_motion_adapter_matches_lora_scale(scale):
     assert (theirs - ours_off).abs().max().item() > 1e-3, "the motion adapter must change the output"
     set_motion_scale(model, 0.0)
     assert (diffusers_v(model, x, timesteps, context) - ours_off).abs().max().item() <= TOLERANCE
+
+
+def test_saving_replaces_an_earlier_save_but_never_a_folder_of_someone_else(tmp_path):
+    network, config = tiny_network("gen_rgb")
+    model = transformer_from_sat(network.state_dict(), config.network)
+    folder = save_transformer(model, tmp_path / "transformer")
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("{", '{"stale": 1,', 1))
+    save_transformer(model, folder)  # an earlier save: replaced, with a fresh config
+    assert "stale" not in json.loads((folder / "config.json").read_text())
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(TargetInTheWayError, match="theirs: exists and may not be replaced"):
+        save_transformer(model, theirs)
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs", "transformer"]  # no temporary left
 
 
 @pytest.mark.parametrize("name", ["gen_rgba", "seg_rgb"])  # sin-cos table + layer embedding; learned table

@@ -13,8 +13,8 @@ Public API (what ``layerflow export --to diffusers`` calls):
 * :func:`save_transformer` ``(model, folder)`` writes ``folder`` atomically: ``config.json`` and
   ``diffusion_pytorch_model.safetensors`` as ``save_pretrained`` does (base weights only), plus
   ``content_lora.safetensors`` and ``motion_lora.safetensors`` (diffusers' CogVideoX LoRA files, which
-  ``load_lora_adapter`` and a pipeline's ``load_lora_weights`` read); an existing folder is replaced
-  once the new one is complete;
+  ``load_lora_adapter`` and a pipeline's ``load_lora_weights`` read); an earlier save there is
+  replaced once the new one is complete, any other existing folder is refused and left untouched;
 * :func:`load_transformer` ``(folder, dtype=torch.float32)`` restores exactly what was saved;
 * :func:`sat_state_from_transformer` ``(model)`` -> our network's state dict again (position table
   recomputed), which loads with ``strict=True`` into :class:`layerflow.models.dit.LayerFlowDiT`;
@@ -33,12 +33,14 @@ Module by module: :mod:`.transformer` (the model class and :func:`transformer_co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from layerflow.for_diffusers.lora import (
+    ADAPTER_FILES,
     adapter_states,
     add_adapters,
     base_state,
@@ -99,13 +101,34 @@ def transformer_from_sat(
     return model.eval()
 
 
+SAVED_FILES = frozenset({"config.json", "diffusion_pytorch_model.safetensors", *ADAPTER_FILES.values()})
+
+
+def is_saved_transformer(folder: Path) -> bool:
+    """Whether ``folder`` holds only what :func:`save_transformer` writes (so saving again may replace it)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = {entry.name for entry in folder.iterdir()}
+    if not names <= SAVED_FILES or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == LayerFlowTransformer3DModel.__name__
+
+
 def save_transformer(model: LayerFlowTransformer3DModel, folder: str | Path) -> Path:
-    """Write ``folder`` (all or nothing): diffusers' ``save_pretrained`` of the base weights and the adapters."""
+    """Write ``folder`` (all or nothing): diffusers' ``save_pretrained`` of the base weights and the adapters.
+
+    An existing ``folder`` is replaced only when it is an earlier save (:func:`is_saved_transformer`);
+    anything else there is left untouched and :class:`~layerflow.io.atomic.TargetInTheWayError` raised.
+    """
     folder = Path(folder)
     with torch.device("meta"):
         plain = LayerFlowTransformer3DModel.from_config(model.config)
     plain.load_state_dict(base_state(model), strict=True, assign=True)
-    with atomic_path(folder) as staging:
+    with atomic_path(folder, may_replace=is_saved_transformer) as staging:
         staging.mkdir()
         plain.save_pretrained(staging)
         save_adapters(model, staging)
