@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from layerflow.config import ALPHA_MODES
+    from layerflow.config import ALPHA_MODES, ALPHA_VIDEOS
     from layerflow.io.writer import MASTER_CHOICES
 
     parser = command_parser(
@@ -57,7 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default="straight", help="RGBA exports to write")
-    parser.add_argument("--alpha-video", choices=("prores", "vp9", "none"), default="prores")
+    parser.add_argument(
+        "--alpha-video",
+        choices=ALPHA_VIDEOS,
+        default="prores",
+        help="the RGBA video: ProRes 4444 .mov, VP9 .webm, both",
+    )
     parser.add_argument(
         "--blend-space", choices=("display", "linear"), default="display", help="blend sRGB values or linear light"
     )
